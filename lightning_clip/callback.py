@@ -1,0 +1,559 @@
+"""The Lightning wiring: :class:`GradientClipping` runs the functional math in ``on_before_optimizer_step``.
+
+Per optimizer step, on the accumulated (and, under ``16-mixed``, unscaled) gradient, before the step:
+
+1. per-parameter norms and the total norm, on the device (:mod:`lightning_clip.functional`);
+2. a bad-step flag: total norm NaN/Inf, loss NaN/Inf, or (``check_inputs``) a batch with NaN/Inf;
+3. clipping (value or norm), with a coefficient that leaves NaN gradients alone;
+4. the NaN policy: skip the step, halve the LR, raise, or ignore;
+5. on logging steps only, one device-to-host transfer of everything logged, written straight to
+   ``trainer.loggers``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_clip import functional as F
+from lightning_clip.diagnosis import BadStep, describe
+from lightning_clip.errors import NonFiniteGradientError
+from lightning_clip.inputs import describe_nonfinite, nonfinite_flag
+from lightning_clip.lr_scale import StepLRScale
+
+Mode = Literal["norm", "value", "none"]
+NanPolicy = Literal["skip", "halve_lr", "raise", "ignore"]
+LogNorms = Literal["layer", "parameter", "total", "none"]
+
+_MODES = ("norm", "value", "none")
+_NAN_POLICIES = ("skip", "halve_lr", "raise", "ignore")
+_LOG_NORMS = ("layer", "parameter", "total", "none")
+
+# Device counters, one int64 vector: optimizer steps seen, steps clipped, bad steps, AMP overflows.
+_STEPS, _CLIPPED, _NONFINITE, _OVERFLOWS = range(4)
+_COUNTER_NAMES = ("steps", "clipped_steps", "nonfinite_steps", "amp_overflows")
+
+
+def _check_positive(name: str, value: Optional[float], allow_inf: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+    if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
+        allowed = "a positive number or float('inf')" if allow_inf else "a finite positive number"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
+
+
+class GradientClipping(Callback):
+    r"""Clip gradients, log their norms and survive NaN/Inf, in ``on_before_optimizer_step``.
+
+    Args:
+        mode: ``"norm"`` rescales all gradients so their global ``norm_type``-norm is at most
+            ``max_norm``: :math:`g \leftarrow g \cdot \min(1, \text{max\_norm} / (\|g\|_p + \epsilon))`.
+            ``"value"`` clamps every element into ``[min_value, max_value]``. ``"none"`` only monitors.
+        max_norm: the cap on the global norm (``mode="norm"``).
+        norm_type: ``p`` of the norm: any ``p > 0`` or ``float("inf")``. Used for clipping and logging.
+        clip_value: ``mode="value"``: the symmetric range ``[-clip_value, clip_value]``.
+        min_value: ``mode="value"``: lower bound of an asymmetric range (alone, or with ``max_value``).
+        max_value: ``mode="value"``: upper bound of an asymmetric range.
+        nan_policy: what to do when a gradient element is NaN/Inf (or the loss, or a checked input):
+            ``"skip"`` makes the optimizer step a no-op (weights and optimizer state untouched);
+            ``"halve_lr"`` skips and multiplies the LR by ``lr_factor`` on top of any scheduler;
+            ``"raise"`` raises :class:`~lightning_clip.NonFiniteGradientError`; ``"ignore"`` does nothing.
+        lr_factor: ``halve_lr``: the factor applied per bad step, in (0, 1).
+        min_lr_scale: ``halve_lr``: the LR scale never goes below this (in (0, 1]); None for no floor.
+        lr_recovery_steps: ``halve_lr``: after this many healthy steps in a row, undo one reduction
+            (never above 1.0). None never recovers.
+        max_consecutive_nonfinite: raise after this many bad steps in a row (None: never).
+        check_inputs: check each training batch's floating tensors for NaN/Inf before the forward pass.
+        log_norms: ``"layer"`` logs the total and each layer's norm, ``"parameter"`` each parameter's,
+            ``"total"`` only the totals and counters, ``"none"`` nothing.
+        eps: added to the total norm before dividing (as in ``torch.nn.utils.clip_grad_norm_``).
+
+    Logged on logging steps (``Trainer(log_every_n_steps)``) to every logger of the Trainer:
+    ``grad_norm/total`` (before clipping), ``grad_norm/total_clipped`` (after), ``grad_norm_layer/<name>``
+    or ``grad_norm_param/<name>``, and ``grad_clip/{max_norm, clipped_steps, nonfinite_steps,
+    skipped_steps, amp_overflows, lr_scale, steps}``. With several optimizers, optimizer ``i > 0``
+    gets the suffix ``_opt<i>``.
+
+    Example::
+
+        import pytorch_lightning as pl
+        from lightning_clip import GradientClipping
+
+        trainer = pl.Trainer(callbacks=[GradientClipping(mode="norm", max_norm=1.0, nan_policy="skip")])
+        trainer.fit(model)
+
+        # asymmetric value range, halve the LR on NaN and recover after 100 healthy steps
+        GradientClipping(mode="value", min_value=-0.5, max_value=1.0,
+                         nan_policy="halve_lr", lr_recovery_steps=100)
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "norm",
+        max_norm: float = 1.0,
+        norm_type: float = 2.0,
+        clip_value: Optional[float] = None,
+        min_value: Optional[float] = None,
+        max_value: Optional[float] = None,
+        nan_policy: NanPolicy = "skip",
+        lr_factor: float = 0.5,
+        min_lr_scale: Optional[float] = None,
+        lr_recovery_steps: Optional[int] = None,
+        max_consecutive_nonfinite: Optional[int] = 10,
+        check_inputs: bool = False,
+        log_norms: LogNorms = "layer",
+        eps: float = F.EPS,
+    ) -> None:
+        super().__init__()
+        _check_choice("mode", mode, _MODES)
+        _check_choice("nan_policy", nan_policy, _NAN_POLICIES)
+        _check_choice("log_norms", log_norms, _LOG_NORMS)
+        _check_positive("max_norm", max_norm)
+        _check_positive("norm_type", norm_type, allow_inf=True)
+        _check_positive("clip_value", clip_value)
+        for name, bound in (("min_value", min_value), ("max_value", max_value)):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or math.isnan(bound)):
+                raise ValueError(f"`{name}` must be a number or None, got {bound!r}.")
+        if mode == "value":
+            if clip_value is not None and (min_value is not None or max_value is not None):
+                raise ValueError(
+                    f"mode='value' takes either `clip_value` (symmetric) or `min_value`/`max_value` (asymmetric), "
+                    f"got clip_value={clip_value!r}, min_value={min_value!r}, max_value={max_value!r}."
+                )
+            if clip_value is None and min_value is None and max_value is None:
+                raise ValueError(
+                    "mode='value' needs a bound: set `clip_value` (range [-clip_value, clip_value]) "
+                    "or `min_value` and/or `max_value`; got none."
+                )
+            if min_value is not None and max_value is not None and min_value > max_value:
+                raise ValueError(f"`min_value` ({min_value!r}) must be <= `max_value` ({max_value!r}).")
+        if not (isinstance(lr_factor, (int, float)) and 0 < lr_factor < 1):
+            raise ValueError(f"`lr_factor` must be in (0, 1), got {lr_factor!r}.")
+        if min_lr_scale is not None and not (isinstance(min_lr_scale, (int, float)) and 0 < min_lr_scale <= 1):
+            raise ValueError(f"`min_lr_scale` must be in (0, 1] or None, got {min_lr_scale!r}.")
+        for name, count in (("lr_recovery_steps", lr_recovery_steps), ("max_consecutive_nonfinite", max_consecutive_nonfinite)):
+            if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+                raise ValueError(f"`{name}` must be a positive integer or None, got {count!r}.")
+        if not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+            raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
+
+        self.mode = mode
+        self.max_norm = float(max_norm)
+        self.norm_type = float(norm_type)
+        if clip_value is not None:
+            min_value, max_value = -float(clip_value), float(clip_value)
+        self.clip_value = clip_value
+        self.min_value = None if min_value is None else float(min_value)
+        self.max_value = None if max_value is None else float(max_value)
+        self.nan_policy = nan_policy
+        self.lr_factor = float(lr_factor)
+        self.min_lr_scale = min_lr_scale
+        self.lr_recovery_steps = lr_recovery_steps
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.check_inputs = check_inputs
+        self.log_norms = log_norms
+        self.eps = float(eps)
+
+        # Host-side state (saved in state_dict).
+        self._counts_host = [0] * len(_COUNTER_NAMES)
+        self._streak_host = 0
+        self.lr_scales: list[float] = []
+        self.healthy_steps: list[int] = []
+        # Device-side state, made lazily on the gradients' device.
+        self._counts: Optional[Tensor] = None
+        self._streak: Optional[Tensor] = None
+        # Per accumulation window, reset after each optimizer step.
+        self._loss_bad: Optional[Tensor] = None
+        self._window_batches: list[tuple[int, Any, Optional[Tensor]]] = []
+        # Per fit.
+        self._names: dict[int, str] = {}
+        self._lr_hooks: list[StepLRScale] = []
+        self._last_warned_nonfinite = 0
+        self._warnings = 0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            mode=self.mode, max_norm=self.max_norm, norm_type=self.norm_type, min_value=self.min_value,
+            max_value=self.max_value, nan_policy=self.nan_policy,
+        )
+
+    def _sync_host_counts(self) -> None:
+        # Host read: only at checkpoint time and on logging steps.
+        if self._counts is not None:
+            self._counts_host = [int(v) for v in self._counts.tolist()]
+            self._streak_host = int(self._streak.item())  # type: ignore[union-attr]
+
+    def state_dict(self) -> dict[str, Any]:
+        self._sync_host_counts()
+        return {
+            "version": 1,
+            "counters": dict(zip(_COUNTER_NAMES, self._counts_host)),
+            "nonfinite_streak": self._streak_host,
+            "lr_scales": list(self.lr_scales),
+            "healthy_steps": list(self.healthy_steps),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        counters = state_dict.get("counters", {})
+        self._counts_host = [int(counters.get(name, 0)) for name in _COUNTER_NAMES]
+        self._streak_host = int(state_dict.get("nonfinite_streak", 0))
+        self.lr_scales = [float(s) for s in state_dict.get("lr_scales", [])]
+        self.healthy_steps = [int(s) for s in state_dict.get("healthy_steps", [])]
+        self._counts = self._streak = None  # rebuilt on the device at the next step
+        self._last_warned_nonfinite = self._counts_host[_NONFINITE]
+        for hook, scale in zip(self._lr_hooks, self.lr_scales):
+            hook.scale = scale
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Cumulative counts (reads the device: not for the hot path)."""
+        self._sync_host_counts()
+        out = dict(zip(_COUNTER_NAMES, self._counts_host))
+        out["skipped_steps"] = out["nonfinite_steps"] if self.nan_policy in ("skip", "halve_lr") else 0
+        return out
+
+    # ------------------------------------------------------------------ fit set-up
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and trainer.gradient_clip_val:
+            raise MisconfigurationException(
+                f"`Trainer(gradient_clip_val={trainer.gradient_clip_val!r})` and `GradientClipping` would both clip. "
+                "Remove `gradient_clip_val` (and `gradient_clip_algorithm`) from the Trainer; configure "
+                "clipping on the callback: GradientClipping(mode='norm', max_norm=...) or mode='value'."
+            )
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._names = {id(p): name for name, p in pl_module.named_parameters()}
+        n = len(trainer.optimizers)
+        self.lr_scales = (self.lr_scales + [1.0] * n)[:n]
+        self.healthy_steps = (self.healthy_steps + [0] * n)[:n]
+        self._remove_lr_hooks()
+        if self.nan_policy == "halve_lr":
+            self._lr_hooks = [StepLRScale(opt, scale) for opt, scale in zip(trainer.optimizers, self.lr_scales)]
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._remove_lr_hooks()
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._remove_lr_hooks()
+
+    def _remove_lr_hooks(self) -> None:
+        for hook in self._lr_hooks:
+            hook.remove()
+        self._lr_hooks = []
+
+    # ------------------------------------------------------------------ per micro-batch
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        flag = nonfinite_flag(batch) if self.check_inputs else None
+        # Keep the batch only while checking inputs: it is needed to say where the NaN is.
+        self._window_batches.append((batch_idx, batch if self.check_inputs else None, flag))
+
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
+        if self.nan_policy == "ignore" or not isinstance(loss, Tensor):
+            return
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad.to(self._loss_bad.device)
+
+    # ------------------------------------------------------------------ the step
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer) -> None:
+        try:
+            self._step(trainer, optimizer)
+        finally:
+            self._loss_bad = None
+            self._window_batches = []
+
+    def _step(self, trainer: "pl.Trainer", optimizer: Optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return  # every parameter frozen or unused this step: nothing to clip or check
+        grads = [p.grad for p in params]
+        opt_idx = self._optimizer_index(trainer, optimizer)
+        device = grads[0].device
+        if self._counts is None:
+            self._counts = torch.tensor(self._counts_host, dtype=torch.int64, device=device)
+            self._streak = torch.tensor(self._streak_host, dtype=torch.int64, device=device)
+
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        # Fused optimizers under fp16 unscale inside their step: here the gradients are still scaled.
+        grads_scaled = scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
+        inv_scale = scaler._scale.double().reciprocal().float().to(device) if grads_scaled else None
+
+        norms = F.grad_norms(grads, self.norm_type)
+        total = F.total_norm(norms, self.norm_type, all_reduce=self._all_reduce(trainer))
+        if inv_scale is not None:
+            total = total * inv_scale.to(total.device)
+        total = total.to(device)
+
+        # --- bad-step flag (device): gradient, loss, or input
+        grad_bad = ~F.is_finite(total)
+        data_bad = self._data_bad(trainer, device)
+        if self.nan_policy == "ignore":
+            bad, overflow = grad_bad, torch.zeros_like(grad_bad)
+        elif scaler is not None:
+            # fp16: non-finite gradients with a finite loss are GradScaler overflows, not divergence.
+            bad = data_bad if data_bad is not None else torch.zeros_like(grad_bad)
+            overflow = grad_bad & ~bad
+        else:
+            bad = grad_bad | data_bad if data_bad is not None else grad_bad
+            overflow = torch.zeros_like(grad_bad)
+
+        # --- clip
+        clipped = self._clip(grads, total, inv_scale, device)
+
+        # --- device counters
+        inc = torch.stack([torch.ones_like(bad), clipped & ~bad & ~overflow, bad, overflow]).to(torch.int64)
+        self._counts.add_(inc)
+        self._streak.mul_((~bad).to(torch.int64)).add_(bad.to(torch.int64))  # type: ignore[union-attr]
+
+        fused = all(group.get("fused") for group in optimizer.param_groups)
+        device_skip = self.nan_policy == "skip" and fused
+        if device_skip:
+            self._skip_on_device(optimizer, grads, bad, scaler, device)
+        needs_read = self.nan_policy in ("raise", "halve_lr") or (self.nan_policy == "skip" and not device_skip)
+        log = bool(trainer.loggers) and self.log_norms != "none" and self._should_log(trainer)
+
+        if not (needs_read or log):
+            return
+        # One device-to-host transfer for the decision and everything logged.
+        head = [inc[_NONFINITE], self._streak, total, self._clipped_total(grads, total, device)]
+        layer_names, layer_norms = self._layer_norms(params, norms, inv_scale, device) if log else ([], [])
+        values = torch.cat([torch.stack([h.to(device=device, dtype=torch.float64) for h in head]),
+                            self._counts.to(torch.float64)] + ([torch.stack(layer_norms).to(torch.float64)] if layer_norms else [])).tolist()
+        is_bad, streak = bool(values[0]), int(values[1])
+        counts = [int(v) for v in values[4:4 + len(_COUNTER_NAMES)]]
+
+        if is_bad and not device_skip:
+            self._handle_bad(trainer, optimizer, opt_idx, params, norms, grads, scaler, streak, counts)
+        elif not is_bad and self.nan_policy == "halve_lr":
+            self._healthy(opt_idx)
+        if device_skip:
+            self._check_device_skips(trainer, opt_idx, streak, counts)
+        if log:
+            self._log(trainer, opt_idx, values[2], values[3], counts, layer_names, values[4 + len(_COUNTER_NAMES):])
+
+    # ------------------------------------------------------------------ pieces of the step
+    def _optimizer_index(self, trainer: "pl.Trainer", optimizer: Optimizer) -> int:
+        for i, opt in enumerate(trainer.optimizers):
+            if opt is optimizer or getattr(opt, "_optimizer", None) is optimizer:
+                return i
+        return 0
+
+    def _all_reduce(self, trainer: "pl.Trainer"):
+        # Sharded strategies hold a slice of every gradient: the norm must be reduced across ranks.
+        if "FSDP" not in type(trainer.strategy).__name__ or trainer.world_size < 2:
+            return None
+        import torch.distributed as dist
+
+        def reduce(t: Tensor, op: str) -> Tensor:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            return t
+
+        return reduce
+
+    def _data_bad(self, trainer: "pl.Trainer", device: torch.device) -> Optional[Tensor]:
+        flags = [f.to(device) for _, _, f in self._window_batches if f is not None]
+        if self._loss_bad is not None:
+            flags.append(self._loss_bad.to(device))
+        if not flags:
+            return None
+        bad = torch.stack(flags).any()
+        if trainer.world_size > 1:
+            # Loss and input checks are rank-local; every rank must take the same decision.
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                flag = bad.to(torch.int32)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                bad = flag.bool()
+        return bad
+
+    def _clip(self, grads: list[Tensor], total: Tensor, inv_scale: Optional[Tensor], device: torch.device) -> Tensor:
+        """Clip in place; return a device bool: did clipping change anything."""
+        if self.mode == "norm":
+            coef = F.clip_by_norm_(grads, self.max_norm, total, self.eps)
+            return coef < 1.0
+        if self.mode == "value":
+            if inv_scale is not None:
+                # Scaled fp16 gradients: clamp in true units. The scale is a power of two, so the
+                # round trip is exact.
+                F.scale_(grads, inv_scale)
+            F.clip_by_value_(grads, self.min_value, self.max_value)
+            after = F.total_norm(F.grad_norms(grads, self.norm_type), self.norm_type).to(device)
+            if inv_scale is not None:
+                F.scale_(grads, inv_scale.reciprocal())
+            self._value_clipped_total = after
+            return after != total
+        return torch.zeros((), dtype=torch.bool, device=device)
+
+    def _clipped_total(self, grads: list[Tensor], total: Tensor, device: torch.device) -> Tensor:
+        if self.mode == "norm":
+            return total * F.clip_coefficient(total, self.max_norm, self.eps)
+        if self.mode == "value":
+            return self._value_clipped_total
+        return total
+
+    def _skip_on_device(self, optimizer: Optimizer, grads: list[Tensor], bad: Tensor, scaler: Any, device: torch.device) -> None:
+        """Skip a fused optimizer's step with no host read."""
+        if scaler is None:
+            # torch's fused Adam/AdamW/SGD skip the whole update (and undo the step count) when found_inf == 1.
+            optimizer.found_inf = bad.to(torch.float32)  # type: ignore[attr-defined]
+        else:
+            # GradScaler overwrites found_inf in scaler.step(); it skips on non-finite gradients, so make
+            # gradients non-finite when the step is bad for another reason (loss or input).
+            F.scale_(grads, torch.where(bad, torch.full((), float("nan"), device=device), torch.ones((), device=device)))
+
+    def _should_log(self, trainer: "pl.Trainer") -> bool:
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None:
+            return bool(connector.should_update_logs)
+        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+
+    def _layer_norms(self, params: list[Tensor], norms: list[Tensor], inv_scale: Optional[Tensor], device: torch.device) -> tuple[list[str], list[Tensor]]:
+        if self.log_norms == "total":
+            return [], []
+        names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        norms = [n.to(device) for n in norms]
+        if inv_scale is not None:
+            norms = [n * inv_scale for n in norms]
+        if self.log_norms == "parameter":
+            return names, [n.float() for n in norms]
+        layers: dict[str, list[Tensor]] = {}
+        for name, n in zip(names, norms):
+            layers.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(n)
+        return list(layers), [F.total_norm(ns, self.norm_type).float() for ns in layers.values()]
+
+    def _data_problems(self) -> list[str]:
+        problems = []
+        for batch_idx, batch, flag in self._window_batches:
+            if batch is not None and flag is not None and bool(flag):
+                problems += [f"batch {batch_idx}: {p}" for p in describe_nonfinite(batch)]
+        return problems
+
+    def _handle_bad(
+        self, trainer: "pl.Trainer", optimizer: Optimizer, opt_idx: int, params: list[Tensor],
+        norms: list[Tensor], grads: list[Tensor], scaler: Any, streak: int, counts: list[int],
+    ) -> None:
+        if self.nan_policy == "ignore":
+            return
+        if self.nan_policy == "halve_lr":
+            scale = self.lr_scales[opt_idx] * self.lr_factor
+            if self.min_lr_scale is not None:
+                scale = max(scale, self.min_lr_scale)
+            self.lr_scales[opt_idx] = scale
+            self.healthy_steps[opt_idx] = 0
+            if opt_idx < len(self._lr_hooks):
+                self._lr_hooks[opt_idx].scale = scale
+        stop = self.nan_policy == "raise" or (
+            self.max_consecutive_nonfinite is not None and streak >= self.max_consecutive_nonfinite
+        )
+        warn_now = stop or self._warn_due(counts[_NONFINITE])
+        if not (stop or warn_now):
+            self._skip(optimizer, params, grads, scaler)
+            return
+        flags = torch.stack([~torch.isfinite(n).to(grads[0].device) for n in norms]).tolist()  # bad path: one more read
+        bad_names = [self._names.get(id(p), f"param{i}") for i, (p, f) in enumerate(zip(params, flags)) if f]
+        action = "raised NonFiniteGradientError" if stop else (
+            "step skipped, LR scaled down" if self.nan_policy == "halve_lr" else "step skipped")
+        info = BadStep(
+            global_step=trainer.global_step, epoch=trainer.current_epoch,
+            batch_idx=self._window_batches[-1][0] if self._window_batches else -1,
+            optimizer_idx=opt_idx, nonfinite_names=bad_names, num_params=len(params),
+            loss_nonfinite=bool(self._loss_bad) if self._loss_bad is not None else False,
+            input_problems=self._data_problems(), consecutive=streak,
+            skipped_total=counts[_NONFINITE] - (1 if stop else 0),
+            lr_scale=self.lr_scales[opt_idx] if self.lr_scales else 1.0, action=action,
+        )
+        message = describe(info)
+        if stop:
+            for hook in self._lr_hooks:
+                hook.restore()
+            if self.nan_policy != "raise":
+                message = f"{streak} consecutive steps with non-finite gradients (max_consecutive_nonfinite=" \
+                          f"{self.max_consecutive_nonfinite}).\n" + message
+            raise NonFiniteGradientError(message, trainer.global_step, bad_names, streak)
+        self._skip(optimizer, params, grads, scaler)
+        rank_zero_warn(message, category=RuntimeWarning)
+
+    def _skip(self, optimizer: Optimizer, params: list[Tensor], grads: list[Tensor], scaler: Any) -> None:
+        """Make this optimizer step a no-op for weights and optimizer state."""
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Fused + GradScaler: grad=None trips the scaler; non-finite grads make it skip instead.
+            F.scale_(grads, float("nan"))
+            return
+        # Optimizers skip parameters whose grad is None: no update, no momentum/moment/step change.
+        # (Zeroing would still move weights through momentum and weight decay.)
+        for p in params:
+            p.grad = None
+
+    def _warn_due(self, nonfinite_total: int) -> bool:
+        # Rate limit: warn at the 1st, 2nd, 4th, 8th, ... bad step.
+        return nonfinite_total > 0 and nonfinite_total & (nonfinite_total - 1) == 0
+
+    def _check_device_skips(self, trainer: "pl.Trainer", opt_idx: int, streak: int, counts: list[int]) -> None:
+        """Fused skip path: skips happened on the device; warn/raise when we next read the counters."""
+        new = counts[_NONFINITE] - self._last_warned_nonfinite
+        if new <= 0:
+            return
+        self._last_warned_nonfinite = counts[_NONFINITE]
+        if self.max_consecutive_nonfinite is not None and streak >= self.max_consecutive_nonfinite:
+            raise NonFiniteGradientError(
+                f"{streak} consecutive steps with non-finite gradients (max_consecutive_nonfinite="
+                f"{self.max_consecutive_nonfinite}); all were skipped on the device (fused optimizer), "
+                f"weights are finite. Global step {trainer.global_step}, epoch {trainer.current_epoch}.",
+                trainer.global_step, [], streak,
+            )
+        rank_zero_warn(
+            f"{new} step(s) with non-finite gradients were skipped on the device (fused optimizer) up to global "
+            f"step {trainer.global_step}; {counts[_NONFINITE]} in total, {streak} in a row now.",
+            category=RuntimeWarning,
+        )
+
+    def _healthy(self, opt_idx: int) -> None:
+        if self.lr_recovery_steps is None or self.lr_scales[opt_idx] >= 1.0:
+            return
+        self.healthy_steps[opt_idx] += 1
+        if self.healthy_steps[opt_idx] >= self.lr_recovery_steps:
+            self.lr_scales[opt_idx] = min(1.0, self.lr_scales[opt_idx] / self.lr_factor)
+            self.healthy_steps[opt_idx] = 0
+            if opt_idx < len(self._lr_hooks):
+                self._lr_hooks[opt_idx].scale = self.lr_scales[opt_idx]
+
+    def _log(
+        self, trainer: "pl.Trainer", opt_idx: int, total: float, total_clipped: float, counts: list[int],
+        layer_names: list[str], layer_values: list[float],
+    ) -> None:
+        suffix = f"_opt{opt_idx}" if opt_idx > 0 else ""
+        metrics = {
+            f"grad_norm/total{suffix}": total,
+            f"grad_norm/total_clipped{suffix}": total_clipped,
+            f"grad_clip/steps{suffix}": counts[_STEPS],
+            f"grad_clip/clipped_steps{suffix}": counts[_CLIPPED],
+            f"grad_clip/nonfinite_steps{suffix}": counts[_NONFINITE],
+            f"grad_clip/skipped_steps{suffix}": counts[_NONFINITE] if self.nan_policy in ("skip", "halve_lr") else 0,
+            f"grad_clip/amp_overflows{suffix}": counts[_OVERFLOWS],
+            f"grad_clip/lr_scale{suffix}": self.lr_scales[opt_idx] if opt_idx < len(self.lr_scales) else 1.0,
+        }
+        if self.mode == "norm":
+            metrics[f"grad_clip/max_norm{suffix}"] = self.max_norm
+        group = "grad_norm_layer" if self.log_norms == "layer" else "grad_norm_param"
+        metrics.update({f"{group}/{name}{suffix}": v for name, v in zip(layer_names, layer_values)})
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)

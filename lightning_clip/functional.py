@@ -1,0 +1,192 @@
+"""Pure gradient math: norms, clipping and non-finite checks over lists of tensors.
+
+Nothing here imports Lightning. Every function works on plain lists of tensors (usually gradients),
+groups them by ``(device, dtype)`` so each group is one foreach kernel launch, and never reads a
+device value back to the host: results stay as 0-dim tensors on the device.
+
+The two clipping methods from the article:
+
+* value clipping clamps every element into ``[min_value, max_value]``;
+* norm clipping rescales the whole gradient ``g`` so that ``||g||_p <= max_norm``:
+  ``g <- g * min(1, max_norm / (||g||_p + eps))``, where the total norm over tensors ``g_1 .. g_n``
+  is ``||g||_p = (sum_i ||g_i||_p^p)^(1/p)`` (``max_i ||g_i||_inf`` for ``p = inf``).
+
+Example::
+
+    >>> import torch
+    >>> from lightning_clip import functional as F
+    >>> grads = [torch.tensor([3.0, 4.0]), torch.tensor([12.0])]
+    >>> norms = F.grad_norms(grads, norm_type=2.0)
+    >>> total = F.total_norm(norms, norm_type=2.0)
+    >>> total
+    tensor(13.)
+    >>> F.clip_by_norm_(grads, max_norm=1.0, total_norm=total)
+    tensor(0.0769)
+    >>> F.total_norm(F.grad_norms(grads, 2.0), 2.0)
+    tensor(1.0000)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "group_by_device_and_dtype",
+    "grad_norms",
+    "total_norm",
+    "clip_coefficient",
+    "clip_by_norm_",
+    "clip_by_value_",
+    "scale_",
+    "clip_grad_norm_",
+    "is_finite",
+]
+
+# Same default as torch.nn.utils.clip_grad_norm_: keeps max_norm / (total + eps) finite for a zero gradient.
+EPS = 1e-6
+
+
+def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by ``(device, dtype)``, order kept inside each group.
+
+    Foreach kernels need every tensor of one call on one device with one dtype.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Reduced precision (fp16/bf16) sums in float32; float64 keeps float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> list[Tensor]:
+    """The ``norm_type``-norm of each tensor, as 0-dim tensors on each tensor's device.
+
+    Computed with one ``torch._foreach_norm`` per ``(device, dtype)`` group, accumulated in float32
+    (float64 for float64 tensors). The result is in the order of ``tensors``.
+    """
+    norm_type = float(norm_type)
+    norms: list[Optional[Tensor]] = [None] * len(tensors)
+    for (_, dtype), idx in group_by_device_and_dtype(tensors).items():
+        group = [tensors[i] for i in idx]
+        for i, n in zip(idx, torch._foreach_norm(group, norm_type, dtype=_accumulation_dtype(dtype))):
+            norms[i] = n
+    return norms  # type: ignore[return-value]
+
+
+def total_norm(
+    norms: Sequence[Tensor],
+    norm_type: float = 2.0,
+    all_reduce: Optional[Callable[[Tensor, str], Tensor]] = None,
+) -> Tensor:
+    """Combine per-tensor norms into the norm of all tensors taken as one vector.
+
+    ``all_reduce`` (optional) combines partial results across processes for sharded gradients
+    (FSDP): it is called as ``all_reduce(tensor, op)`` with ``op`` ``"sum"`` (on ``sum_i n_i^p``) or
+    ``"max"`` (for ``p = inf``) and must return the reduced tensor. An empty ``norms`` gives ``0``.
+    """
+    norm_type = float(norm_type)
+    if len(norms) == 0:
+        return torch.tensor(0.0)
+    device = norms[0].device
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms])
+    if math.isinf(norm_type):
+        result = stacked.max()
+        return all_reduce(result, "max") if all_reduce is not None else result
+    if all_reduce is None:
+        return torch.linalg.vector_norm(stacked, norm_type)
+    # Sharded: reduce the sum of p-th powers, then take the root once.
+    power_sum = stacked.pow(norm_type).sum()
+    return all_reduce(power_sum, "sum").pow(1.0 / norm_type)
+
+
+def clip_coefficient(total: Tensor, max_norm: float, eps: float = EPS) -> Tensor:
+    """``min(1, max_norm / (total + eps))``, or exactly ``1`` where ``total`` is not finite.
+
+    torch's ``clip_grad_norm_`` multiplies by ``max_norm / nan = nan`` and so turns every gradient
+    into NaN; here a non-finite total leaves the gradients as they are for the NaN policy to handle.
+    Computed with ``torch.where`` rather than a Python ``if``, so there is no host sync.
+    """
+    coef = torch.clamp(max_norm / (total + eps), max=1.0)
+    return torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
+
+
+def clip_by_norm_(tensors: Sequence[Tensor], max_norm: float, total_norm: Tensor, eps: float = EPS) -> Tensor:
+    """Scale ``tensors`` in place by :func:`clip_coefficient`; return the coefficient.
+
+    Always multiplies (by exactly ``1.0`` when no clipping is needed, which leaves values
+    bit-identical) instead of branching on a device value.
+    """
+    coef = clip_coefficient(total_norm, max_norm, eps)
+    scale_(tensors, coef)
+    return coef
+
+
+def scale_(tensors: Sequence[Tensor], factor: Tensor | float) -> None:
+    """Multiply ``tensors`` in place by ``factor`` (a Python number or a 0-dim tensor, kept on the device)."""
+    for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
+        f = factor.to(device=device, dtype=dtype) if isinstance(factor, Tensor) else factor
+        torch._foreach_mul_([tensors[i] for i in idx], f)
+
+
+def clip_by_value_(
+    tensors: Sequence[Tensor], min_value: Optional[float] = None, max_value: Optional[float] = None
+) -> None:
+    """Clamp every element of ``tensors`` in place into ``[min_value, max_value]`` (either bound may be None).
+
+    Elements already in range are untouched; NaN stays NaN (the NaN policy sees it).
+    """
+    for _, idx in group_by_device_and_dtype(tensors).items():
+        group = [tensors[i] for i in idx]
+        if min_value is not None:
+            torch._foreach_clamp_min_(group, min_value)
+        if max_value is not None:
+            torch._foreach_clamp_max_(group, max_value)
+
+
+def is_finite(total: Tensor) -> Tensor:
+    """0-dim bool tensor on the device: True when ``total`` (a norm) is finite.
+
+    A p-norm is non-finite when any element is NaN or +-Inf, or when the sum of p-th powers
+    overflows its accumulation dtype (float32 overflows near 3.4e38: such a gradient has diverged).
+    """
+    return torch.isfinite(total)
+
+
+def clip_grad_norm_(
+    parameters: Iterable[Tensor] | Tensor,
+    max_norm: float,
+    norm_type: float = 2.0,
+    eps: float = EPS,
+) -> Tensor:
+    """Drop-in for ``torch.nn.utils.clip_grad_norm_`` that leaves gradients alone when the norm is NaN/Inf.
+
+    Returns the total norm before clipping, as a 0-dim tensor (no host read).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_clip.functional import clip_grad_norm_
+        >>> w = torch.nn.Parameter(torch.ones(4))
+        >>> w.grad = torch.full((4,), 10.0)
+        >>> clip_grad_norm_([w], max_norm=2.0)
+        tensor(20.)
+        >>> w.grad
+        tensor([0.5000, 0.5000, 0.5000, 0.5000])
+    """
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = total_norm(grad_norms(grads, norm_type), norm_type)
+    if grads:
+        clip_by_norm_(grads, max_norm, total, eps)
+    return total

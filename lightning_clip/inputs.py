@@ -1,0 +1,64 @@
+"""Find NaN/Inf in a training batch (the article's "dirty data" cause), device-side first.
+
+:func:`floating_tensors` walks any nesting of dicts, lists, tuples and dataclasses and names each
+floating-point tensor by its path (``batch["x"]``, ``batch[0]``). :func:`nonfinite_flag` folds them
+into one 0-dim bool on the device with no host read; :func:`describe_nonfinite` runs only once a
+step is known to be bad and says where the first bad element is.
+
+Example::
+
+    >>> import torch
+    >>> batch = {"x": torch.tensor([[1.0, float("nan")]]), "y": torch.tensor([0])}
+    >>> nonfinite_flag(batch)
+    tensor(True)
+    >>> describe_nonfinite(batch)
+    ['batch["x"] at position (0, 1) (1 of 2 elements NaN/Inf)']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+def floating_tensors(batch: Any, path: str = "batch") -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(path, tensor)`` for every floating-point tensor inside ``batch``."""
+    if isinstance(batch, Tensor):
+        if batch.is_floating_point() or batch.is_complex():
+            yield path, batch
+    elif isinstance(batch, Mapping):
+        for key, value in batch.items():
+            yield from floating_tensors(value, f"{path}[{key!r}]".replace("'", '"'))
+    elif isinstance(batch, (list, tuple)):
+        for i, value in enumerate(batch):
+            yield from floating_tensors(value, f"{path}[{i}]")
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for f in dataclasses.fields(batch):
+            yield from floating_tensors(getattr(batch, f.name), f"{path}.{f.name}")
+
+
+def nonfinite_flag(batch: Any) -> Optional[Tensor]:
+    """0-dim bool tensor, True when any floating element of ``batch`` is NaN/Inf; None if it has none."""
+    flags = [~torch.isfinite(t).all() for _, t in floating_tensors(batch)]
+    if not flags:
+        return None
+    device = flags[0].device
+    return torch.stack([f.to(device) for f in flags]).any()
+
+
+def describe_nonfinite(batch: Any, limit: int = 3) -> list[str]:
+    """Human-readable locations of NaN/Inf in ``batch`` (host reads: call on the bad path only)."""
+    found = []
+    for path, t in floating_tensors(batch):
+        bad = ~torch.isfinite(t)
+        count = int(bad.sum())
+        if count:
+            first = tuple(bad.nonzero()[0].tolist())
+            found.append(f"{path} at position {first} ({count} of {t.numel()} elements NaN/Inf)")
+            if len(found) >= limit:
+                break
+    return found
