@@ -319,7 +319,7 @@ class GradientClipping(Callback):
         # --- device counters
         inc = torch.stack([torch.ones_like(bad), clipped & ~bad & ~overflow, bad, overflow]).to(torch.int64)
         self._counts.add_(inc)
-        self._streak.mul_((~bad).to(torch.int64)).add_(bad.to(torch.int64))  # type: ignore[union-attr]
+        self._streak.add_(1).mul_(bad.to(torch.int64))  # type: ignore[union-attr]  # consecutive bad steps
 
         fused = all(group.get("fused") for group in optimizer.param_groups)
         device_skip = self.nan_policy == "skip" and fused

@@ -1,0 +1,123 @@
+"""Checkpoint resume continuity and mixed precision (16-mixed with GradScaler, bf16-mixed) on CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from pytorch_lightning.plugins import MixedPrecision
+
+from faults import FaultModel, StepRecorder, make_loader, trainer
+from lightning_clip import GradientClipping
+
+
+def fit_quiet(t, model, loader, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, loader, **kw)
+
+
+def make_cb():
+    return GradientClipping(max_norm=0.5, nan_policy="halve_lr", lr_recovery_steps=4)
+
+
+def test_resume_continues_exactly(tmp_path):
+    bad = (2, 8)
+    # Identical batches: Lightning restarts a non-stateful loader on resume, so the data order must not matter.
+    loader = lambda: make_loader(n=48, repeat=True)
+    full_cb = make_cb()
+    full = FaultModel(optimizer="sgd_momentum", nan_loss_at=bad, scheduler="step")
+    fit_quiet(trainer(tmp_path / "full", [full_cb], max_steps=12), full, loader())
+
+    first_cb = make_cb()
+    first = FaultModel(optimizer="sgd_momentum", nan_loss_at=bad, scheduler="step")
+    t1 = trainer(tmp_path / "a", [first_cb], max_steps=6)
+    fit_quiet(t1, first, loader())
+    ckpt = tmp_path / "mid.ckpt"
+    t1.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    state = saved["callbacks"][first_cb.state_key]
+    # mid-run: one reduction (step 2), three healthy steps towards recovery (3, 4, 5)
+    assert state["lr_scales"] == [0.5] and state["healthy_steps"] == [3]
+    assert state["counters"]["nonfinite_steps"] == 1
+    # the optimizer's own state stores the scheduler's LR, not the scaled one: the two never double up
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.1 * 0.7**2)
+
+    resumed_cb = make_cb()
+    resumed = FaultModel(optimizer="sgd_momentum", nan_loss_at=bad, scheduler="step")
+    t2 = trainer(tmp_path / "b", [resumed_cb], max_steps=12)
+    fit_quiet(t2, resumed, loader(), ckpt_path=str(ckpt))
+
+    assert resumed_cb.state_dict() == full_cb.state_dict()
+    assert resumed_cb.lr_scales == full_cb.lr_scales == [0.5]  # recovered at step 6, halved again at step 8
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert t2.optimizers[0].param_groups[0]["lr"] == full.trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_two_instances_keep_separate_state(tmp_path):
+    a = GradientClipping(mode="norm", max_norm=1.0)
+    b = GradientClipping(mode="value", clip_value=0.01, nan_policy="ignore")
+    assert a.state_key != b.state_key
+    t = trainer(tmp_path, [b, a], max_steps=4)  # b (ignore) first: it sees the NaN before a skips the step
+    fit_quiet(t, FaultModel(nan_loss_at=(1,)), make_loader())
+    t.save_checkpoint(tmp_path / "x.ckpt")
+    states = torch.load(tmp_path / "x.ckpt", weights_only=False)["callbacks"]
+    assert states[a.state_key]["counters"]["nonfinite_steps"] == 1
+    assert states[b.state_key]["counters"]["nonfinite_steps"] == 1
+    assert states[a.state_key]["counters"]["clipped_steps"] != states[b.state_key]["counters"]["clipped_steps"]
+
+
+def fp16(init_scale: float = 2.0**16):
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+def test_fp16_overflows_are_not_divergence(tmp_path):
+    # A huge initial scale overflows the fp16 backward for several steps in a row: GradScaler's normal start.
+    cb = GradientClipping(max_norm=1.0, nan_policy="halve_lr", max_consecutive_nonfinite=2)
+    model = FaultModel(optimizer="sgd_momentum", loss_scale=100.0)
+    t = trainer(tmp_path, [cb], max_steps=20, plugins=[fp16(init_scale=2.0**40)])
+    fit_quiet(t, model, make_loader(n=160))
+    counts = cb.counters
+    assert counts["amp_overflows"] >= 3
+    assert counts["nonfinite_steps"] == 0 and counts["skipped_steps"] == 0
+    assert cb.lr_scales == [1.0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adamw_fused"])
+def test_fp16_nan_loss_is_divergence(tmp_path, optimizer):
+    cb = GradientClipping(max_norm=1.0, nan_policy="halve_lr")
+    rec = StepRecorder()
+    t = trainer(tmp_path, [cb, rec], max_steps=8, plugins=[fp16(2.0**8)])
+    fit_quiet(t, FaultModel(optimizer=optimizer, nan_loss_at=(4,)), make_loader())
+    assert cb.counters["nonfinite_steps"] == 1 and cb.counters["amp_overflows"] == 0
+    assert cb.lr_scales == [0.5]
+    s = rec.steps[4]
+    assert all(torch.equal(a, b) for a, b in zip(s["weights_before"], s["weights_after"]))
+
+
+def test_fp16_fused_norm_clipping_uses_true_gradient_units(tmp_path):
+    """Fused optimizers under fp16 see scaled gradients in the hook; the clip must be in unscaled units."""
+    max_norm, lr = 0.05, 0.1
+    rec = StepRecorder()
+    cb = GradientClipping(max_norm=max_norm)
+    model = FaultModel(optimizer="sgd", lr=lr, loss_scale=50.0)
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=lr, fused=True)
+    t = trainer(tmp_path, [cb, rec], max_steps=3, plugins=[fp16(2.0**10)])
+    fit_quiet(t, model, make_loader())
+    for s in rec.steps:
+        update = torch.cat([(a - b).double().flatten() for a, b in zip(s["weights_before"], s["weights_after"])])
+        # plain SGD: the update is lr * (unscaled, clipped) gradient
+        assert float(update.norm()) / lr == pytest.approx(max_norm, rel=1e-2)
+
+
+def test_bf16_nan_step_skipped(tmp_path):
+    cb = GradientClipping(max_norm=1.0, nan_policy="skip")
+    rec = StepRecorder()
+    t = trainer(tmp_path, [cb, rec], max_steps=6, plugins=[MixedPrecision("bf16-mixed", "cpu")])
+    fit_quiet(t, FaultModel(optimizer="adamw", nan_loss_at=(3,)), make_loader())
+    s = rec.steps[3]
+    assert all(torch.equal(a, b) for a, b in zip(s["weights_before"], s["weights_after"]))
+    assert cb.counters["skipped_steps"] == 1 and cb.counters["amp_overflows"] == 0
