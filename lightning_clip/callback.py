@@ -37,9 +37,9 @@ _MODES = ("norm", "value", "none")
 _NAN_POLICIES = ("skip", "halve_lr", "raise", "ignore")
 _LOG_NORMS = ("layer", "parameter", "total", "none")
 
-# Device counters, one int64 vector: optimizer steps seen, steps clipped, bad steps, AMP overflows.
-_STEPS, _CLIPPED, _NONFINITE, _OVERFLOWS = range(4)
-_COUNTER_NAMES = ("steps", "clipped_steps", "nonfinite_steps", "amp_overflows")
+# Counters kept on the device (one int64 vector, updated without host reads): steps whose gradients norm
+# clipping scaled down, bad steps, GradScaler overflows. The optimizer-step count is a plain int.
+_DEVICE_COUNTERS = ("clipped_steps", "nonfinite_steps", "amp_overflows")
 
 
 def _check_positive(name: str, value: Optional[float], allow_inf: bool = False) -> None:
@@ -170,7 +170,8 @@ class GradientClipping(Callback):
         self.eps = float(eps)
 
         # Host-side state (saved in state_dict).
-        self._counts_host = [0] * len(_COUNTER_NAMES)
+        self._counts_host = dict.fromkeys(_DEVICE_COUNTERS, 0)
+        self._steps = 0
         self._streak_host = 0
         self.lr_scales: list[float] = []
         self.healthy_steps: list[int] = []
@@ -197,14 +198,14 @@ class GradientClipping(Callback):
     def _sync_host_counts(self) -> None:
         # Host read: only at checkpoint time and on logging steps.
         if self._counts is not None:
-            self._counts_host = [int(v) for v in self._counts.tolist()]
+            self._counts_host = dict(zip(_DEVICE_COUNTERS, (int(v) for v in self._counts.tolist())))
             self._streak_host = int(self._streak.item())  # type: ignore[union-attr]
 
     def state_dict(self) -> dict[str, Any]:
         self._sync_host_counts()
         return {
             "version": 1,
-            "counters": dict(zip(_COUNTER_NAMES, self._counts_host)),
+            "counters": {"steps": self._steps, **self._counts_host},
             "nonfinite_streak": self._streak_host,
             "lr_scales": list(self.lr_scales),
             "healthy_steps": list(self.healthy_steps),
@@ -212,12 +213,13 @@ class GradientClipping(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         counters = state_dict.get("counters", {})
-        self._counts_host = [int(counters.get(name, 0)) for name in _COUNTER_NAMES]
+        self._counts_host = {name: int(counters.get(name, 0)) for name in _DEVICE_COUNTERS}
+        self._steps = int(counters.get("steps", 0))
         self._streak_host = int(state_dict.get("nonfinite_streak", 0))
         self.lr_scales = [float(s) for s in state_dict.get("lr_scales", [])]
         self.healthy_steps = [int(s) for s in state_dict.get("healthy_steps", [])]
         self._counts = self._streak = None  # rebuilt on the device at the next step
-        self._last_warned_nonfinite = self._counts_host[_NONFINITE]
+        self._last_warned_nonfinite = self._counts_host["nonfinite_steps"]
         for hook, scale in zip(self._lr_hooks, self.lr_scales):
             hook.scale = scale
 
@@ -225,7 +227,7 @@ class GradientClipping(Callback):
     def counters(self) -> dict[str, int]:
         """Cumulative counts (reads the device: not for the hot path)."""
         self._sync_host_counts()
-        out = dict(zip(_COUNTER_NAMES, self._counts_host))
+        out = {"steps": self._steps, **self._counts_host}
         out["skipped_steps"] = out["nonfinite_steps"] if self.nan_policy in ("skip", "halve_lr") else 0
         return out
 
@@ -286,8 +288,14 @@ class GradientClipping(Callback):
         opt_idx = self._optimizer_index(trainer, optimizer)
         device = grads[0].device
         if self._counts is None:
-            self._counts = torch.tensor(self._counts_host, dtype=torch.int64, device=device)
-            self._streak = torch.tensor(self._streak_host, dtype=torch.int64, device=device)
+            # torch.zeros/full fill on the device; torch.tensor(list) would be a blocking host copy.
+            self._counts = torch.zeros(len(_DEVICE_COUNTERS), dtype=torch.int64, device=device)
+            for i, name in enumerate(_DEVICE_COUNTERS):
+                if self._counts_host[name]:
+                    self._counts[i] = self._counts_host[name]
+            self._streak = torch.full((), self._streak_host, dtype=torch.int64, device=device)
+            self._false = torch.zeros((), dtype=torch.bool, device=device)
+        self._steps += 1
 
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         # Fused optimizers under fp16 unscale inside their step: here the gradients are still scaled.
@@ -295,57 +303,57 @@ class GradientClipping(Callback):
         inv_scale = scaler._scale.double().reciprocal().float().to(device) if grads_scaled else None
 
         norms = F.grad_norms(grads, self.norm_type)
-        total = F.total_norm(norms, self.norm_type, all_reduce=self._all_reduce(trainer))
+        total = F.total_norm(norms, self.norm_type, all_reduce=self._all_reduce(trainer)).to(device)
         if inv_scale is not None:
-            total = total * inv_scale.to(total.device)
-        total = total.to(device)
+            total = total * inv_scale
+        finite = torch.isfinite(total)
 
-        # --- bad-step flag (device): gradient, loss, or input
-        grad_bad = ~F.is_finite(total)
+        # --- bad-step flag, on the device: gradient, loss, or input
         data_bad = self._data_bad(trainer, device)
-        if self.nan_policy == "ignore":
-            bad, overflow = grad_bad, torch.zeros_like(grad_bad)
-        elif scaler is not None:
+        overflow = self._false
+        if scaler is not None and self.nan_policy != "ignore":
             # fp16: non-finite gradients with a finite loss are GradScaler overflows, not divergence.
-            bad = data_bad if data_bad is not None else torch.zeros_like(grad_bad)
-            overflow = grad_bad & ~bad
+            bad = data_bad if data_bad is not None else self._false
+            overflow = ~finite & ~bad
         else:
-            bad = grad_bad | data_bad if data_bad is not None else grad_bad
-            overflow = torch.zeros_like(grad_bad)
+            bad = ~finite if data_bad is None else ~finite | data_bad
 
         # --- clip
-        clipped = self._clip(grads, total, inv_scale, device)
+        log = bool(trainer.loggers) and self.log_norms != "none" and self._should_log(trainer)
+        clipped, total_clipped = self._clip(grads, total, finite, inv_scale, log)
 
-        # --- device counters
-        inc = torch.stack([torch.ones_like(bad), clipped & ~bad & ~overflow, bad, overflow]).to(torch.int64)
-        self._counts.add_(inc)
-        self._streak.add_(1).mul_(bad.to(torch.int64))  # type: ignore[union-attr]  # consecutive bad steps
+        # --- device counters: no host read
+        self._counts.add_(torch.stack([clipped, bad, overflow]))
+        self._streak.add_(1).mul_(bad)  # type: ignore[union-attr]  # consecutive bad steps
 
-        fused = all(group.get("fused") for group in optimizer.param_groups)
-        device_skip = self.nan_policy == "skip" and fused
+        device_skip = self.nan_policy == "skip" and all(group.get("fused") for group in optimizer.param_groups)
         if device_skip:
             self._skip_on_device(optimizer, grads, bad, scaler, device)
         needs_read = self.nan_policy in ("raise", "halve_lr") or (self.nan_policy == "skip" and not device_skip)
-        log = bool(trainer.loggers) and self.log_norms != "none" and self._should_log(trainer)
-
         if not (needs_read or log):
             return
+
         # One device-to-host transfer for the decision and everything logged.
-        head = [inc[_NONFINITE], self._streak, total, self._clipped_total(grads, total, device)]
+        head = [bad, self._streak] + ([total, total_clipped] if log else [])
         layer_names, layer_norms = self._layer_norms(params, norms, inv_scale, device) if log else ([], [])
-        values = torch.cat([torch.stack([h.to(device=device, dtype=torch.float64) for h in head]),
-                            self._counts.to(torch.float64)] + ([torch.stack(layer_norms).to(torch.float64)] if layer_norms else [])).tolist()
+        values = torch.cat(
+            [torch.stack([h.to(torch.float64) for h in head]), self._counts.to(torch.float64)]
+            + ([torch.stack(layer_norms).to(torch.float64)] if layer_norms else [])
+        ).tolist()
         is_bad, streak = bool(values[0]), int(values[1])
-        counts = [int(v) for v in values[4:4 + len(_COUNTER_NAMES)]]
+        n_head = len(head)
+        counts = dict(zip(_DEVICE_COUNTERS, (int(v) for v in values[n_head:n_head + len(_DEVICE_COUNTERS)])))
+        counts["steps"] = self._steps
 
         if is_bad and not device_skip:
             self._handle_bad(trainer, optimizer, opt_idx, params, norms, grads, scaler, streak, counts)
         elif not is_bad and self.nan_policy == "halve_lr":
             self._healthy(opt_idx)
         if device_skip:
-            self._check_device_skips(trainer, opt_idx, streak, counts)
+            self._check_device_skips(trainer, streak, counts)
         if log:
-            self._log(trainer, opt_idx, values[2], values[3], counts, layer_names, values[4 + len(_COUNTER_NAMES):])
+            layer_values = values[n_head + len(_DEVICE_COUNTERS):]
+            self._log(trainer, opt_idx, values[2], values[3], counts, layer_names, layer_values)
 
     # ------------------------------------------------------------------ pieces of the step
     def _optimizer_index(self, trainer: "pl.Trainer", optimizer: Optimizer) -> int:
@@ -384,30 +392,24 @@ class GradientClipping(Callback):
                 bad = flag.bool()
         return bad
 
-    def _clip(self, grads: list[Tensor], total: Tensor, inv_scale: Optional[Tensor], device: torch.device) -> Tensor:
-        """Clip in place; return a device bool: did clipping change anything."""
+    def _clip(
+        self, grads: list[Tensor], total: Tensor, finite: Tensor, inv_scale: Optional[Tensor], log: bool
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """Clip in place. Return (did norm clipping scale the gradients, total norm after clipping if logging)."""
         if self.mode == "norm":
-            coef = F.clip_by_norm_(grads, self.max_norm, total, self.eps)
-            return coef < 1.0
+            coef = F.clip_by_norm_(grads, self.max_norm, total, self.eps, finite=finite)
+            return coef < 1.0, (total * coef if log else None)
         if self.mode == "value":
             if inv_scale is not None:
-                # Scaled fp16 gradients: clamp in true units. The scale is a power of two, so the
-                # round trip is exact.
+                # Scaled fp16 gradients: clamp in true units. The scale is a power of two: the round trip is exact.
                 F.scale_(grads, inv_scale)
             F.clip_by_value_(grads, self.min_value, self.max_value)
-            after = F.total_norm(F.grad_norms(grads, self.norm_type), self.norm_type).to(device)
+            # The norm after clamping costs a second pass: only on logging steps.
+            after = F.total_norm(F.grad_norms(grads, self.norm_type), self.norm_type).to(total.device) if log else None
             if inv_scale is not None:
                 F.scale_(grads, inv_scale.reciprocal())
-            self._value_clipped_total = after
-            return after != total
-        return torch.zeros((), dtype=torch.bool, device=device)
-
-    def _clipped_total(self, grads: list[Tensor], total: Tensor, device: torch.device) -> Tensor:
-        if self.mode == "norm":
-            return total * F.clip_coefficient(total, self.max_norm, self.eps)
-        if self.mode == "value":
-            return self._value_clipped_total
-        return total
+            return self._false, after
+        return self._false, total
 
     def _skip_on_device(self, optimizer: Optimizer, grads: list[Tensor], bad: Tensor, scaler: Any, device: torch.device) -> None:
         """Skip a fused optimizer's step with no host read."""
@@ -448,7 +450,7 @@ class GradientClipping(Callback):
 
     def _handle_bad(
         self, trainer: "pl.Trainer", optimizer: Optimizer, opt_idx: int, params: list[Tensor],
-        norms: list[Tensor], grads: list[Tensor], scaler: Any, streak: int, counts: list[int],
+        norms: list[Tensor], grads: list[Tensor], scaler: Any, streak: int, counts: dict[str, int],
     ) -> None:
         if self.nan_policy == "ignore":
             return
@@ -463,7 +465,7 @@ class GradientClipping(Callback):
         stop = self.nan_policy == "raise" or (
             self.max_consecutive_nonfinite is not None and streak >= self.max_consecutive_nonfinite
         )
-        warn_now = stop or self._warn_due(counts[_NONFINITE])
+        warn_now = stop or self._warn_due(counts["nonfinite_steps"])
         if not (stop or warn_now):
             self._skip(optimizer, params, grads, scaler)
             return
@@ -477,7 +479,7 @@ class GradientClipping(Callback):
             optimizer_idx=opt_idx, nonfinite_names=bad_names, num_params=len(params),
             loss_nonfinite=bool(self._loss_bad) if self._loss_bad is not None else False,
             input_problems=self._data_problems(), consecutive=streak,
-            skipped_total=counts[_NONFINITE] - (1 if stop else 0),
+            skipped_total=counts["nonfinite_steps"] - (1 if stop else 0),
             lr_scale=self.lr_scales[opt_idx] if self.lr_scales else 1.0, action=action,
         )
         message = describe(info)
@@ -506,12 +508,12 @@ class GradientClipping(Callback):
         # Rate limit: warn at the 1st, 2nd, 4th, 8th, ... bad step.
         return nonfinite_total > 0 and nonfinite_total & (nonfinite_total - 1) == 0
 
-    def _check_device_skips(self, trainer: "pl.Trainer", opt_idx: int, streak: int, counts: list[int]) -> None:
+    def _check_device_skips(self, trainer: "pl.Trainer", streak: int, counts: dict[str, int]) -> None:
         """Fused skip path: skips happened on the device; warn/raise when we next read the counters."""
-        new = counts[_NONFINITE] - self._last_warned_nonfinite
+        new = counts["nonfinite_steps"] - self._last_warned_nonfinite
         if new <= 0:
             return
-        self._last_warned_nonfinite = counts[_NONFINITE]
+        self._last_warned_nonfinite = counts["nonfinite_steps"]
         if self.max_consecutive_nonfinite is not None and streak >= self.max_consecutive_nonfinite:
             raise NonFiniteGradientError(
                 f"{streak} consecutive steps with non-finite gradients (max_consecutive_nonfinite="
@@ -521,7 +523,7 @@ class GradientClipping(Callback):
             )
         rank_zero_warn(
             f"{new} step(s) with non-finite gradients were skipped on the device (fused optimizer) up to global "
-            f"step {trainer.global_step}; {counts[_NONFINITE]} in total, {streak} in a row now.",
+            f"step {trainer.global_step}; {counts['nonfinite_steps']} in total, {streak} in a row now.",
             category=RuntimeWarning,
         )
 
@@ -536,21 +538,22 @@ class GradientClipping(Callback):
                 self._lr_hooks[opt_idx].scale = self.lr_scales[opt_idx]
 
     def _log(
-        self, trainer: "pl.Trainer", opt_idx: int, total: float, total_clipped: float, counts: list[int],
+        self, trainer: "pl.Trainer", opt_idx: int, total: float, total_clipped: float, counts: dict[str, int],
         layer_names: list[str], layer_values: list[float],
     ) -> None:
         suffix = f"_opt{opt_idx}" if opt_idx > 0 else ""
         metrics = {
             f"grad_norm/total{suffix}": total,
             f"grad_norm/total_clipped{suffix}": total_clipped,
-            f"grad_clip/steps{suffix}": counts[_STEPS],
-            f"grad_clip/clipped_steps{suffix}": counts[_CLIPPED],
-            f"grad_clip/nonfinite_steps{suffix}": counts[_NONFINITE],
-            f"grad_clip/skipped_steps{suffix}": counts[_NONFINITE] if self.nan_policy in ("skip", "halve_lr") else 0,
-            f"grad_clip/amp_overflows{suffix}": counts[_OVERFLOWS],
+            f"grad_clip/steps{suffix}": counts["steps"],
+            f"grad_clip/nonfinite_steps{suffix}": counts["nonfinite_steps"],
+            f"grad_clip/skipped_steps{suffix}": counts["nonfinite_steps"] if self.nan_policy in ("skip", "halve_lr") else 0,
+            f"grad_clip/amp_overflows{suffix}": counts["amp_overflows"],
             f"grad_clip/lr_scale{suffix}": self.lr_scales[opt_idx] if opt_idx < len(self.lr_scales) else 1.0,
         }
         if self.mode == "norm":
+            # Value mode checks "did clamping change anything" only on logging steps (total vs total_clipped).
+            metrics[f"grad_clip/clipped_steps{suffix}"] = counts["clipped_steps"]
             metrics[f"grad_clip/max_norm{suffix}"] = self.max_norm
         group = "grad_norm_layer" if self.log_norms == "layer" else "grad_norm_param"
         metrics.update({f"{group}/{name}{suffix}": v for name, v in zip(layer_names, layer_values)})

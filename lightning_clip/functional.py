@@ -98,7 +98,10 @@ def total_norm(
         return torch.tensor(0.0)
     device = norms[0].device
     dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms])
+    if all(n.device == device and n.dtype == dtype for n in norms):
+        stacked = torch.stack(list(norms))
+    else:
+        stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms])
     if math.isinf(norm_type):
         result = stacked.max()
         return all_reduce(result, "max") if all_reduce is not None else result
@@ -109,24 +112,27 @@ def total_norm(
     return all_reduce(power_sum, "sum").pow(1.0 / norm_type)
 
 
-def clip_coefficient(total: Tensor, max_norm: float, eps: float = EPS) -> Tensor:
+def clip_coefficient(total: Tensor, max_norm: float, eps: float = EPS, finite: Optional[Tensor] = None) -> Tensor:
     """``min(1, max_norm / (total + eps))``, or exactly ``1`` where ``total`` is not finite.
 
     torch's ``clip_grad_norm_`` multiplies by ``max_norm / nan = nan`` and so turns every gradient
     into NaN; here a non-finite total leaves the gradients as they are for the NaN policy to handle.
-    Computed with ``torch.where`` rather than a Python ``if``, so there is no host sync.
+    Computed with ``torch.where`` rather than a Python ``if``, so there is no host sync. ``finite``
+    (``torch.isfinite(total)``) may be passed in when the caller already has it.
     """
     coef = torch.clamp(max_norm / (total + eps), max=1.0)
-    return torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
+    return torch.where(torch.isfinite(total) if finite is None else finite, coef, 1.0)
 
 
-def clip_by_norm_(tensors: Sequence[Tensor], max_norm: float, total_norm: Tensor, eps: float = EPS) -> Tensor:
+def clip_by_norm_(
+    tensors: Sequence[Tensor], max_norm: float, total_norm: Tensor, eps: float = EPS, finite: Optional[Tensor] = None
+) -> Tensor:
     """Scale ``tensors`` in place by :func:`clip_coefficient`; return the coefficient.
 
     Always multiplies (by exactly ``1.0`` when no clipping is needed, which leaves values
     bit-identical) instead of branching on a device value.
     """
-    coef = clip_coefficient(total_norm, max_norm, eps)
+    coef = clip_coefficient(total_norm, max_norm, eps, finite)
     scale_(tensors, coef)
     return coef
 

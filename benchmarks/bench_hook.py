@@ -1,0 +1,157 @@
+"""Per-step cost of the GradientClipping hook against torch and Lightning, side by side in one process.
+
+Variants run interleaved on the same gradients (of a model with --layers Linear layers: 2 tensors each),
+each timed as the median over --repeats rounds of --iters calls:
+
+* torch ``clip_grad_norm_(foreach=True)``  -- the baseline the hook should cost about the same as;
+* the hook, norm mode, ``nan_policy="ignore"`` (no host read) and ``"skip"`` (one scalar read);
+* torch ``clip_grad_value_(foreach=True)`` vs the hook in value mode;
+* a logging step: the hook with per-layer norms to a TensorBoardLogger, vs Lightning's
+  ``utilities.grad_norm`` + ``clip_grad_norm_`` + ``logger.log_metrics``.
+
+Usage::
+
+    python benchmarks/bench_hook.py                 # CPU, ~100 tensors
+    python benchmarks/bench_hook.py --device cuda   # on a GPU (synchronizes around each timed block)
+    python benchmarks/bench_hook.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import grad_norm
+
+from lightning_clip import GradientClipping
+from lightning_clip.host_reads import count_host_reads
+
+
+class Deep(pl.LightningModule):
+    def __init__(self, layers: int, width: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def attach(model: Deep, cb: GradientClipping, logger, device: str) -> pl.Trainer:
+    """A real Trainer that ran one step, so the callback is wired as in training."""
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, model.net[0].in_features)), batch_size=4)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=1, callbacks=[cb], logger=logger,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tempfile.mkdtemp(),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, data)
+    return trainer
+
+
+def timed(fn: Callable[[], None], iters: int, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e3  # ms per call
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=50, help="Linear layers (2 gradient tensors each)")
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    model = Deep(args.layers, args.width)
+    setups = {
+        "norm_ignore": GradientClipping(max_norm=1.0, nan_policy="ignore", log_norms="none"),
+        "norm_skip": GradientClipping(max_norm=1.0, nan_policy="skip", log_norms="none"),
+        "value_ignore": GradientClipping(mode="value", clip_value=1e-3, nan_policy="ignore", log_norms="none"),
+    }
+    trainers = {name: attach(model, cb, False, args.device) for name, cb in setups.items()}
+    log_dir = tempfile.mkdtemp()
+    log_cb = GradientClipping(max_norm=1.0, nan_policy="skip", log_norms="layer")
+    log_trainer = attach(model, log_cb, TensorBoardLogger(log_dir, name="ours"), args.device)
+    pl_logger = TensorBoardLogger(log_dir, name="lightning")
+
+    params = [p for p in model.parameters()]
+    grads = [torch.randn_like(p) * 1e-2 for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = trainers["norm_ignore"].optimizers[0]
+    n_tensors = len(grads)
+
+    def hook(name: str, trainer: pl.Trainer, cb: GradientClipping) -> Callable[[], None]:
+        return lambda: cb.on_before_optimizer_step(trainer, model, trainer.optimizers[0])
+
+    step = [0]
+
+    def lightning_logging_step() -> None:
+        norms = grad_norm(model, norm_type=2)  # one host sync per parameter (torch.tensor(list))
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        pl_logger.log_metrics(norms, step=step[0])
+        step[0] += 1
+
+    variants: dict[str, Callable[[], None]] = {
+        "torch clip_grad_norm_(foreach)": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True),
+        "hook norm, nan_policy=ignore": hook("norm_ignore", trainers["norm_ignore"], setups["norm_ignore"]),
+        "hook norm, nan_policy=skip": hook("norm_skip", trainers["norm_skip"], setups["norm_skip"]),
+        "torch clip_grad_value_(foreach)": lambda: torch.nn.utils.clip_grad_value_(params, 1e-3, foreach=True),
+        "hook value, nan_policy=ignore": hook("value_ignore", trainers["value_ignore"], setups["value_ignore"]),
+        "logging step: Lightning grad_norm+clip+log": lightning_logging_step,
+        "logging step: hook (per-layer norms)": hook("log", log_trainer, log_cb),
+    }
+    # Logging-step variants: make the hook's trainer log on every call (no loop active -> should_update_logs).
+    for fn in variants.values():  # warm-up
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():  # interleaved, so drift hits every variant alike
+            samples[name].append(timed(fn, args.iters, args.device))
+    reads = {}
+    for name, fn in variants.items():
+        with count_host_reads() as r:
+            fn()
+        reads[name] = r.count
+
+    base_norm = statistics.median(samples["torch clip_grad_norm_(foreach)"])
+    base_value = statistics.median(samples["torch clip_grad_value_(foreach)"])
+    base_log = statistics.median(samples["logging step: Lightning grad_norm+clip+log"])
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"{n_tensors} gradient tensors, {sum(g.numel() for g in grads) / 1e6:.2f}M elements, device {device_name}, "
+          f"torch {torch.__version__}, median of {args.repeats} x {args.iters} calls")
+    print(f"{'variant':46s} {'ms/step':>9s} {'ratio':>7s} {'host reads':>11s}")
+    rows = []
+    for name in variants:
+        ms = statistics.median(samples[name])
+        base = base_log if name.startswith("logging") else base_value if "value" in name else base_norm
+        rows.append({"variant": name, "ms": ms, "ratio": ms / base, "host_reads": reads[name]})
+        print(f"{name:46s} {ms:9.3f} {ms / base:7.2f} {reads[name]:11d}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name, "tensors": n_tensors, "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
