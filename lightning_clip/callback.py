@@ -142,6 +142,16 @@ class GradientClipping(Callback):
                 )
             if min_value is not None and max_value is not None and min_value > max_value:
                 raise ValueError(f"`min_value` ({min_value!r}) must be <= `max_value` ({max_value!r}).")
+        if mode != "value" and (clip_value is not None or min_value is not None or max_value is not None):
+            raise ValueError(
+                f"`clip_value`, `min_value` and `max_value` apply to mode='value' only; got mode={mode!r} with "
+                f"clip_value={clip_value!r}, min_value={min_value!r}, max_value={max_value!r}."
+            )
+        if nan_policy != "halve_lr" and (min_lr_scale is not None or lr_recovery_steps is not None):
+            raise ValueError(
+                f"`min_lr_scale` and `lr_recovery_steps` apply to nan_policy='halve_lr' only; got "
+                f"nan_policy={nan_policy!r} with min_lr_scale={min_lr_scale!r}, lr_recovery_steps={lr_recovery_steps!r}."
+            )
         if not (isinstance(lr_factor, (int, float)) and 0 < lr_factor < 1):
             raise ValueError(f"`lr_factor` must be in (0, 1), got {lr_factor!r}.")
         if min_lr_scale is not None and not (isinstance(min_lr_scale, (int, float)) and 0 < min_lr_scale <= 1):
@@ -283,7 +293,12 @@ class GradientClipping(Callback):
     def _step(self, trainer: "pl.Trainer", optimizer: Optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
-            return  # every parameter frozen or unused this step: nothing to clip or check
+            # Every parameter frozen or unused this step: nothing to clip or check. A sharded rank still
+            # joins the norm's all-reduce so the others do not hang.
+            all_reduce = self._all_reduce(trainer)
+            if all_reduce is not None:
+                F.total_norm([], self.norm_type, all_reduce=all_reduce)
+            return
         grads = [p.grad for p in params]
         opt_idx = self._optimizer_index(trainer, optimizer)
         device = grads[0].device

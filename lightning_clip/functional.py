@@ -95,7 +95,10 @@ def total_norm(
     """
     norm_type = float(norm_type)
     if len(norms) == 0:
-        return torch.tensor(0.0)
+        zero = torch.tensor(0.0)
+        # A rank with no local gradients must still join the collective, or the other ranks hang.
+        return zero if all_reduce is None else all_reduce(zero, "max" if math.isinf(norm_type) else "sum").pow(
+            1.0 if math.isinf(norm_type) else 1.0 / norm_type)
     device = norms[0].device
     dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
     if all(n.device == device and n.dtype == dtype for n in norms):
