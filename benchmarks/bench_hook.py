@@ -95,6 +95,7 @@ def main() -> None:
     log_trainer = attach(model, log_cb, TensorBoardLogger(log_dir, name="ours"), args.device)
     pl_logger = TensorBoardLogger(log_dir, name="lightning")
 
+    model.to(args.device)  # Lightning moves the model back to the CPU at the end of fit
     params = [p for p in model.parameters()]
     grads = [torch.randn_like(p) * 1e-2 for p in params]
     for p, g in zip(params, grads):

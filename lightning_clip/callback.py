@@ -310,6 +310,9 @@ class GradientClipping(Callback):
                     self._counts[i] = self._counts_host[name]
             self._streak = torch.full((), self._streak_host, dtype=torch.int64, device=device)
             self._false = torch.zeros((), dtype=torch.bool, device=device)
+        elif self._counts.device != device:
+            # The model moved (e.g. a second fit on another device): the counters follow it.
+            self._counts, self._streak, self._false = (t.to(device) for t in (self._counts, self._streak, self._false))
         self._steps += 1
 
         scaler = getattr(trainer.precision_plugin, "scaler", None)

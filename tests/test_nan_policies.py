@@ -99,7 +99,7 @@ def test_raise_policy_stops_at_first_bad_step_with_weights_untouched(tmp_path):
         assert remedy in msg
     assert sorted(err.parameter_names) == sorted(n for n, _ in model.named_parameters())
     # weights equal those before the bad step, and finite
-    assert all(torch.equal(a, b) for a, b in zip(rec.steps[-1]["weights_before"], model.parameters()))
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(rec.steps[-1]["weights_before"], model.parameters()))
     assert all_finite(model)
 
 
