@@ -384,14 +384,7 @@ class GradientClipping(Callback):
         # Sharded strategies hold a slice of every gradient: the norm must be reduced across ranks.
         if "FSDP" not in type(trainer.strategy).__name__ or trainer.world_size < 2:
             return None
-        import torch.distributed as dist
-
-        def reduce(t: Tensor, op: str) -> Tensor:
-            t = t.clone()
-            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-            return t
-
-        return reduce
+        return F.distributed_all_reduce()
 
     def _data_bad(self, trainer: "pl.Trainer", device: torch.device) -> Optional[Tensor]:
         flags = [f.to(device) for _, _, f in self._window_batches if f is not None]

@@ -45,6 +45,7 @@ __all__ = [
     "scale_",
     "clip_grad_norm_",
     "is_finite",
+    "distributed_all_reduce",
 ]
 
 # Same default as torch.nn.utils.clip_grad_norm_: keeps max_norm / (total + eps) finite for a zero gradient.
@@ -75,10 +76,16 @@ def grad_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> list[Tensor
     """
     norm_type = float(norm_type)
     norms: list[Optional[Tensor]] = [None] * len(tensors)
-    for (_, dtype), idx in group_by_device_and_dtype(tensors).items():
-        group = [tensors[i] for i in idx]
-        for i, n in zip(idx, torch._foreach_norm(group, norm_type, dtype=_accumulation_dtype(dtype))):
-            norms[i] = n
+    for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
+        acc = _accumulation_dtype(dtype)
+        # Empty tensors (zero-size parameters, empty FSDP shards) have norm 0; the inf-norm kernel rejects them.
+        empty = [i for i in idx if tensors[i].numel() == 0]
+        for i in empty:
+            norms[i] = torch.zeros((), device=device, dtype=acc)
+        idx = [i for i in idx if tensors[i].numel() > 0] if empty else idx
+        if idx:
+            for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], norm_type, dtype=acc)):
+                norms[i] = n
     return norms  # type: ignore[return-value]
 
 
@@ -160,6 +167,22 @@ def clip_by_value_(
             torch._foreach_clamp_min_(group, min_value)
         if max_value is not None:
             torch._foreach_clamp_max_(group, max_value)
+
+
+def distributed_all_reduce(group: Optional[object] = None) -> Callable[[Tensor, str], Tensor]:
+    """An ``all_reduce`` for :func:`total_norm` over ``torch.distributed`` (``group``: default group).
+
+    For sharded gradients (FSDP), where each rank holds a slice of every gradient. The reduction stays on
+    the device: no host read.
+    """
+    import torch.distributed as dist
+
+    def reduce(t: Tensor, op: str) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+        return t
+
+    return reduce
 
 
 def is_finite(total: Tensor) -> Tensor:

@@ -28,3 +28,25 @@ def test_ddp_ranks_agree_on_skips(tmp_path):
     snaps = r0["snapshots"]
     assert snaps[2] == snaps[1] and snaps[4] == snaps[3]  # both skipped steps left the weights alone
     assert snaps[3] != snaps[2] and snaps[5] != snaps[4]
+
+
+def test_sharded_total_norm_equals_unsharded_norm(tmp_path):
+    import socket
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).with_name("sharded_norm_script.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    pieces = [torch.randn(101), torch.randn(7, 3).flatten(), torch.randn(1)]
+    full = torch.cat(pieces).double()
+    rank0_part = torch.cat([g[0::2] for g in pieces]).double()  # what rank 0 holds
+    for r in (0, 1):
+        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        for p in (1.0, 2.0, 3.0, float("inf")):
+            assert got[str(p)] == pytest.approx(float(torch.linalg.vector_norm(full, p)), rel=1e-5)
+        assert got["empty_rank"] == pytest.approx(float(rank0_part.norm()), rel=1e-5)

@@ -334,3 +334,11 @@ def test_clip_by_value_with_no_bound_changes_nothing_and_keeps_nan():
     F.clip_by_value_(grads, -1.0, 1.0)
     assert grads[0][0].item() == -1.0 and grads[0][2].item() == 1.0
     assert torch.isnan(grads[0][1])
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, float("inf")])
+def test_empty_tensors_have_norm_zero_for_every_norm_type(norm_type):
+    # torch._foreach_norm refuses the inf-norm of an empty tensor; zero-size parameters and empty shards exist.
+    tensors = [torch.zeros(0), torch.tensor([3.0, -4.0]), torch.zeros(0, 5)]
+    norms = F.grad_norms(tensors, norm_type)
+    assert [float(n) for n in norms] == [0.0, float(torch.linalg.vector_norm(torch.tensor([3.0, -4.0]).double(), norm_type)), 0.0]
