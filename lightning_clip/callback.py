@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import functional as F
+from lightning_clip.counters import COUNTERS, StepCounters
 from lightning_clip.diagnosis import BadStep, describe
 from lightning_clip.errors import NonFiniteGradientError
 from lightning_clip.inputs import describe_nonfinite, nonfinite_flag
@@ -37,13 +38,12 @@ _MODES = ("norm", "value", "none")
 _NAN_POLICIES = ("skip", "halve_lr", "raise", "ignore")
 _LOG_NORMS = ("layer", "parameter", "total", "none")
 
-# Counters kept on the device (one int64 vector, updated without host reads): steps whose gradients norm
-# clipping scaled down, bad steps, GradScaler overflows. The optimizer-step count is a plain int.
-_DEVICE_COUNTERS = ("clipped_steps", "nonfinite_steps", "amp_overflows")
 
 
-def _check_positive(name: str, value: Optional[float], allow_inf: bool = False) -> None:
+def _check_positive(name: str, value: Optional[float], allow_inf: bool = False, required: bool = False) -> None:
     if value is None:
+        if required:
+            raise ValueError(f"`{name}` is required: a positive number, got None.")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
@@ -77,11 +77,15 @@ class GradientClipping(Callback):
         min_lr_scale: ``halve_lr``: the LR scale never goes below this (in (0, 1]); None for no floor.
         lr_recovery_steps: ``halve_lr``: after this many healthy steps in a row, undo one reduction
             (never above 1.0). None never recovers.
-        max_consecutive_nonfinite: raise after this many bad steps in a row (None: never).
+        max_consecutive_nonfinite: ``skip``/``halve_lr``: raise after this many bad steps in a row of one
+            optimizer (None: never). With a fused optimizer under ``skip`` the check runs at the next
+            logging step (or every ``log_every_n_steps`` steps when nothing logs), to stay sync-free.
         check_inputs: check each training batch's floating tensors for NaN/Inf before the forward pass.
         log_norms: ``"layer"`` logs the total and each layer's norm, ``"parameter"`` each parameter's,
             ``"total"`` only the totals and counters, ``"none"`` nothing.
         eps: added to the total norm before dividing (as in ``torch.nn.utils.clip_grad_norm_``).
+        name: tells two instances of the same ``mode`` in one Trainer apart in checkpoints. The checkpoint
+            key depends on ``mode`` and ``name`` only, so tuning ``max_norm`` between runs keeps the state.
 
     Logged on logging steps (``Trainer(log_every_n_steps)``) to every logger of the Trainer:
     ``grad_norm/total`` (before clipping), ``grad_norm/total_clipped`` (after), ``grad_norm_layer/<name>``
@@ -118,13 +122,14 @@ class GradientClipping(Callback):
         check_inputs: bool = False,
         log_norms: LogNorms = "layer",
         eps: float = F.EPS,
+        name: Optional[str] = None,
     ) -> None:
         super().__init__()
         _check_choice("mode", mode, _MODES)
         _check_choice("nan_policy", nan_policy, _NAN_POLICIES)
         _check_choice("log_norms", log_norms, _LOG_NORMS)
-        _check_positive("max_norm", max_norm)
-        _check_positive("norm_type", norm_type, allow_inf=True)
+        _check_positive("max_norm", max_norm, required=True)
+        _check_positive("norm_type", norm_type, allow_inf=True, required=True)
         _check_positive("clip_value", clip_value)
         for name, bound in (("min_value", min_value), ("max_value", max_value)):
             if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or math.isnan(bound)):
@@ -178,68 +183,58 @@ class GradientClipping(Callback):
         self.check_inputs = check_inputs
         self.log_norms = log_norms
         self.eps = float(eps)
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"`name` must be a string or None, got {name!r}.")
+        self.name = name
 
-        # Host-side state (saved in state_dict).
-        self._counts_host = dict.fromkeys(_DEVICE_COUNTERS, 0)
-        self._steps = 0
-        self._streak_host = 0
-        self.lr_scales: list[float] = []
-        self.healthy_steps: list[int] = []
-        # Device-side state, made lazily on the gradients' device.
-        self._counts: Optional[Tensor] = None
-        self._streak: Optional[Tensor] = None
-        # Per accumulation window, reset after each optimizer step.
+        # One StepCounters per optimizer (saved in state_dict).
+        self._tallies: list[StepCounters] = []
+        # Per accumulation window: reset by the first batch after an optimizer step.
         self._loss_bad: Optional[Tensor] = None
         self._window_batches: list[tuple[int, Any, Optional[Tensor]]] = []
+        self._window_done = False
         # Per fit.
         self._names: dict[int, str] = {}
         self._lr_hooks: list[StepLRScale] = []
-        self._last_warned_nonfinite = 0
-        self._warnings = 0
 
     # ------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            mode=self.mode, max_norm=self.max_norm, norm_type=self.norm_type, min_value=self.min_value,
-            max_value=self.max_value, nan_policy=self.nan_policy,
-        )
-
-    def _sync_host_counts(self) -> None:
-        # Host read: only at checkpoint time and on logging steps.
-        if self._counts is not None:
-            self._counts_host = dict(zip(_DEVICE_COUNTERS, (int(v) for v in self._counts.tolist())))
-            self._streak_host = int(self._streak.item())  # type: ignore[union-attr]
+        # Not max_norm & co.: re-tuning a threshold on resume must not drop the LR scale and counters.
+        return self._generate_state_key(mode=self.mode, name=self.name)
 
     def state_dict(self) -> dict[str, Any]:
-        self._sync_host_counts()
-        return {
-            "version": 1,
-            "counters": {"steps": self._steps, **self._counts_host},
-            "nonfinite_streak": self._streak_host,
-            "lr_scales": list(self.lr_scales),
-            "healthy_steps": list(self.healthy_steps),
-        }
+        return {"version": 1, "optimizers": [t.state_dict() for t in self._tallies]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        counters = state_dict.get("counters", {})
-        self._counts_host = {name: int(counters.get(name, 0)) for name in _DEVICE_COUNTERS}
-        self._steps = int(counters.get("steps", 0))
-        self._streak_host = int(state_dict.get("nonfinite_streak", 0))
-        self.lr_scales = [float(s) for s in state_dict.get("lr_scales", [])]
-        self.healthy_steps = [int(s) for s in state_dict.get("healthy_steps", [])]
-        self._counts = self._streak = None  # rebuilt on the device at the next step
-        self._last_warned_nonfinite = self._counts_host["nonfinite_steps"]
-        for hook, scale in zip(self._lr_hooks, self.lr_scales):
-            hook.scale = scale
+        self._tallies = [StepCounters.from_state_dict(s) for s in state_dict.get("optimizers", [])]
+        for hook, tally in zip(self._lr_hooks, self._tallies):
+            hook.scale = tally.lr_scale
+
+    @property
+    def lr_scales(self) -> list[float]:
+        """The current LR multiplier of each optimizer (``halve_lr``)."""
+        return [t.lr_scale for t in self._tallies]
 
     @property
     def counters(self) -> dict[str, int]:
-        """Cumulative counts (reads the device: not for the hot path)."""
-        self._sync_host_counts()
-        out = {"steps": self._steps, **self._counts_host}
-        out["skipped_steps"] = out["nonfinite_steps"] if self.nan_policy in ("skip", "halve_lr") else 0
+        """Cumulative counts over all optimizers (reads the device: not for the hot path)."""
+        out = dict.fromkeys(("steps",) + COUNTERS, 0)
+        for t in self._tallies:
+            for k, v in t.totals().items():
+                if k in out:
+                    out[k] += v
+        out["skipped_steps"] = self._skipped(out["nonfinite_steps"])
         return out
+
+    def counters_of(self, optimizer_idx: int) -> dict[str, int]:
+        """Counts of one optimizer, with its current run of bad steps (``nonfinite_streak``)."""
+        out = self._tallies[optimizer_idx].totals()
+        out["skipped_steps"] = self._skipped(out["nonfinite_steps"])
+        return out
+
+    def _skipped(self, nonfinite: int) -> int:
+        return nonfinite if self.nan_policy in ("skip", "halve_lr") else 0
 
     # ------------------------------------------------------------------ fit set-up
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -253,11 +248,10 @@ class GradientClipping(Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
         n = len(trainer.optimizers)
-        self.lr_scales = (self.lr_scales + [1.0] * n)[:n]
-        self.healthy_steps = (self.healthy_steps + [0] * n)[:n]
+        self._tallies = (self._tallies + [StepCounters() for _ in range(n)])[:max(n, 1)]
         self._remove_lr_hooks()
         if self.nan_policy == "halve_lr":
-            self._lr_hooks = [StepLRScale(opt, scale) for opt, scale in zip(trainer.optimizers, self.lr_scales)]
+            self._lr_hooks = [StepLRScale(opt, t.lr_scale) for opt, t in zip(trainer.optimizers, self._tallies)]
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._remove_lr_hooks()
@@ -272,6 +266,8 @@ class GradientClipping(Callback):
 
     # ------------------------------------------------------------------ per micro-batch
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self._window_done:  # a new accumulation window (all optimizers of the last batch have stepped)
+            self._window_batches, self._window_done = [], False
         flag = nonfinite_flag(batch) if self.check_inputs else None
         # Keep the batch only while checking inputs: it is needed to say where the NaN is.
         self._window_batches.append((batch_idx, batch if self.check_inputs else None, flag))
@@ -287,8 +283,8 @@ class GradientClipping(Callback):
         try:
             self._step(trainer, optimizer)
         finally:
-            self._loss_bad = None
-            self._window_batches = []
+            self._loss_bad = None  # each backward's loss belongs to the step that follows it
+            self._window_done = True
 
     def _step(self, trainer: "pl.Trainer", optimizer: Optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -302,18 +298,9 @@ class GradientClipping(Callback):
         grads = [p.grad for p in params]
         opt_idx = self._optimizer_index(trainer, optimizer)
         device = grads[0].device
-        if self._counts is None:
-            # torch.zeros/full fill on the device; torch.tensor(list) would be a blocking host copy.
-            self._counts = torch.zeros(len(_DEVICE_COUNTERS), dtype=torch.int64, device=device)
-            for i, name in enumerate(_DEVICE_COUNTERS):
-                if self._counts_host[name]:
-                    self._counts[i] = self._counts_host[name]
-            self._streak = torch.full((), self._streak_host, dtype=torch.int64, device=device)
-            self._false = torch.zeros((), dtype=torch.bool, device=device)
-        elif self._counts.device != device:
-            # The model moved (e.g. a second fit on another device): the counters follow it.
-            self._counts, self._streak, self._false = (t.to(device) for t in (self._counts, self._streak, self._false))
-        self._steps += 1
+        while len(self._tallies) <= opt_idx:
+            self._tallies.append(StepCounters())
+        tally = self._tallies[opt_idx].to(device)
 
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         # Fused optimizers under fp16 unscale inside their step: here the gradients are still scaled.
@@ -328,49 +315,50 @@ class GradientClipping(Callback):
 
         # --- bad-step flag, on the device: gradient, loss, or input
         data_bad = self._data_bad(trainer, device)
-        overflow = self._false
+        overflow = tally.false
         if scaler is not None and self.nan_policy != "ignore":
             # fp16: non-finite gradients with a finite loss are GradScaler overflows, not divergence.
-            bad = data_bad if data_bad is not None else self._false
+            bad = data_bad if data_bad is not None else tally.false
             overflow = ~finite & ~bad
         else:
             bad = ~finite if data_bad is None else ~finite | data_bad
 
         # --- clip
         log = bool(trainer.loggers) and self.log_norms != "none" and self._should_log(trainer)
-        clipped, total_clipped = self._clip(grads, total, finite, inv_scale, log)
-
-        # --- device counters: no host read
-        self._counts.add_(torch.stack([clipped, bad, overflow]))
-        self._streak.add_(1).mul_(bad)  # type: ignore[union-attr]  # consecutive bad steps
+        clipped, total_clipped = self._clip(grads, total, finite, inv_scale, log, tally.false)
+        tally.update(clipped & ~bad, bad, overflow)
 
         device_skip = self.nan_policy == "skip" and all(group.get("fused") for group in optimizer.param_groups)
         if device_skip:
             self._skip_on_device(optimizer, grads, bad, scaler, device)
-        needs_read = self.nan_policy in ("raise", "halve_lr") or (self.nan_policy == "skip" and not device_skip)
+            # Decided on the device; the streak limit and warnings wait for a read we make anyway (a logging
+            # step), or every log_every_n_steps steps when nothing logs.
+            check = log or tally.steps % max(trainer.log_every_n_steps, 1) == 0
+        needs_read = self.nan_policy in ("raise", "halve_lr") or (
+            self.nan_policy == "skip" and (not device_skip or check)
+        )
         if not (needs_read or log):
             return
 
         # One device-to-host transfer for the decision and everything logged.
-        head = [bad, self._streak] + ([total, total_clipped] if log else [])
+        head = [bad, tally.streak] + ([total, total_clipped] if log else [])
         layer_names, layer_norms = self._layer_norms(params, norms, inv_scale, device) if log else ([], [])
         values = torch.cat(
-            [torch.stack([h.to(torch.float64) for h in head]), self._counts.to(torch.float64)]
+            [torch.stack([h.to(torch.float64) for h in head]), tally.counts.to(torch.float64)]
             + ([torch.stack(layer_norms).to(torch.float64)] if layer_norms else [])
         ).tolist()
         is_bad, streak = bool(values[0]), int(values[1])
         n_head = len(head)
-        counts = dict(zip(_DEVICE_COUNTERS, (int(v) for v in values[n_head:n_head + len(_DEVICE_COUNTERS)])))
-        counts["steps"] = self._steps
+        counts = tally.from_values(values[n_head:n_head + len(COUNTERS)])
 
-        if is_bad and not device_skip:
-            self._handle_bad(trainer, optimizer, opt_idx, params, norms, grads, scaler, streak, counts)
-        elif not is_bad and self.nan_policy == "halve_lr":
-            self._healthy(opt_idx)
         if device_skip:
-            self._check_device_skips(trainer, streak, counts)
+            self._check_device_skips(trainer, tally, streak, counts)
+        elif is_bad:
+            self._handle_bad(trainer, optimizer, opt_idx, params, norms, grads, scaler, streak, counts)
+        elif self.nan_policy == "halve_lr":
+            self._healthy(opt_idx)
         if log:
-            layer_values = values[n_head + len(_DEVICE_COUNTERS):]
+            layer_values = values[n_head + len(COUNTERS):]
             self._log(trainer, opt_idx, values[2], values[3], counts, layer_names, layer_values)
 
     # ------------------------------------------------------------------ pieces of the step
@@ -404,7 +392,8 @@ class GradientClipping(Callback):
         return bad
 
     def _clip(
-        self, grads: list[Tensor], total: Tensor, finite: Tensor, inv_scale: Optional[Tensor], log: bool
+        self, grads: list[Tensor], total: Tensor, finite: Tensor, inv_scale: Optional[Tensor], log: bool,
+        false: Tensor,
     ) -> tuple[Tensor, Optional[Tensor]]:
         """Clip in place. Return (did norm clipping scale the gradients, total norm after clipping if logging)."""
         if self.mode == "norm":
@@ -418,9 +407,11 @@ class GradientClipping(Callback):
             # The norm after clamping costs a second pass: only on logging steps.
             after = F.total_norm(F.grad_norms(grads, self.norm_type), self.norm_type).to(total.device) if log else None
             if inv_scale is not None:
-                F.scale_(grads, inv_scale.reciprocal())
-            return self._false, after
-        return self._false, total
+                # Back to scaled units. Clamping made +-Inf finite: put NaN back on an overflowed step, or
+                # GradScaler (which checks inside the fused step) would apply it instead of skipping it.
+                F.scale_(grads, torch.where(finite, inv_scale.reciprocal(), float("nan")))
+            return false, after
+        return false, total
 
     def _skip_on_device(self, optimizer: Optimizer, grads: list[Tensor], bad: Tensor, scaler: Any, device: torch.device) -> None:
         """Skip a fused optimizer's step with no host read."""
@@ -466,13 +457,13 @@ class GradientClipping(Callback):
         if self.nan_policy == "ignore":
             return
         if self.nan_policy == "halve_lr":
-            scale = self.lr_scales[opt_idx] * self.lr_factor
+            tally = self._tallies[opt_idx]
+            tally.lr_scale *= self.lr_factor
             if self.min_lr_scale is not None:
-                scale = max(scale, self.min_lr_scale)
-            self.lr_scales[opt_idx] = scale
-            self.healthy_steps[opt_idx] = 0
+                tally.lr_scale = max(tally.lr_scale, self.min_lr_scale)
+            tally.healthy_steps = 0
             if opt_idx < len(self._lr_hooks):
-                self._lr_hooks[opt_idx].scale = scale
+                self._lr_hooks[opt_idx].scale = tally.lr_scale
         stop = self.nan_policy == "raise" or (
             self.max_consecutive_nonfinite is not None and streak >= self.max_consecutive_nonfinite
         )
@@ -491,7 +482,7 @@ class GradientClipping(Callback):
             loss_nonfinite=bool(self._loss_bad) if self._loss_bad is not None else False,
             input_problems=self._data_problems(), consecutive=streak,
             skipped_total=counts["nonfinite_steps"] - (1 if stop else 0),
-            lr_scale=self.lr_scales[opt_idx] if self.lr_scales else 1.0, action=action,
+            lr_scale=self._tallies[opt_idx].lr_scale, action=action,
         )
         message = describe(info)
         if stop:
@@ -519,12 +510,12 @@ class GradientClipping(Callback):
         # Rate limit: warn at the 1st, 2nd, 4th, 8th, ... bad step.
         return nonfinite_total > 0 and nonfinite_total & (nonfinite_total - 1) == 0
 
-    def _check_device_skips(self, trainer: "pl.Trainer", streak: int, counts: dict[str, int]) -> None:
+    def _check_device_skips(self, trainer: "pl.Trainer", tally: StepCounters, streak: int, counts: dict[str, int]) -> None:
         """Fused skip path: skips happened on the device; warn/raise when we next read the counters."""
-        new = counts["nonfinite_steps"] - self._last_warned_nonfinite
+        new = counts["nonfinite_steps"] - tally.reported_nonfinite
         if new <= 0:
             return
-        self._last_warned_nonfinite = counts["nonfinite_steps"]
+        tally.reported_nonfinite = counts["nonfinite_steps"]
         if self.max_consecutive_nonfinite is not None and streak >= self.max_consecutive_nonfinite:
             raise NonFiniteGradientError(
                 f"{streak} consecutive steps with non-finite gradients (max_consecutive_nonfinite="
@@ -539,14 +530,15 @@ class GradientClipping(Callback):
         )
 
     def _healthy(self, opt_idx: int) -> None:
-        if self.lr_recovery_steps is None or self.lr_scales[opt_idx] >= 1.0:
+        tally = self._tallies[opt_idx]
+        if self.lr_recovery_steps is None or tally.lr_scale >= 1.0:
             return
-        self.healthy_steps[opt_idx] += 1
-        if self.healthy_steps[opt_idx] >= self.lr_recovery_steps:
-            self.lr_scales[opt_idx] = min(1.0, self.lr_scales[opt_idx] / self.lr_factor)
-            self.healthy_steps[opt_idx] = 0
+        tally.healthy_steps += 1
+        if tally.healthy_steps >= self.lr_recovery_steps:  # like GradScaler's growth interval
+            tally.lr_scale = min(1.0, tally.lr_scale / self.lr_factor)
+            tally.healthy_steps = 0
             if opt_idx < len(self._lr_hooks):
-                self._lr_hooks[opt_idx].scale = self.lr_scales[opt_idx]
+                self._lr_hooks[opt_idx].scale = tally.lr_scale
 
     def _log(
         self, trainer: "pl.Trainer", opt_idx: int, total: float, total_clipped: float, counts: dict[str, int],
@@ -558,9 +550,9 @@ class GradientClipping(Callback):
             f"grad_norm/total_clipped{suffix}": total_clipped,
             f"grad_clip/steps{suffix}": counts["steps"],
             f"grad_clip/nonfinite_steps{suffix}": counts["nonfinite_steps"],
-            f"grad_clip/skipped_steps{suffix}": counts["nonfinite_steps"] if self.nan_policy in ("skip", "halve_lr") else 0,
+            f"grad_clip/skipped_steps{suffix}": self._skipped(counts["nonfinite_steps"]),
             f"grad_clip/amp_overflows{suffix}": counts["amp_overflows"],
-            f"grad_clip/lr_scale{suffix}": self.lr_scales[opt_idx] if opt_idx < len(self.lr_scales) else 1.0,
+            f"grad_clip/lr_scale{suffix}": self._tallies[opt_idx].lr_scale,
         }
         if self.mode == "norm":
             # Value mode checks "did clamping change anything" only on logging steps (total vs total_clipped).

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 class NonFiniteGradientError(RuntimeError):
     """Raised when gradients turn NaN/Inf and the policy says stop.
 
-    Raised with ``nan_policy="raise"`` at the first bad step, and with any policy after
-    ``max_consecutive_nonfinite`` bad steps in a row. It is raised inside
+    Raised with ``nan_policy="raise"`` at the first bad step, and with ``"skip"``/``"halve_lr"`` after
+    ``max_consecutive_nonfinite`` bad steps in a row (``"ignore"`` never raises). It is raised inside
     ``on_before_optimizer_step``, before the optimizer step, so the weights are still finite.
 
     Attributes:

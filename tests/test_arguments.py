@@ -172,3 +172,10 @@ def test_arguments_that_would_be_silently_ignored_raise(kwargs, named):
     with pytest.raises(ValueError, match=named) as info:
         GradientClipping(**kwargs)
     assert repr(next(iter(kwargs.values()))) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["max_norm", "norm_type"])
+def test_required_numbers_reject_none_with_a_value_error(name):
+    # YAML `max_norm: null` reaches the constructor as None
+    with pytest.raises(ValueError, match=f"`{name}` is required"):
+        GradientClipping(**{name: None})

@@ -217,3 +217,54 @@ def test_host_reads_per_step(tmp_path, policy, optimizer, expected):
 def test_host_reads_on_logging_steps_stay_one(tmp_path):
     assert count_reads_per_step(tmp_path, {"nan_policy": "skip"}, "sgd_momentum", log_every=1) == [1] * 6
     assert count_reads_per_step(tmp_path, {"nan_policy": "skip"}, "adamw_fused", log_every=1) == [1] * 6
+
+
+class TwoOptimizersNaN(FaultModel):
+    """Manual optimization: optimizer 1's loss is NaN on every step, optimizer 0's never."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.other = torch.nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        opt0, opt1 = self.optimizers()
+        for opt, loss in ((opt0, torch.nn.functional.mse_loss(self.net(x), y)),
+                          (opt1, torch.nn.functional.mse_loss(self.other(x), y) * float("nan"))):
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.1), torch.optim.SGD(self.other.parameters(), lr=0.1)
+
+
+def test_each_optimizer_has_its_own_streak(tmp_path):
+    # optimizer 0's good steps must not reset optimizer 1's run of bad steps
+    cb = GradientClipping(nan_policy="skip", max_consecutive_nonfinite=3)
+    t = trainer(tmp_path, [cb], max_steps=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NonFiniteGradientError, match="optimizer 1"):
+            t.fit(TwoOptimizersNaN(), make_loader(n=80))
+    assert cb.counters_of(0)["nonfinite_steps"] == 0 and cb.counters_of(0)["steps"] == 3
+    assert cb.counters_of(1)["nonfinite_streak"] == 3
+
+
+def test_fused_device_skip_still_enforces_the_limit_without_any_logger(tmp_path):
+    cb = GradientClipping(nan_policy="skip", max_consecutive_nonfinite=3)
+    t = trainer(tmp_path, [cb], max_steps=40, logger=False, log_every_n_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NonFiniteGradientError, match="skipped on the device"):
+            t.fit(FaultModel(optimizer="adamw_fused", nan_loss_at=tuple(range(2, 40))), make_loader(n=320))
+    assert t.global_step <= 10  # checked every log_every_n_steps steps
+    assert all_finite(t.lightning_module)
+
+
+def test_a_bad_step_is_not_counted_as_clipped(tmp_path):
+    # finite, large gradients but a dirty input: the step is skipped, not clipped
+    cb = GradientClipping(max_norm=1e-6, nan_policy="skip", check_inputs=True)
+    fit(tmp_path, cb, FaultModel(), loader=make_loader(nan_batches=(2,), extra_nan=True), max_steps=5)
+    assert cb.counters == {"steps": 5, "clipped_steps": 4, "nonfinite_steps": 1, "amp_overflows": 0, "skipped_steps": 1}

@@ -37,10 +37,10 @@ def test_resume_continues_exactly(tmp_path):
     ckpt = tmp_path / "mid.ckpt"
     t1.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=False)
-    state = saved["callbacks"][first_cb.state_key]
+    state = saved["callbacks"][first_cb.state_key]["optimizers"][0]
     # mid-run: one reduction (step 2), three healthy steps towards recovery (3, 4, 5)
-    assert state["lr_scales"] == [0.5] and state["healthy_steps"] == [3]
-    assert state["counters"]["nonfinite_steps"] == 1
+    assert state["lr_scale"] == 0.5 and state["healthy_steps"] == 3
+    assert state["nonfinite_steps"] == 1 and state["steps"] == 6
     # the optimizer's own state stores the scheduler's LR, not the scaled one: the two never double up
     assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.1 * 0.7**2)
 
@@ -64,10 +64,10 @@ def test_two_instances_keep_separate_state(tmp_path):
     fit_quiet(t, FaultModel(nan_loss_at=(1,)), make_loader())
     t.save_checkpoint(tmp_path / "x.ckpt")
     states = torch.load(tmp_path / "x.ckpt", weights_only=False)["callbacks"]
-    assert states[a.state_key]["counters"]["nonfinite_steps"] == 1
-    assert states[b.state_key]["counters"]["nonfinite_steps"] == 1
-    assert states[a.state_key]["counters"]["clipped_steps"] == 3  # every good step: a sees b's clamped gradients
-    assert states[b.state_key]["counters"]["clipped_steps"] == 0  # value mode counts no norm clipping
+    a_state, b_state = states[a.state_key]["optimizers"][0], states[b.state_key]["optimizers"][0]
+    assert a_state["nonfinite_steps"] == 1 and b_state["nonfinite_steps"] == 1
+    assert a_state["clipped_steps"] == 3  # every good step: a sees b's clamped gradients
+    assert b_state["clipped_steps"] == 0  # value mode counts no norm clipping
 
 
 def fp16(init_scale: float = 2.0**16):
@@ -122,3 +122,41 @@ def test_bf16_nan_step_skipped(tmp_path):
     s = rec.steps[3]
     assert all(torch.equal(a, b) for a, b in zip(s["weights_before"], s["weights_after"]))
     assert cb.counters["skipped_steps"] == 1 and cb.counters["amp_overflows"] == 0
+
+
+def test_retuned_threshold_keeps_state_on_resume(tmp_path):
+    # Measure-then-tune: resuming with another max_norm must not drop the LR scale and counters.
+    first = GradientClipping(max_norm=1.0, nan_policy="halve_lr")
+    t1 = trainer(tmp_path / "a", [first], max_steps=4)
+    fit_quiet(t1, FaultModel(nan_loss_at=(1, 2)), make_loader(n=32))
+    t1.save_checkpoint(tmp_path / "x.ckpt")
+    retuned = GradientClipping(max_norm=0.3, nan_policy="halve_lr")
+    assert retuned.state_key == first.state_key
+    t2 = trainer(tmp_path / "b", [retuned], max_steps=6)
+    fit_quiet(t2, FaultModel(), make_loader(n=48), ckpt_path=str(tmp_path / "x.ckpt"))
+    assert retuned.lr_scales == [0.25]
+    assert retuned.counters["nonfinite_steps"] == 2 and retuned.counters["steps"] == 6
+
+
+class Watch(StepRecorder):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.steps[-1]["overflows"] = trainer.callbacks[0].counters["amp_overflows"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_fused"])
+def test_fp16_value_clipping_never_applies_an_overflowed_step(tmp_path, optimizer):
+    # Clamping turns +-Inf into finite values; a fused optimizer's GradScaler check comes after the hook.
+    cb = GradientClipping(mode="value", clip_value=0.01)
+    rec = Watch()
+    t = trainer(tmp_path, [cb, rec], max_steps=12, plugins=[fp16(init_scale=2.0**40)])
+    fit_quiet(t, FaultModel(optimizer=optimizer, loss_scale=100.0), make_loader(n=96))
+    previous = 0
+    overflow_steps = 0
+    for s in rec.steps:
+        moved = not all(torch.equal(a, b) for a, b in zip(s["weights_before"], s["weights_after"]))
+        overflowed = s["overflows"] > previous
+        previous = s["overflows"]
+        overflow_steps += overflowed
+        assert moved != overflowed, f"step {s['global_step']}: overflowed={overflowed}, weights moved={moved}"
+    assert overflow_steps >= 3

@@ -1,0 +1,87 @@
+"""Per-optimizer step counters kept on the device, so the hot path never reads them back.
+
+Each optimizer gets one :class:`StepCounters`: cumulative counts (an int64 vector on the gradients'
+device, updated with in-place adds of device flags), the run of consecutive bad steps, and the host-side
+LR-scale state of ``nan_policy="halve_lr"``. Values come to the host only when asked: on logging steps,
+at checkpoint time, or through :meth:`StepCounters.totals`.
+
+Example::
+
+    >>> import torch
+    >>> c = StepCounters().to(torch.device("cpu"))
+    >>> c.update(clipped=torch.tensor(True), bad=torch.tensor(False), overflow=torch.tensor(False))
+    >>> c.update(clipped=torch.tensor(False), bad=torch.tensor(True), overflow=torch.tensor(False))
+    >>> c.totals()
+    {'steps': 2, 'clipped_steps': 1, 'nonfinite_steps': 1, 'amp_overflows': 0, 'nonfinite_streak': 1}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+COUNTERS = ("clipped_steps", "nonfinite_steps", "amp_overflows")
+
+
+class StepCounters:
+    def __init__(self) -> None:
+        self.steps = 0  # plain int: counting calls needs no device
+        self._host = dict.fromkeys(COUNTERS, 0)
+        self._streak_host = 0
+        self.counts: Optional[Tensor] = None  # int64[len(COUNTERS)] on the device
+        self.streak: Optional[Tensor] = None  # int64[] consecutive bad steps
+        self.false: Optional[Tensor] = None  # a device False, reused every step
+        # halve_lr state (host)
+        self.lr_scale = 1.0
+        self.healthy_steps = 0
+        # fused-skip path: bad steps already reported to the user
+        self.reported_nonfinite = 0
+
+    def to(self, device: torch.device) -> "StepCounters":
+        """Create the device tensors (from the host values) or move them to ``device``."""
+        if self.counts is None:
+            # zeros/full fill on the device; torch.tensor(list) would be a blocking host copy.
+            self.counts = torch.zeros(len(COUNTERS), dtype=torch.int64, device=device)
+            for i, name in enumerate(COUNTERS):
+                if self._host[name]:
+                    self.counts[i] = self._host[name]
+            self.streak = torch.full((), self._streak_host, dtype=torch.int64, device=device)
+            self.false = torch.zeros((), dtype=torch.bool, device=device)
+        elif self.counts.device != device:
+            self.counts, self.streak, self.false = (t.to(device) for t in (self.counts, self.streak, self.false))
+        return self
+
+    def update(self, clipped: Tensor, bad: Tensor, overflow: Tensor) -> None:
+        """Count one optimizer step from device flags, with no host read."""
+        self.steps += 1
+        self.counts.add_(torch.stack([clipped, bad, overflow]))  # type: ignore[union-attr]
+        self.streak.add_(1).mul_(bad)  # type: ignore[union-attr]  # reset to 0 by a good step
+
+    def from_values(self, values: list[float]) -> dict[str, int]:
+        """Counts from values already read back (in :data:`COUNTERS` order), plus ``steps``."""
+        out = {"steps": self.steps}
+        out.update({name: int(v) for name, v in zip(COUNTERS, values)})
+        return out
+
+    def totals(self) -> dict[str, int]:
+        """Read the counts back (a host read: not for the hot path)."""
+        if self.counts is not None:
+            self._host = dict(zip(COUNTERS, (int(v) for v in self.counts.tolist())))
+            self._streak_host = int(self.streak.item())  # type: ignore[union-attr]
+        return {"steps": self.steps, **self._host, "nonfinite_streak": self._streak_host}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.totals(), "lr_scale": self.lr_scale, "healthy_steps": self.healthy_steps}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "StepCounters":
+        c = cls()
+        c.steps = int(state.get("steps", 0))
+        c._host = {name: int(state.get(name, 0)) for name in COUNTERS}
+        c._streak_host = int(state.get("nonfinite_streak", 0))
+        c.lr_scale = float(state.get("lr_scale", 1.0))
+        c.healthy_steps = int(state.get("healthy_steps", 0))
+        c.reported_nonfinite = c._host["nonfinite_steps"]
+        return c
