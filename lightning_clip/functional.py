@@ -213,7 +213,7 @@ def clip_grad_norm_(
         >>> clip_grad_norm_([w], max_norm=2.0)
         tensor(20.)
         >>> w.grad
-        tensor([0.5000, 0.5000, 0.5000, 0.5000])
+        tensor([1.0000, 1.0000, 1.0000, 1.0000])
     """
     if isinstance(parameters, Tensor):
         parameters = [parameters]

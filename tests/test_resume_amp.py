@@ -149,8 +149,9 @@ def test_fp16_value_clipping_never_applies_an_overflowed_step(tmp_path, optimize
     # Clamping turns +-Inf into finite values; a fused optimizer's GradScaler check comes after the hook.
     cb = GradientClipping(mode="value", clip_value=0.01)
     rec = Watch()
-    t = trainer(tmp_path, [cb, rec], max_steps=12, plugins=[fp16(init_scale=2.0**40)])
-    fit_quiet(t, FaultModel(optimizer=optimizer, loss_scale=100.0), make_loader(n=96))
+    # Settings where some overflows give +-Inf gradients (not only NaN), which clamping makes finite.
+    t = trainer(tmp_path, [cb, rec], max_steps=40, plugins=[fp16(init_scale=2.0**16)])
+    fit_quiet(t, FaultModel(optimizer=optimizer, lr=0.01, loss_scale=10.0), make_loader(n=320))
     previous = 0
     overflow_steps = 0
     for s in rec.steps:
