@@ -34,14 +34,19 @@ from typing import Optional
 PROG = "lightning-clip"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``, with a message that names the bad value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _positive_float(text: str) -> float:
@@ -51,16 +56,6 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
@@ -90,12 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--steps", type=_positive_int, default=500, help="optimizer steps per run (default: 500)")
+    demo.add_argument("--steps", type=_int_at_least(1), default=500, help="optimizer steps per run (default: 500)")
     demo.add_argument("--logdir", default="lightning_logs",
                       help="TensorBoard log directory (default: ./lightning_logs)")
     demo.add_argument("--max-norm", type=_positive_float, default=1.0,
                       help="max_norm of the clipped run (default: 1.0)")
-    demo.add_argument("--seed", type=_non_negative_int, default=0, help="seed for data, weights and order (default: 0)")
+    demo.add_argument("--seed", type=_int_at_least(0), default=0, help="seed for data, weights and order (default: 0)")
     demo.set_defaults(func=_cmd_demo)
 
     report = sub.add_parser(
