@@ -131,9 +131,9 @@ class GradientClipping(Callback):
         _check_positive("max_norm", max_norm, required=True)
         _check_positive("norm_type", norm_type, allow_inf=True, required=True)
         _check_positive("clip_value", clip_value)
-        for name, bound in (("min_value", min_value), ("max_value", max_value)):
+        for arg, bound in (("min_value", min_value), ("max_value", max_value)):
             if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or math.isnan(bound)):
-                raise ValueError(f"`{name}` must be a number or None, got {bound!r}.")
+                raise ValueError(f"`{arg}` must be a number or None, got {bound!r}.")
         if mode == "value":
             if clip_value is not None and (min_value is not None or max_value is not None):
                 raise ValueError(
@@ -161,9 +161,9 @@ class GradientClipping(Callback):
             raise ValueError(f"`lr_factor` must be in (0, 1), got {lr_factor!r}.")
         if min_lr_scale is not None and not (isinstance(min_lr_scale, (int, float)) and 0 < min_lr_scale <= 1):
             raise ValueError(f"`min_lr_scale` must be in (0, 1] or None, got {min_lr_scale!r}.")
-        for name, count in (("lr_recovery_steps", lr_recovery_steps), ("max_consecutive_nonfinite", max_consecutive_nonfinite)):
+        for arg, count in (("lr_recovery_steps", lr_recovery_steps), ("max_consecutive_nonfinite", max_consecutive_nonfinite)):
             if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-                raise ValueError(f"`{name}` must be a positive integer or None, got {count!r}.")
+                raise ValueError(f"`{arg}` must be a positive integer or None, got {count!r}.")
         if not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
             raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
 
@@ -294,6 +294,7 @@ class GradientClipping(Callback):
             all_reduce = self._all_reduce(trainer)
             if all_reduce is not None:
                 F.total_norm([], self.norm_type, all_reduce=all_reduce)
+            self._data_bad(trainer, trainer.strategy.root_device)  # likewise the loss/input flags' all-reduce
             return
         grads = [p.grad for p in params]
         opt_idx = self._optimizer_index(trainer, optimizer)
@@ -333,7 +334,7 @@ class GradientClipping(Callback):
             self._skip_on_device(optimizer, grads, bad, scaler, device)
             # Decided on the device; the streak limit and warnings wait for a read we make anyway (a logging
             # step), or every log_every_n_steps steps when nothing logs.
-            check = log or tally.steps % max(trainer.log_every_n_steps, 1) == 0
+            check = log or tally.steps % (trainer.log_every_n_steps or 50) == 0  # 0 = logging off: Lightning's default
         needs_read = self.nan_policy in ("raise", "halve_lr") or (
             self.nan_policy == "skip" and (not device_skip or check)
         )
@@ -341,13 +342,13 @@ class GradientClipping(Callback):
             return
 
         # One device-to-host transfer for the decision and everything logged.
-        head = [bad, tally.streak] + ([total, total_clipped] if log else [])
+        head = [bad, tally.streak, overflow] + ([total, total_clipped] if log else [])
         layer_names, layer_norms = self._layer_norms(params, norms, inv_scale, device) if log else ([], [])
         values = torch.cat(
             [torch.stack([h.to(torch.float64) for h in head]), tally.counts.to(torch.float64)]
             + ([torch.stack(layer_norms).to(torch.float64)] if layer_norms else [])
         ).tolist()
-        is_bad, streak = bool(values[0]), int(values[1])
+        is_bad, streak, overflowed = bool(values[0]), int(values[1]), bool(values[2])
         n_head = len(head)
         counts = tally.from_values(values[n_head:n_head + len(COUNTERS)])
 
@@ -355,11 +356,11 @@ class GradientClipping(Callback):
             self._check_device_skips(trainer, tally, streak, counts)
         elif is_bad:
             self._handle_bad(trainer, optimizer, opt_idx, params, norms, grads, scaler, streak, counts)
-        elif self.nan_policy == "halve_lr":
+        elif self.nan_policy == "halve_lr" and not overflowed:  # a GradScaler-skipped step is not healthy
             self._healthy(opt_idx)
         if log:
             layer_values = values[n_head + len(COUNTERS):]
-            self._log(trainer, opt_idx, values[2], values[3], counts, layer_names, layer_values)
+            self._log(trainer, opt_idx, values[3], values[4], counts, layer_names, layer_values)
 
     # ------------------------------------------------------------------ pieces of the step
     def _optimizer_index(self, trainer: "pl.Trainer", optimizer: Optimizer) -> int:
@@ -375,12 +376,13 @@ class GradientClipping(Callback):
         return F.distributed_all_reduce()
 
     def _data_bad(self, trainer: "pl.Trainer", device: torch.device) -> Optional[Tensor]:
+        if not self.check_inputs and self.nan_policy == "ignore":
+            return None  # nothing tracked on any rank
         flags = [f.to(device) for _, _, f in self._window_batches if f is not None]
         if self._loss_bad is not None:
             flags.append(self._loss_bad.to(device))
-        if not flags:
-            return None
-        bad = torch.stack(flags).any()
+        # A rank with nothing flagged (e.g. no backward this step) still joins the all-reduce below.
+        bad = torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=device)
         if trainer.world_size > 1:
             # Loss and input checks are rank-local; every rank must take the same decision.
             import torch.distributed as dist

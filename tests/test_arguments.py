@@ -179,3 +179,11 @@ def test_required_numbers_reject_none_with_a_value_error(name):
     # YAML `max_norm: null` reaches the constructor as None
     with pytest.raises(ValueError, match=f"`{name}` is required"):
         GradientClipping(**{name: None})
+
+
+def test_name_separates_two_instances_of_the_same_mode(tmp_path):
+    a, b = GradientClipping(name="encoder"), GradientClipping(name="decoder")
+    assert a.name == "encoder" and a.state_key != b.state_key
+    pl.Trainer(callbacks=[a, b], logger=False, default_root_dir=tmp_path)  # Lightning refuses duplicate keys
+    with pytest.raises(ValueError, match="`name` must be a string"):
+        GradientClipping(name=3)

@@ -161,3 +161,21 @@ def test_fp16_value_clipping_never_applies_an_overflowed_step(tmp_path, optimize
         overflow_steps += overflowed
         assert moved != overflowed, f"step {s['global_step']}: overflowed={overflowed}, weights moved={moved}"
     assert overflow_steps >= 3
+
+
+def test_fp16_overflow_steps_do_not_count_towards_lr_recovery(tmp_path):
+    class Scales(Watch):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self.steps[-1]["lr_scale"] = trainer.callbacks[0].lr_scales[0]
+
+    cb = GradientClipping(nan_policy="halve_lr", lr_recovery_steps=2)
+    rec = Scales()
+    # step 0: NaN loss (divergence: halve); then GradScaler overflows from the huge initial scale
+    t = trainer(tmp_path, [cb, rec], max_steps=20, plugins=[fp16(init_scale=2.0**20)])
+    fit_quiet(t, FaultModel(optimizer="sgd_momentum", loss_scale=100.0, nan_loss_at=(0,)), make_loader(n=160))
+    overflow_flags = [b["overflows"] > a["overflows"] for a, b in zip(rec.steps, rec.steps[1:])]
+    assert sum(overflow_flags) >= 3 and rec.steps[0]["lr_scale"] == 0.5
+    recovered_at = next(i for i, s in enumerate(rec.steps) if s["lr_scale"] == 1.0)
+    healthy = [not f for f in overflow_flags[: recovered_at]]
+    assert sum(healthy) == 2 and healthy[-1]  # exactly two non-overflow steps, the last one recovers
