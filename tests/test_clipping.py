@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from faults import trainer
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -95,20 +96,9 @@ def loader(n=32, batch_size=4, seed=0):
 
 
 def fit(model, callback, tmp_path, max_steps=4, **trainer_kwargs):
-    trainer_kwargs.setdefault("logger", False)
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        callbacks=[callback],
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        **trainer_kwargs,
-    )
-    trainer.fit(model, loader())
-    return trainer
+    t = trainer(tmp_path, [callback], max_steps=max_steps, accelerator="cpu", devices=1, **trainer_kwargs)
+    t.fit(model, loader())
+    return t
 
 
 def flat64(grads: dict, names):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from faults import trainer
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -68,20 +69,10 @@ def loader(n=64, batch_size=4):
 def fit(model, callback, tmp_path, logger=True, max_steps=4, log_every_n_steps=1):
     if logger is True:
         logger = TensorBoardLogger(save_dir=tmp_path, name="tb", version=0)
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        log_every_n_steps=log_every_n_steps,
-        logger=logger,
-        callbacks=[callback],
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, loader())
-    return trainer
+    t = trainer(tmp_path, [callback], max_steps=max_steps, log_every_n_steps=log_every_n_steps, logger=logger,
+                accelerator="cpu", devices=1)
+    t.fit(model, loader())
+    return t
 
 
 def read_scalars(trainer) -> dict[str, dict[int, float]]:
