@@ -21,12 +21,9 @@ A bad value ends the run before training with one ``error:`` line that names the
 
 from __future__ import annotations
 
-import importlib
 import os
-import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional
 
 # Import this checkout's package, whether or not (and wherever) lightning-clip is installed.
 _REPO = Path(__file__).resolve().parent.parent
@@ -34,63 +31,22 @@ if (_REPO / "lightning_clip" / "__init__.py").is_file():
     sys.path.insert(0, str(_REPO))
 
 import torch  # noqa: E402
-from pytorch_lightning.cli import LightningCLI  # noqa: E402
 
-from lightning_clip import GradientClipping  # noqa: E402
+from lightning_clip.lightning_cli import GradientClippingCLI, fail, named_key  # noqa: E402
 from lightning_clip.models import DeepMLP, SyntheticRegressionData  # noqa: E402
 
 
-def _fail(message: str) -> NoReturn:
-    # A configuration mistake: one line on stderr, exit status 2 (as for jsonargparse's own errors).
-    sys.stderr.write(f"error: {message}\n")
-    raise SystemExit(2)
-
-
-def _named_key(message: str) -> str:
-    """The argument a lightning-clip/validation message is about: its first `backquoted` word."""
-    found = re.search(r"`([\w\[\]]+)`", message)
-    return f".{found.group(1)}" if found else ""
-
-
-class ClipCLI(LightningCLI):
-    """``LightningCLI`` over :class:`DeepMLP` and :class:`SyntheticRegressionData` that reports value
-    errors from ``__init__`` (which jsonargparse's type checks cannot see, e.g. ``max_norm: -1``)
-    against their configuration key instead of with a traceback."""
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        callbacks = config.get("trainer.callbacks") or []
-        # Build each GradientClipping once here: its __init__ checks ranges and combinations.
-        for i, callback in enumerate(callbacks if isinstance(callbacks, list) else [callbacks]):
-            cls = _clip_class(getattr(callback, "class_path", None))
-            if cls is None:
-                continue
-            init_args = callback.get("init_args")
-            try:
-                cls(**(dict(vars(init_args)) if init_args else {}))
-            except (ValueError, TypeError) as err:
-                _fail(f"trainer.callbacks[{i}].init_args{_named_key(str(err))}: {err}")
+class ClipCLI(GradientClippingCLI):
+    """The library's CLI (one-line errors for bad GradientClipping settings) over the example model and
+    data, whose own range checks (e.g. ``--data.batch_size 0``) are reported the same way."""
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except ValueError as err:
-            # The model's and datamodule's own range checks (e.g. `--data.batch_size 0`).
             section = next((key for name, key in (("DeepMLP", "model"), ("SyntheticRegressionData", "data"))
                             if _raised_in(err, name)), "config")
-            _fail(f"{section}{_named_key(str(err))}: {err}")
-
-
-def _clip_class(class_path: Any) -> Optional[type]:
-    """The class at ``class_path`` if it is GradientClipping or a subclass, else None."""
-    if not isinstance(class_path, str) or "." not in class_path:
-        return None
-    module, _, name = class_path.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None  # jsonargparse reports unknown class paths itself
-    return obj if isinstance(obj, type) and issubclass(obj, GradientClipping) else None
+            fail(f"{section}{named_key(str(err))}: {err}")
 
 
 def _raised_in(err: BaseException, class_name: str) -> bool:

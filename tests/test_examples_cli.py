@@ -168,3 +168,29 @@ def test_bad_config_fails_naming_the_key(runs: dict[str, Run], name: str) -> Non
     for text in BAD[name][2]:
         assert text in run.stderr, f"{text!r} not in stderr:\n{run.stderr[-3000:]}"
     assert not (run.cwd / "lightning_logs").exists(), "a bad config must fail before training starts"
+
+
+USER_SCRIPT = """
+from lightning_clip import GradientClippingCLI
+from lightning_clip.models import DeepMLP, SyntheticRegressionData
+GradientClippingCLI(DeepMLP, SyntheticRegressionData)
+"""
+
+
+@pytest.mark.parametrize(
+    "init_args,key",
+    [("{max_norm: -1}", "max_norm"), ("{mode: value, min_value: 1.0, max_value: -1.0}", "min_value"),
+     ("{mode: norm, clip_value: 0.5}", "clip_value")],
+)
+def test_users_own_cli_reports_a_bad_setting_in_one_line(tmp_path, init_args, key):
+    # A user's LightningCLI script built on GradientClippingCLI, outside the repo: exit 2, one line, the key.
+    (tmp_path / "train.py").write_text(USER_SCRIPT)
+    (tmp_path / "c.yaml").write_text(
+        "trainer:\n  max_steps: 1\n  callbacks:\n    - class_path: lightning_clip.GradientClipping\n"
+        f"      init_args: {init_args}\n")
+    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", "c.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"trainer.callbacks[0].init_args.{key}" in errors[0]
+    assert "Traceback" not in proc.stderr
