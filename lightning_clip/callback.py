@@ -333,11 +333,10 @@ class GradientClipping(Callback):
         if device_skip:
             self._skip_on_device(optimizer, grads, bad, scaler, device)
             # Decided on the device; the streak limit and warnings wait for a read we make anyway (a logging
-            # step), or every log_every_n_steps steps when nothing logs.
-            check = log or tally.steps % (trainer.log_every_n_steps or 50) == 0  # 0 = logging off: Lightning's default
-        needs_read = self.nan_policy in ("raise", "halve_lr") or (
-            self.nan_policy == "skip" and (not device_skip or check)
-        )
+            # step), or every log_every_n_steps steps when nothing logs (0 = logging off: Lightning's default).
+            needs_read = tally.steps % (trainer.log_every_n_steps or 50) == 0
+        else:
+            needs_read = self.nan_policy != "ignore"  # skip (grad=None), halve_lr and raise decide on the host
         if not (needs_read or log):
             return
 

@@ -44,7 +44,6 @@ __all__ = [
     "clip_by_value_",
     "scale_",
     "clip_grad_norm_",
-    "is_finite",
     "distributed_all_reduce",
 ]
 
@@ -183,15 +182,6 @@ def distributed_all_reduce(group: Optional[object] = None) -> Callable[[Tensor, 
         return t
 
     return reduce
-
-
-def is_finite(total: Tensor) -> Tensor:
-    """0-dim bool tensor on the device: True when ``total`` (a norm) is finite.
-
-    A p-norm is non-finite when any element is NaN or +-Inf, or when the sum of p-th powers
-    overflows its accumulation dtype (float32 overflows near 3.4e38: such a gradient has diverged).
-    """
-    return torch.isfinite(total)
 
 
 def clip_grad_norm_(
