@@ -331,7 +331,7 @@ class GradientClipping(Callback):
 
         device_skip = self.nan_policy == "skip" and all(group.get("fused") for group in optimizer.param_groups)
         if device_skip:
-            self._skip_on_device(optimizer, grads, bad, scaler, device)
+            self._skip_on_device(optimizer, grads, bad, scaler)
             # Decided on the device; the streak limit and warnings wait for a read we make anyway (a logging
             # step), or every log_every_n_steps steps when nothing logs (0 = logging off: Lightning's default).
             needs_read = tally.steps % (trainer.log_every_n_steps or 50) == 0
@@ -414,7 +414,7 @@ class GradientClipping(Callback):
             return false, after
         return false, total
 
-    def _skip_on_device(self, optimizer: Optimizer, grads: list[Tensor], bad: Tensor, scaler: Any, device: torch.device) -> None:
+    def _skip_on_device(self, optimizer: Optimizer, grads: list[Tensor], bad: Tensor, scaler: Any) -> None:
         """Skip a fused optimizer's step with no host read."""
         if scaler is None:
             # torch's fused Adam/AdamW/SGD skip the whole update (and undo the step count) when found_inf == 1.
@@ -422,7 +422,7 @@ class GradientClipping(Callback):
         else:
             # GradScaler overwrites found_inf in scaler.step(); it skips on non-finite gradients, so make
             # gradients non-finite when the step is bad for another reason (loss or input).
-            F.scale_(grads, torch.where(bad, torch.full((), float("nan"), device=device), torch.ones((), device=device)))
+            F.scale_(grads, torch.where(bad, float("nan"), 1.0))
 
     def _should_log(self, trainer: "pl.Trainer") -> bool:
         connector = getattr(trainer, "_logger_connector", None)
@@ -459,12 +459,9 @@ class GradientClipping(Callback):
             return
         if self.nan_policy == "halve_lr":
             tally = self._tallies[opt_idx]
-            tally.lr_scale *= self.lr_factor
-            if self.min_lr_scale is not None:
-                tally.lr_scale = max(tally.lr_scale, self.min_lr_scale)
+            scale = tally.lr_scale * self.lr_factor
+            self._set_lr_scale(opt_idx, scale if self.min_lr_scale is None else max(scale, self.min_lr_scale))
             tally.healthy_steps = 0
-            if opt_idx < len(self._lr_hooks):
-                self._lr_hooks[opt_idx].scale = tally.lr_scale
         stop = self.nan_policy == "raise" or (
             self.max_consecutive_nonfinite is not None and streak >= self.max_consecutive_nonfinite
         )
@@ -536,10 +533,14 @@ class GradientClipping(Callback):
             return
         tally.healthy_steps += 1
         if tally.healthy_steps >= self.lr_recovery_steps:  # like GradScaler's growth interval
-            tally.lr_scale = min(1.0, tally.lr_scale / self.lr_factor)
+            self._set_lr_scale(opt_idx, min(1.0, tally.lr_scale / self.lr_factor))
             tally.healthy_steps = 0
-            if opt_idx < len(self._lr_hooks):
-                self._lr_hooks[opt_idx].scale = tally.lr_scale
+
+    def _set_lr_scale(self, opt_idx: int, scale: float) -> None:
+        """Record the scale (saved in checkpoints) and hand it to the optimizer's step hooks."""
+        self._tallies[opt_idx].lr_scale = scale
+        if opt_idx < len(self._lr_hooks):
+            self._lr_hooks[opt_idx].scale = scale
 
     def _log(
         self, trainer: "pl.Trainer", opt_idx: int, total: float, total_clipped: float, counts: dict[str, int],
