@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from lightning_clip._namespaces import CallbackBase
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -57,7 +57,7 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
 
 
-class GradientClipping(Callback):
+class GradientClipping(CallbackBase):
     r"""Clip gradients, log their norms and survive NaN/Inf, in ``on_before_optimizer_step``.
 
     Args:

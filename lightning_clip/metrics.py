@@ -1,0 +1,69 @@
+"""The names of everything the engine logs, in one place: the callback writes them, ``lightning-clip report`` reads them.
+
+Tags per optimizer ``i`` (optimizer 0 has no suffix, optimizer ``i > 0`` the suffix ``_opt<i>``):
+
+* ``grad_norm/total``, ``grad_norm/total_clipped`` -- the total gradient norm before and after clipping;
+* ``grad_norm_layer/<layer>`` or ``grad_norm_param/<parameter>`` -- per-layer or per-parameter norms;
+* ``grad_clip/<counter>`` -- the cumulative counters (:data:`COUNTER_TAGS`), ``lr_scale`` and the active
+  ``threshold`` (``max_norm`` too, for the fixed norm rule).
+
+Example::
+
+    >>> tag(TOTAL, 0), tag(TOTAL, 2)
+    ('grad_norm/total', 'grad_norm/total_opt2')
+    >>> parse_total("grad_norm/total_opt3"), parse_total("grad_norm/total"), parse_total("grad_clip/steps")
+    (3, 0, None)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+TOTAL = "grad_norm/total"
+TOTAL_CLIPPED = "grad_norm/total_clipped"
+LAYER_GROUP = "grad_norm_layer"
+PARAM_GROUP = "grad_norm_param"
+
+STEPS = "grad_clip/steps"
+CLIPPED_STEPS = "grad_clip/clipped_steps"
+NONFINITE_STEPS = "grad_clip/nonfinite_steps"
+SKIPPED_STEPS = "grad_clip/skipped_steps"
+AMP_OVERFLOWS = "grad_clip/amp_overflows"
+LR_SCALE = "grad_clip/lr_scale"
+MAX_NORM = "grad_clip/max_norm"
+THRESHOLD = "grad_clip/threshold"
+
+# counter name (as in ``GradientClipping.counters``) -> tag
+COUNTER_TAGS = {
+    "steps": STEPS,
+    "clipped_steps": CLIPPED_STEPS,
+    "nonfinite_steps": NONFINITE_STEPS,
+    "skipped_steps": SKIPPED_STEPS,
+    "amp_overflows": AMP_OVERFLOWS,
+}
+
+_TOTAL_RE = re.compile(rf"^{re.escape(TOTAL)}(?:_opt(\d+))?$")
+
+
+def suffix(optimizer_idx: int) -> str:
+    """``""`` for optimizer 0, ``"_opt<i>"`` for optimizer ``i > 0``."""
+    return f"_opt{optimizer_idx}" if optimizer_idx > 0 else ""
+
+
+def tag(name: str, optimizer_idx: int) -> str:
+    """The tag ``name`` of optimizer ``optimizer_idx``."""
+    return f"{name}{suffix(optimizer_idx)}"
+
+
+def norm_tag(group: str, name: str, optimizer_idx: int) -> str:
+    """The tag of one layer's or parameter's norm (``group``: :data:`LAYER_GROUP` or :data:`PARAM_GROUP`)."""
+    return f"{group}/{name}{suffix(optimizer_idx)}"
+
+
+def parse_total(name: str) -> Optional[int]:
+    """The optimizer index of a ``grad_norm/total[_opt<i>]`` tag, or None for any other tag."""
+    match = _TOTAL_RE.match(name)
+    if not match:
+        return None
+    return int(match.group(1) or 0)
