@@ -49,7 +49,8 @@ class Deep(pl.LightningModule):
 
 def attach(model: Deep, cb: GradientClipping, logger, device: str) -> pl.Trainer:
     """A real Trainer that ran one step, so the callback is wired as in training."""
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, model.net[0].in_features)), batch_size=4)
+    inputs = torch.randn(4, model.net[0].in_features)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=4)
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=1, callbacks=[cb], logger=logger,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -96,11 +97,10 @@ def main() -> None:
     pl_logger = TensorBoardLogger(log_dir, name="lightning")
 
     model.to(args.device)  # Lightning moves the model back to the CPU at the end of fit
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     grads = [torch.randn_like(p) * 1e-2 for p in params]
     for p, g in zip(params, grads):
         p.grad = g
-    opt = trainers["norm_ignore"].optimizers[0]
     n_tensors = len(grads)
 
     def hook(name: str, trainer: pl.Trainer, cb: GradientClipping) -> Callable[[], None]:
@@ -151,7 +151,8 @@ def main() -> None:
         print(f"{name:46s} {ms:9.3f} {ms / base:7.2f} {reads[name]:11d}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name, "tensors": n_tensors, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            result = {"device": device_name, "tensors": n_tensors, "torch": torch.__version__, "rows": rows}
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,19 +25,25 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported for real inside the commands: `lightning-clip --help` stays fast
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from lightning_clip import GradientClipping
 
 PROG = "lightning-clip"
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int) -> Callable[[str], int]:
     """argparse type: an integer >= ``minimum``, with a message that names the bad value."""
 
     def parse(text: str) -> int:
+        value: int | None
         try:
             value = int(text)
         except ValueError:
@@ -86,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--steps", type=_int_at_least(1), default=500, help="optimizer steps per run (default: 500)")
-    demo.add_argument("--logdir", default="lightning_logs",
-                      help="TensorBoard log directory (default: ./lightning_logs)")
-    demo.add_argument("--max-norm", type=_positive_float, default=1.0,
-                      help="max_norm of the clipped run (default: 1.0)")
+    demo.add_argument(
+        "--logdir", default="lightning_logs", help="TensorBoard log directory (default: ./lightning_logs)"
+    )
+    demo.add_argument(
+        "--max-norm", type=_positive_float, default=1.0, help="max_norm of the clipped run (default: 1.0)"
+    )
     demo.add_argument("--seed", type=_int_at_least(0), default=0, help="seed for data, weights and order (default: 0)")
     demo.set_defaults(func=_cmd_demo)
 
@@ -109,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-clip`` console command; returns the exit status.
 
     Example::
@@ -141,8 +149,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from lightning_clip.report import ReportError, format_table, load_runs, plot
 
     if not Path(args.logdir).is_dir():
-        _error("report", f"log directory not found: {args.logdir}" if not Path(args.logdir).exists()
-               else f"not a directory: {args.logdir}")
+        problem = "log directory not found" if not Path(args.logdir).exists() else "not a directory"
+        _error("report", f"{problem}: {args.logdir}")
         return 2
     try:
         runs = load_runs(args.logdir)
@@ -175,7 +183,7 @@ class DemoRun:
     skipped_steps: int
     clipped_steps: int
     lr_scale: float
-    first_nonfinite_step: Optional[int]
+    first_nonfinite_step: int | None
     median_norm: float
     max_norm_seen: float
 
@@ -202,7 +210,9 @@ def _quiet_lightning() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-def _train_once(label: str, callback: object, steps: int, seed: int, logger: object, progress: bool) -> DemoRun:
+def _train_once(
+    label: str, callback: GradientClipping, steps: int, seed: int, logger: TensorBoardLogger, progress: bool
+) -> DemoRun:
     import pytorch_lightning as pl
 
     from lightning_clip.models import DeepMLP, SyntheticRegressionData, mean_squared_error
@@ -212,26 +222,39 @@ def _train_once(label: str, callback: object, steps: int, seed: int, logger: obj
     data = SyntheticRegressionData(seed=seed)
     model = DeepMLP()
     trainer = pl.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],  # type: ignore[list-item]
-        log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=progress, num_sanity_val_steps=0,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=[callback],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        num_sanity_val_steps=0,
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
     loss = trainer.callback_metrics.get("train/loss")
-    counters = callback.counters  # type: ignore[attr-defined]
-    log_dir = Path(logger.log_dir)  # type: ignore[attr-defined]
+    counters = callback.counters
+    log_dir = Path(logger.log_dir)
     # The logger was closed by fit(): read back what it wrote, as `lightning-clip report` would.
     logged = load_runs(log_dir)[0]
     return DemoRun(
-        label=label, log_dir=log_dir, seconds=seconds,
+        label=label,
+        log_dir=log_dir,
+        seconds=seconds,
         final_loss=float(loss) if loss is not None else math.nan,
         val_mse=mean_squared_error(model, data.val_dataloader()),
-        steps=counters["steps"], nonfinite_steps=counters["nonfinite_steps"],
-        skipped_steps=counters["skipped_steps"], clipped_steps=counters["clipped_steps"],
-        lr_scale=callback.lr_scales[0] if callback.lr_scales else 1.0,  # type: ignore[attr-defined]
-        first_nonfinite_step=logged.first_nonfinite_step, median_norm=logged.median, max_norm_seen=logged.max,
+        steps=counters["steps"],
+        nonfinite_steps=counters["nonfinite_steps"],
+        skipped_steps=counters["skipped_steps"],
+        clipped_steps=counters["clipped_steps"],
+        lr_scale=callback.lr_scales[0] if callback.lr_scales else 1.0,
+        first_nonfinite_step=logged.first_nonfinite_step,
+        median_norm=logged.median,
+        max_norm_seen=logged.max,
     )
 
 
@@ -245,8 +268,10 @@ def demo_table(plain: DemoRun, clipped: DemoRun) -> str:
         ("", plain.label, clipped.label),
         ("final train loss (last step)", _num(plain.final_loss), _num(clipped.final_loss)),
         ("final val MSE (torchmetrics)", _num(plain.val_mse), _num(clipped.val_mse)),
-        ("first non-finite step", *("-" if r.first_nonfinite_step is None else str(r.first_nonfinite_step)
-                                    for r in (plain, clipped))),
+        (
+            "first non-finite step",
+            *("-" if r.first_nonfinite_step is None else str(r.first_nonfinite_step) for r in (plain, clipped)),
+        ),
         ("NaN/Inf steps", *(f"{r.nonfinite_steps} / {r.steps}" for r in (plain, clipped))),
         ("skipped steps", str(plain.skipped_steps), str(clipped.skipped_steps)),
         ("clipped fraction", *(f"{100 * r.clipped_steps / max(r.steps, 1):.1f}%" for r in (plain, clipped))),
@@ -276,16 +301,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     progress = sys.stdout.isatty()
     plain_logger = TensorBoardLogger(save_dir=str(logdir), name="demo", sub_dir="plain", default_hp_metric=False)
     # The clipped run shares the plain run's version, so the pair sits side by side in TensorBoard.
-    clipped_logger = TensorBoardLogger(save_dir=str(logdir), name="demo", version=plain_logger.version,
-                                       sub_dir="clipped", default_hp_metric=False)
-    print(f"Exploding-gradient demo: a 16-layer tanh MLP without normalization, SGD lr=0.1 momentum=0.9, "
-          f"{args.steps} steps on CPU, seed {args.seed}.", flush=True)
+    clipped_logger = TensorBoardLogger(
+        save_dir=str(logdir), name="demo", version=plain_logger.version, sub_dir="clipped", default_hp_metric=False
+    )
+    print(
+        f"Exploding-gradient demo: a 16-layer tanh MLP without normalization, SGD lr=0.1 momentum=0.9, "
+        f"{args.steps} steps on CPU, seed {args.seed}.",
+        flush=True,
+    )
     runs = []
     specs = [
-        ("plain Lightning", "no clipping; GradientClipping(mode='none') only logs norms",
-         GradientClipping(mode="none", nan_policy="ignore"), plain_logger),
-        (f"GradientClipping", f"mode='norm', max_norm={args.max_norm:g}, nan_policy='skip'",
-         GradientClipping(mode="norm", max_norm=args.max_norm, nan_policy="skip"), clipped_logger),
+        (
+            "plain Lightning",
+            "no clipping; GradientClipping(mode='none') only logs norms",
+            GradientClipping(mode="none", nan_policy="ignore"),
+            plain_logger,
+        ),
+        (
+            "GradientClipping",
+            f"mode='norm', max_norm={args.max_norm:g}, nan_policy='skip'",
+            GradientClipping(mode="norm", max_norm=args.max_norm, nan_policy="skip"),
+            clipped_logger,
+        ),
     ]
     with _quiet_lightning():
         for i, (label, detail, callback, logger) in enumerate(specs, 1):
@@ -300,11 +337,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     if plain.diverged and not clipped.diverged:
         at = f" at step {plain.first_nonfinite_step}" if plain.first_nonfinite_step is not None else ""
-        print(f"Without clipping the gradients went NaN/Inf{at}; with GradientClipping the loss stayed finite "
-              f"and reached {_num(clipped.final_loss)}.")
+        print(
+            f"Without clipping the gradients went NaN/Inf{at}; with GradientClipping the loss stayed finite "
+            f"and reached {_num(clipped.final_loss)}."
+        )
     elif not plain.diverged:
-        print(f"The plain run stayed finite for {args.steps} steps; it usually diverges after ~30 steps "
-              f"(try more --steps or another --seed).")
+        print(
+            f"The plain run stayed finite for {args.steps} steps; it usually diverges after ~30 steps "
+            f"(try more --steps or another --seed)."
+        )
     else:
         print("Both runs hit NaN/Inf: try a smaller --max-norm.")
     print(f"TensorBoard logs: {plain.log_dir} and {clipped.log_dir}")

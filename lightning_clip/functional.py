@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Optional
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -74,7 +74,7 @@ def grad_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> list[Tensor
     (float64 for float64 tensors). The result is in the order of ``tensors``.
     """
     norm_type = float(norm_type)
-    norms: list[Optional[Tensor]] = [None] * len(tensors)
+    norms: list[Tensor | None] = [None] * len(tensors)
     for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
         acc = _accumulation_dtype(dtype)
         # Empty tensors (zero-size parameters, empty FSDP shards) have norm 0; the inf-norm kernel rejects them.
@@ -85,13 +85,14 @@ def grad_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> list[Tensor
         if idx:
             for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], norm_type, dtype=acc)):
                 norms[i] = n
-    return norms  # type: ignore[return-value]
+    # Every index belongs to exactly one group, so every slot is filled.
+    return cast("list[Tensor]", norms)
 
 
 def total_norm(
     norms: Sequence[Tensor],
     norm_type: float = 2.0,
-    all_reduce: Optional[Callable[[Tensor, str], Tensor]] = None,
+    all_reduce: Callable[[Tensor, str], Tensor] | None = None,
 ) -> Tensor:
     """Combine per-tensor norms into the norm of all tensors taken as one vector.
 
@@ -102,9 +103,11 @@ def total_norm(
     norm_type = float(norm_type)
     if len(norms) == 0:
         zero = torch.tensor(0.0)
+        if all_reduce is None:
+            return zero
         # A rank with no local gradients must still join the collective, or the other ranks hang.
-        return zero if all_reduce is None else all_reduce(zero, "max" if math.isinf(norm_type) else "sum").pow(
-            1.0 if math.isinf(norm_type) else 1.0 / norm_type)
+        inf = math.isinf(norm_type)
+        return all_reduce(zero, "max" if inf else "sum").pow(1.0 if inf else 1.0 / norm_type)
     device = norms[0].device
     dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
     if all(n.device == device and n.dtype == dtype for n in norms):
@@ -121,7 +124,7 @@ def total_norm(
     return all_reduce(power_sum, "sum").pow(1.0 / norm_type)
 
 
-def clip_coefficient(total: Tensor, max_norm: float, eps: float = EPS, finite: Optional[Tensor] = None) -> Tensor:
+def clip_coefficient(total: Tensor, max_norm: float, eps: float = EPS, finite: Tensor | None = None) -> Tensor:
     """``min(1, max_norm / (total + eps))``, or exactly ``1`` where ``total`` is not finite.
 
     torch's ``clip_grad_norm_`` multiplies by ``max_norm / nan = nan`` and so turns every gradient
@@ -134,7 +137,7 @@ def clip_coefficient(total: Tensor, max_norm: float, eps: float = EPS, finite: O
 
 
 def clip_by_norm_(
-    tensors: Sequence[Tensor], max_norm: float, total_norm: Tensor, eps: float = EPS, finite: Optional[Tensor] = None
+    tensors: Sequence[Tensor], max_norm: float, total_norm: Tensor, eps: float = EPS, finite: Tensor | None = None
 ) -> Tensor:
     """Scale ``tensors`` in place by :func:`clip_coefficient`; return the coefficient.
 
@@ -153,9 +156,7 @@ def scale_(tensors: Sequence[Tensor], factor: Tensor | float) -> None:
         torch._foreach_mul_([tensors[i] for i in idx], f)
 
 
-def clip_by_value_(
-    tensors: Sequence[Tensor], min_value: Optional[float] = None, max_value: Optional[float] = None
-) -> None:
+def clip_by_value_(tensors: Sequence[Tensor], min_value: float | None = None, max_value: float | None = None) -> None:
     """Clamp every element of ``tensors`` in place into ``[min_value, max_value]`` (either bound may be None).
 
     Elements already in range are untouched; NaN stays NaN (the NaN policy sees it).
@@ -168,7 +169,7 @@ def clip_by_value_(
             torch._foreach_clamp_max_(group, max_value)
 
 
-def distributed_all_reduce(group: Optional[object] = None) -> Callable[[Tensor, str], Tensor]:
+def distributed_all_reduce(group: object | None = None) -> Callable[[Tensor, str], Tensor]:
     """An ``all_reduce`` for :func:`total_norm` over ``torch.distributed`` (``group``: default group).
 
     For sharded gradients (FSDP), where each rank holds a slice of every gradient. The reduction stays on

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ def floating_tensors(batch: Any, path: str = "batch") -> Iterator[tuple[str, Ten
             yield from floating_tensors(getattr(batch, f.name), f"{path}.{f.name}")
 
 
-def nonfinite_flag(batch: Any) -> Optional[Tensor]:
+def nonfinite_flag(batch: Any) -> Tensor | None:
     """0-dim bool tensor, True when any floating element of ``batch`` is NaN/Inf; None if it has none."""
     flags = [~torch.isfinite(t).all() for _, t in floating_tensors(batch)]
     if not flags:

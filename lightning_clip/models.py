@@ -24,9 +24,10 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -106,7 +107,7 @@ class SyntheticRegressionData(pl.LightningDataModule):
         batch_size: int = 64,
         noise: float = 0.05,
         seed: int = 0,
-        nan_batches: Optional[list[int]] = None,
+        nan_batches: list[int] | None = None,
     ) -> None:
         super().__init__()
         _check_int("num_samples", num_samples, 1)
@@ -127,8 +128,8 @@ class SyntheticRegressionData(pl.LightningDataModule):
         # Training batches seen so far in this run; saved in checkpoints so a resumed run
         # injects at the same batches.
         self.train_batches_seen = 0
-        self._train: Optional[TensorDataset] = None
-        self._val: Optional[TensorDataset] = None
+        self._train: TensorDataset | None = None
+        self._val: TensorDataset | None = None
 
     def setup(self, stage: str) -> None:
         if self._train is None:
@@ -209,7 +210,7 @@ class DeepMLP(pl.LightningModule):
         _check_float("init_gain", init_gain, 0.0, inclusive=False)
         self.save_hyperparameters()
         sizes = [num_features] + [width] * depth
-        self.hidden = nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(i, o) for i, o in itertools.pairwise(sizes))
         self.head = nn.Linear(width, 1)
         self.act = nn.Tanh() if activation == "tanh" else nn.ReLU()
         for layer in [*self.hidden, self.head]:
@@ -238,7 +239,7 @@ class DeepMLP(pl.LightningModule):
         self.log("val/mse", self.val_mse, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=self.hparams["momentum"])
 
 
 @torch.no_grad()

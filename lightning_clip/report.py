@@ -27,13 +27,17 @@ The same from a shell: ``lightning-clip report lightning_logs --plot grad_norms.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:  # imported for real in load_runs(): only the report command needs TensorBoard's reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 __all__ = ["ReportError", "RunReport", "find_run_dirs", "load_runs", "format_table", "plot", "percentile"]
 
@@ -63,12 +67,12 @@ class RunReport:
     p99: float
     max: float
     nonfinite_logged: int
-    first_nonfinite_step: Optional[int]
-    steps: Optional[int]
-    clipped_steps: Optional[int]
-    nonfinite_steps: Optional[int]
-    skipped_steps: Optional[int]
-    lr_scale: Optional[float]
+    first_nonfinite_step: int | None
+    steps: int | None
+    clipped_steps: int | None
+    nonfinite_steps: int | None
+    skipped_steps: int | None
+    lr_scale: float | None
     # (step, value) per tag, for plotting: total, total_clipped, max_norm, skipped_steps.
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)
 
@@ -83,7 +87,7 @@ class RunReport:
         return self.clipped_steps is None
 
     @property
-    def clipped_fraction(self) -> Optional[float]:
+    def clipped_fraction(self) -> float | None:
         """``clipped_steps / steps``; without that counter (the callback keeps it in ``mode="norm"`` only),
         the share of logged steps whose norm after clipping differs from the norm before. None if
         neither is known.
@@ -91,8 +95,11 @@ class RunReport:
         if self.clipped_steps is not None:
             return self.clipped_steps / self.steps if self.steps else None
         before = dict(self.series.get("total", []))
-        pairs = [(before[s], v) for s, v in self.series.get("total_clipped", [])
-                 if s in before and math.isfinite(before[s]) and math.isfinite(v)]
+        pairs = [
+            (before[s], v)
+            for s, v in self.series.get("total_clipped", [])
+            if s in before and math.isfinite(before[s]) and math.isfinite(v)
+        ]
         if not pairs:
             return None
         return sum(1 for b, a in pairs if a != b) / len(pairs)
@@ -137,24 +144,26 @@ def find_run_dirs(logdir: PathLike) -> list[Path]:
         raise ReportError(f"log directory not found: {root}")
     if not root.is_dir():
         raise ReportError(f"not a directory: {root}")
-    runs = {
-        Path(dirpath)
-        for dirpath, _, files in os.walk(root)
-        if any("tfevents" in f for f in files)
-    }
+    runs = {Path(dirpath) for dirpath, _, files in os.walk(root) if any("tfevents" in f for f in files)}
     return sorted(runs)
 
 
-def _scalars(accumulator: object, tag: str) -> list[tuple[int, float]]:
-    return [(int(e.step), float(e.value)) for e in accumulator.Scalars(tag)]  # type: ignore[attr-defined]
+def _scalars(accumulator: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    return [(int(e.step), float(e.value)) for e in accumulator.Scalars(tag)]
 
 
-def _last(series: list[tuple[int, float]]) -> Optional[float]:
+def _optional_scalars(accumulator: EventAccumulator, tags: set[str], suffix: str, name: str) -> list[tuple[int, float]]:
+    """The scalars of tag ``name + suffix``, or no points when the run did not log it."""
+    tag = f"{name}{suffix}"
+    return _scalars(accumulator, tag) if tag in tags else []
+
+
+def _last(series: list[tuple[int, float]]) -> float | None:
     return series[-1][1] if series else None
 
 
-def _as_int(value: Optional[float]) -> Optional[int]:
-    return None if value is None or not math.isfinite(value) else int(round(value))
+def _as_int(value: float | None) -> int | None:
+    return None if value is None or not math.isfinite(value) else round(value)
 
 
 def load_runs(logdir: PathLike) -> list[RunReport]:
@@ -183,35 +192,34 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
             opt = int(match.group(1) or 0)
             suffix = f"_opt{opt}" if opt else ""
 
-            def get(name: str) -> list[tuple[int, float]]:
-                full = f"{name}{suffix}"
-                return _scalars(acc, full) if full in tags else []
-
+            get = functools.partial(_optional_scalars, acc, tags, suffix)
             total = _scalars(acc, tag)
             finite = [v for _, v in total if math.isfinite(v)]
             first_bad = next((s for s, v in total if not math.isfinite(v)), None)
             rel = run_dir.relative_to(root).as_posix()
-            reports.append(RunReport(
-                run="." if rel == "." else rel,
-                optimizer=opt,
-                logged=len(total),
-                median=percentile(finite, 50),
-                p99=percentile(finite, 99),
-                max=max(finite) if finite else math.nan,
-                nonfinite_logged=len(total) - len(finite),
-                first_nonfinite_step=first_bad,
-                steps=_as_int(_last(get("grad_clip/steps"))),
-                clipped_steps=_as_int(_last(get("grad_clip/clipped_steps"))),
-                nonfinite_steps=_as_int(_last(get("grad_clip/nonfinite_steps"))),
-                skipped_steps=_as_int(_last(get("grad_clip/skipped_steps"))),
-                lr_scale=_last(get("grad_clip/lr_scale")),
-                series={
-                    "total": total,
-                    "total_clipped": get("grad_norm/total_clipped"),
-                    "max_norm": get("grad_clip/max_norm"),
-                    "skipped_steps": get("grad_clip/skipped_steps"),
-                },
-            ))
+            reports.append(
+                RunReport(
+                    run="." if rel == "." else rel,
+                    optimizer=opt,
+                    logged=len(total),
+                    median=percentile(finite, 50),
+                    p99=percentile(finite, 99),
+                    max=max(finite) if finite else math.nan,
+                    nonfinite_logged=len(total) - len(finite),
+                    first_nonfinite_step=first_bad,
+                    steps=_as_int(_last(get("grad_clip/steps"))),
+                    clipped_steps=_as_int(_last(get("grad_clip/clipped_steps"))),
+                    nonfinite_steps=_as_int(_last(get("grad_clip/nonfinite_steps"))),
+                    skipped_steps=_as_int(_last(get("grad_clip/skipped_steps"))),
+                    lr_scale=_last(get("grad_clip/lr_scale")),
+                    series={
+                        "total": total,
+                        "total_clipped": get("grad_norm/total_clipped"),
+                        "max_norm": get("grad_clip/max_norm"),
+                        "skipped_steps": get("grad_clip/skipped_steps"),
+                    },
+                )
+            )
     if not reports:
         raise ReportError(
             f"no grad_norm/total scalars in the event files under {root} "
@@ -220,7 +228,7 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
     return sorted(reports, key=lambda r: (r.run, r.optimizer))
 
 
-def _fmt(value: Optional[float], spec: str = ".4g") -> str:
+def _fmt(value: float | None, spec: str = ".4g") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return format(value, spec)
@@ -233,7 +241,7 @@ def _fmt_fraction(r: RunReport) -> str:
     return f"{100 * frac:.1f}%" + ("*" if r.clipped_sampled else "")
 
 
-def format_table(reports: Sequence[RunReport], logdir: Optional[PathLike] = None) -> str:
+def format_table(reports: Sequence[RunReport], logdir: PathLike | None = None) -> str:
     """A plain-text table, one row per run and optimizer.
 
     Example::
@@ -278,25 +286,28 @@ def format_table(reports: Sequence[RunReport], logdir: Optional[PathLike] = None
             "non-finite, skipped: optimizer steps with NaN/Inf (whole run); clipped: clipped_steps / steps.",
         ]
         if any(r.clipped_sampled and r.clipped_fraction is not None for r in reports):
-            out.append("*: no clipped_steps counter (mode 'value' or 'none'): share of logged steps where "
-                       "clipping changed the norm.")
+            out.append(
+                "*: no clipped_steps counter (mode 'value' or 'none'): share of logged steps where "
+                "clipping changed the norm."
+            )
     return "\n".join(out)
 
 
 def _nonfinite_spans(series: Sequence[tuple[int, float]]) -> list[tuple[int, int]]:
     """First and last step of each run of consecutive logged points whose value is NaN/Inf."""
     spans: list[tuple[int, int]] = []
-    start = prev = None
+    start: int | None = None
+    prev = 0  # read only while `start` is set, and then it has been set too
     for step, value in series:
         if not math.isfinite(value):
             if start is None:
                 start = step
             prev = step
         elif start is not None:
-            spans.append((start, prev))  # type: ignore[arg-type]
+            spans.append((start, prev))
             start = None
     if start is not None:
-        spans.append((start, prev))  # type: ignore[arg-type]
+        spans.append((start, prev))
     return spans
 
 
@@ -326,18 +337,33 @@ def plot(reports: Sequence[RunReport], path: PathLike) -> Path:
         # Non-finite norms and skipped steps cannot sit on a log axis: shade the first, mark the second
         # along the top edge.
         for i, (lo, hi) in enumerate(_nonfinite_spans(total)):
-            ax.axvspan(lo - 0.5, hi + 0.5, color="tab:red", alpha=0.18, lw=0,
-                       label=f"NaN/Inf norm ({r.nonfinite_logged} logged steps)" if i == 0 else None)
+            ax.axvspan(
+                lo - 0.5,
+                hi + 0.5,
+                color="tab:red",
+                alpha=0.18,
+                lw=0,
+                label=f"NaN/Inf norm ({r.nonfinite_logged} logged steps)" if i == 0 else None,
+            )
         skipped = r.skipped_at
         if skipped:
-            ax.plot(skipped, [0.95] * len(skipped), "x", ms=7, mew=1.8, color="tab:orange",
-                    transform=ax.get_xaxis_transform(), label=f"skipped step ({r.skipped_steps} in all)")
+            ax.plot(
+                skipped,
+                [0.95] * len(skipped),
+                "x",
+                ms=7,
+                mew=1.8,
+                color="tab:orange",
+                transform=ax.get_xaxis_transform(),
+                label=f"skipped step ({r.skipped_steps} in all)",
+            )
         if good or clipped or thresh:
             ax.set_yscale("log")
         ax.set_title(
             f"{r.name}: median {_fmt(r.median, '.3g')}, max {_fmt(r.max, '.3g')}, clipped {_fmt_fraction(r)}, "
             f"non-finite {_fmt(r.nonfinite_steps, 'd')}, skipped {_fmt(r.skipped_steps, 'd')}",
-            fontsize=10, loc="left",
+            fontsize=10,
+            loc="left",
         )
         ax.set_ylabel("gradient norm")
         ax.grid(True, which="major", alpha=0.3)
@@ -345,7 +371,7 @@ def plot(reports: Sequence[RunReport], path: PathLike) -> Path:
             ax.legend(loc="best", fontsize=8, framealpha=0.9)
     axes[-1].set_xlabel("step (Lightning logging step)")
     fig.suptitle("Total gradient norm per run (lightning-clip report)", fontsize=11)
-    if out.parent and not out.parent.exists():
+    if not out.parent.exists():
         out.parent.mkdir(parents=True)
     fig.savefig(out, dpi=110)
     return out
