@@ -4,8 +4,9 @@ Tags per optimizer ``i`` (optimizer 0 has no suffix, optimizer ``i > 0`` the suf
 
 * ``grad_norm/total``, ``grad_norm/total_clipped`` -- the total gradient norm before and after clipping;
 * ``grad_norm_layer/<layer>`` or ``grad_norm_param/<parameter>`` -- per-layer or per-parameter norms;
-* ``grad_clip/<counter>`` -- the cumulative counters (:data:`COUNTER_TAGS`), ``lr_scale`` and the active
-  ``threshold`` (``max_norm`` too, for the fixed norm rule).
+* ``grad_clip/<counter>`` -- the cumulative counters (:data:`COUNTER_TAGS`), ``lr_scale``, ``clipped`` (1 or 0
+  for the logged step: its mean over a run is the clipped fraction) and the active ``threshold`` (``max_norm``
+  too, for the fixed norm rule).
 
 Example::
 
@@ -18,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Optional
 
 TOTAL = "grad_norm/total"
@@ -33,6 +35,7 @@ AMP_OVERFLOWS = "grad_clip/amp_overflows"
 LR_SCALE = "grad_clip/lr_scale"
 MAX_NORM = "grad_clip/max_norm"
 THRESHOLD = "grad_clip/threshold"
+CLIPPED = "grad_clip/clipped"
 
 # counter name (as in ``GradientClipping.counters``) -> tag
 COUNTER_TAGS = {
@@ -67,3 +70,28 @@ def parse_total(name: str) -> Optional[int]:
     if not match:
         return None
     return int(match.group(1) or 0)
+
+
+def step_metrics(
+    optimizer_idx: int,
+    values: dict[str, float],
+    counts: dict[str, int],
+    norm_group: Optional[str] = None,
+    norm_names: Sequence[str] = (),
+    norm_values: Sequence[float] = (),
+) -> dict[str, float]:
+    """Everything one logging step writes, tagged for optimizer ``optimizer_idx``.
+
+    ``values`` holds ``total``, ``total_clipped``, ``clipped`` (this step: 1.0 or 0.0), ``lr_scale`` and, when
+    the rule has one, ``threshold`` and ``max_norm``; ``counts`` the cumulative counters (:data:`COUNTER_TAGS`).
+    """
+    i = optimizer_idx
+    out = {tag(TOTAL, i): values["total"], tag(TOTAL_CLIPPED, i): values["total_clipped"],
+           tag(CLIPPED, i): values["clipped"], tag(LR_SCALE, i): values["lr_scale"]}
+    out.update({tag(name, i): float(counts[key]) for key, name in COUNTER_TAGS.items()})
+    for key, name in (("threshold", THRESHOLD), ("max_norm", MAX_NORM)):
+        if values.get(key) is not None:
+            out[tag(name, i)] = values[key]
+    if norm_group is not None:
+        out.update({norm_tag(norm_group, n, i): v for n, v in zip(norm_names, norm_values)})
+    return out

@@ -1,0 +1,100 @@
+"""Detect: the bad-step flag from the loss and the inputs, kept per accumulation window, agreed across ranks.
+
+The gradient's own check (its total norm is NaN/Inf) is made by the engine from the measured norm; this module
+holds the evidence the gradient cannot show: a NaN loss whose gradient happens to be finite, and a dirty batch
+(``check_inputs``). Everything stays a 0-dim bool on the device: no host read.
+
+Example::
+
+    >>> import torch
+    >>> d = BadStepDetector(check_inputs=True, check_loss=True)
+    >>> d.observe_batch({"x": torch.tensor([1.0, float("nan")])}, batch_idx=7)
+    >>> d.observe_loss(torch.tensor(0.5))
+    >>> d.flag(torch.device("cpu"))
+    tensor(True)
+    >>> d.input_problems()
+    ['batch 7: batch["x"] at position (1,) (1 of 2 elements NaN/Inf)']
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_clip.inputs import describe_nonfinite, nonfinite_flag
+
+
+def agree_any(flag: Tensor) -> Tensor:
+    """Every rank's flag OR-ed together (a no-op outside ``torch.distributed``). Stays on the device."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    as_int = flag.to(torch.int32)
+    dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+    return as_int.bool()
+
+
+class BadStepDetector:
+    """Collects the loss and input evidence of one accumulation window.
+
+    Call :meth:`observe_batch` for each micro-batch (a new window starts with the first batch after
+    :meth:`step_done`), :meth:`observe_loss` before each backward, and :meth:`flag` in the optimizer step.
+    The loss flag belongs to the next optimizer step only: :meth:`flag` consumes it.
+    """
+
+    def __init__(self, check_inputs: bool = False, check_loss: bool = True) -> None:
+        self.check_inputs = check_inputs
+        self.check_loss = check_loss
+        self._loss_bad: Optional[Tensor] = None
+        self._batches: list[tuple[int, Any, Optional[Tensor]]] = []
+        self._window_done = False
+
+    @property
+    def active(self) -> bool:
+        """Whether any evidence is collected (else :meth:`flag` has nothing to add to the gradient check)."""
+        return self.check_inputs or self.check_loss
+
+    def observe_batch(self, batch: Any, batch_idx: int = -1) -> None:
+        if self._window_done:  # the first micro-batch after an optimizer step opens a new window
+            self._batches, self._window_done = [], False
+        flag = nonfinite_flag(batch) if self.check_inputs else None
+        # Keep the batch only while checking inputs: it is needed to say where the NaN is.
+        self._batches.append((batch_idx, batch if self.check_inputs else None, flag))
+
+    def observe_loss(self, loss: Any) -> None:
+        if not self.check_loss or not isinstance(loss, Tensor):
+            return
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad.to(self._loss_bad.device)
+
+    def flag(self, device: torch.device, agree: bool = False) -> Tensor:
+        """0-dim bool on ``device``: was the loss or any input of this window NaN/Inf? With ``agree``, OR-ed
+        over all ranks (every rank must join, also one with nothing to report)."""
+        flags = [f.to(device) for _, _, f in self._batches if f is not None]
+        if self._loss_bad is not None:
+            flags.append(self._loss_bad.to(device))
+        bad = torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=device)
+        return agree_any(bad) if agree else bad
+
+    def loss_nonfinite(self) -> bool:
+        """Host read: the bad path only."""
+        return bool(self._loss_bad) if self._loss_bad is not None else False
+
+    def input_problems(self) -> list[str]:
+        """Where the NaN/Inf inputs of this window are (host reads: the bad path only)."""
+        problems = []
+        for batch_idx, batch, flag in self._batches:
+            if batch is not None and flag is not None and bool(flag):
+                problems += [f"batch {batch_idx}: {p}" for p in describe_nonfinite(batch)]
+        return problems
+
+    def last_batch_idx(self) -> int:
+        return self._batches[-1][0] if self._batches else -1
+
+    def step_done(self) -> None:
+        """The optimizer step is over: its loss is consumed; the next micro-batch opens a new window."""
+        self._loss_bad = None
+        self._window_done = True

@@ -1,0 +1,357 @@
+"""The step pipeline: measure, detect, clip, count, remedy, report -- for Lightning and for plain loops alike.
+
+One optimizer step, on the accumulated (under ``16-mixed``: unscaled) gradient, before the update:
+
+=========  ==========================================  ============================================
+stage      what                                        where
+=========  ==========================================  ============================================
+measure    per-tensor norms, the total norm            :mod:`lightning_clip.functional`
+detect     bad-step flag: norm, loss, inputs, ranks    :mod:`lightning_clip.detect`
+clip       the rule clips in place                     :mod:`lightning_clip.rules`
+count      device-side counters                        :mod:`lightning_clip.counters`
+remedy     skip / halve_lr / raise / ignore            :mod:`lightning_clip.remedies`
+report     one host transfer, then the metrics dict    :mod:`lightning_clip.metrics`
+=========  ==========================================  ============================================
+
+Nothing is read back to the host unless the remedy asks for it (:meth:`Remedy.needs_read`) or the step logs;
+then everything comes back in one transfer.
+
+Example (a plain PyTorch loop)::
+
+    >>> import torch
+    >>> from lightning_clip.engine import ClipEngine
+    >>> from lightning_clip.rules import NormClip
+    >>> from lightning_clip.remedies import HalveLR
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> engine = ClipEngine(NormClip(max_norm=1.0), HalveLR())
+    >>> engine.attach([opt], model.named_parameters())
+    >>> for step in range(3):
+    ...     loss = model(torch.randn(8, 4)).pow(2).mean() * (float("nan") if step == 1 else 1.0)
+    ...     engine.observe_loss(loss)
+    ...     loss.backward()
+    ...     metrics = engine.step(opt, log=True)
+    ...     opt.step()
+    ...     opt.zero_grad()
+    >>> engine.counters["skipped_steps"], engine.lr_scales
+    (1, [0.5])
+    >>> sorted(k for k in metrics if k.startswith("grad_norm/"))
+    ['grad_norm/total', 'grad_norm/total_clipped']
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_clip import functional as F
+from lightning_clip import metrics as M
+from lightning_clip.counters import COUNTERS, StepCounters
+from lightning_clip.detect import BadStepDetector
+from lightning_clip.remedies import Ignore, Remedy, Skip
+from lightning_clip.remedies.base import BadStepContext, StepRead
+from lightning_clip.rules import ClipRule, GradStep, NormClip
+from lightning_clip.validation import check_choice, check_finite, check_positive
+
+LOG_NORMS = ("layer", "parameter", "total", "none")
+
+
+@dataclass
+class _Slot:
+    """Everything per optimizer: the optimizer, its counters and its own copy of the rule."""
+
+    optimizer: Optional[Optimizer]
+    counters: StepCounters
+    rule: ClipRule
+
+
+def _same_optimizer(a: Any, b: Any) -> bool:
+    # Lightning wraps optimizers (LightningOptimizer); compare the torch optimizer underneath.
+    return a is b or getattr(a, "_optimizer", None) is b or getattr(b, "_optimizer", None) is a
+
+
+class ClipEngine:
+    """Clip gradients, count and log their norms, and apply a NaN policy, once per optimizer step.
+
+    Args:
+        rule: how to clip (:mod:`lightning_clip.rules`); default ``NormClip(max_norm=1.0)``.
+        remedy: what to do with a NaN/Inf step (:mod:`lightning_clip.remedies`); default ``Skip()``.
+        norm_type: ``p`` of the norms (any ``p > 0`` or ``inf``), for clipping and logging.
+        eps: added to the total norm before dividing (as in ``torch.nn.utils.clip_grad_norm_``).
+        check_inputs: check each batch passed to :meth:`observe_batch` for NaN/Inf.
+        log_norms: ``"layer"``, ``"parameter"``, ``"total"`` or ``"none"``: what :meth:`step` returns when logging.
+
+    In a loop: :meth:`attach` the optimizers once, then per optimizer step call :meth:`observe_loss` (and
+    :meth:`observe_batch`) for each micro-batch, :meth:`step` after the last backward and before
+    ``optimizer.step()``. Save :meth:`state_dict` with the checkpoint.
+    """
+
+    def __init__(
+        self,
+        rule: Optional[ClipRule] = None,
+        remedy: Optional[Remedy] = None,
+        *,
+        norm_type: float = 2.0,
+        eps: float = F.EPS,
+        check_inputs: bool = False,
+        log_norms: str = "layer",
+    ) -> None:
+        check_positive("norm_type", norm_type, allow_inf=True)
+        check_finite("eps", eps)
+        if eps < 0:
+            raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
+        check_choice("log_norms", log_norms, LOG_NORMS)
+        if not isinstance(check_inputs, bool):
+            raise ValueError(f"`check_inputs` must be True or False, got {check_inputs!r}.")
+        self.rule = rule if rule is not None else NormClip()
+        self.remedy = remedy if remedy is not None else Skip()
+        if not isinstance(self.rule, ClipRule):
+            raise ValueError(f"`rule` must be a lightning_clip.rules.ClipRule, got {self.rule!r}.")
+        if not isinstance(self.remedy, Remedy):
+            raise ValueError(f"`remedy` must be a lightning_clip.remedies.Remedy, got {self.remedy!r}.")
+        self.norm_type = float(norm_type)
+        self.eps = float(eps)
+        self.log_norms = log_norms
+        self.detector = BadStepDetector(check_inputs, check_loss=not isinstance(self.remedy, Ignore))
+        self.warn: Callable[[str], None] = lambda m: warnings.warn(m, RuntimeWarning, stacklevel=4)
+        self._slots: list[_Slot] = []
+        self._names: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def attach(self, optimizers: Sequence[Optimizer], named_parameters: Optional[Iterable[tuple[str, Tensor]]] = None) -> None:
+        """Bind the optimizers (in order: index ``i`` logs with the suffix ``_opt<i>``) and name the parameters.
+
+        Counters loaded by :meth:`load_state_dict` are kept, matched by index.
+        """
+        self.detach()
+        if named_parameters is not None:
+            self._names = {id(p): name for name, p in named_parameters}
+        for i, optimizer in enumerate(optimizers):
+            self._slot_at(i).optimizer = optimizer
+        del self._slots[max(len(optimizers), 1):]
+        for i, slot in enumerate(self._slots):
+            if slot.optimizer is not None:
+                self.remedy.attach(i, slot.optimizer, slot.counters)
+
+    def detach(self) -> None:
+        """Remove every hook from the optimizers (LR scaling) and restore their LR."""
+        self.remedy.detach()
+
+    def _slot_at(self, i: int) -> _Slot:
+        while len(self._slots) <= i:
+            self._slots.append(_Slot(None, StepCounters(), copy.deepcopy(self.rule)))
+        return self._slots[i]
+
+    def _index_of(self, optimizer: Optimizer) -> int:
+        for i, slot in enumerate(self._slots):
+            if slot.optimizer is not None and _same_optimizer(slot.optimizer, optimizer):
+                return i
+        # An optimizer never attached (a plain loop that skipped attach): bind it now, in order of first use.
+        free = next((i for i, s in enumerate(self._slots) if s.optimizer is None), len(self._slots))
+        slot = self._slot_at(free)
+        slot.optimizer = optimizer
+        self.remedy.attach(free, optimizer, slot.counters)
+        return free
+
+    # ------------------------------------------------------------------ per micro-batch
+    def observe_batch(self, batch: Any, batch_idx: int = -1) -> None:
+        """A micro-batch is about to be used (checked for NaN/Inf when ``check_inputs``)."""
+        self.detector.observe_batch(batch, batch_idx)
+
+    def observe_loss(self, loss: Any) -> None:
+        """A loss is about to be back-propagated (a NaN/Inf loss makes the next step bad)."""
+        self.detector.observe_loss(loss)
+
+    # ------------------------------------------------------------------ per optimizer step
+    def step(
+        self,
+        optimizer: Optimizer,
+        *,
+        log: bool = False,
+        scaler: Any = None,
+        sharded: bool = False,
+        distributed: bool = False,
+        read_every: int = 50,
+        global_step: Optional[int] = None,
+        epoch: int = 0,
+    ) -> dict[str, float]:
+        """Run the pipeline on ``optimizer``'s gradients, in place. Call it after backward, before the update.
+
+        Args:
+            log: return the metrics of this step (costs the one host transfer).
+            scaler: the ``GradScaler`` under fp16 (its overflows are told apart from divergence).
+            sharded: each rank holds a shard of every gradient: the norm is all-reduced.
+            distributed: several ranks take this step together: the loss/input flags are agreed.
+            read_every: a sync-free remedy reads its counters at least every this many steps.
+            global_step, epoch: where the run is, for messages (default: this optimizer's step count).
+
+        Returns the metrics (tag -> value) when ``log``, else an empty dict.
+        """
+        try:
+            return self._step(optimizer, log, scaler, sharded, distributed, read_every, global_step, epoch)
+        finally:
+            self.detector.step_done()
+
+    def _step(
+        self, optimizer: Optimizer, log: bool, scaler: Any, sharded: bool, distributed: bool, read_every: int,
+        global_step: Optional[int], epoch: int,
+    ) -> dict[str, float]:
+        opt_idx = self._index_of(optimizer)
+        slot = self._slots[opt_idx]
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        all_reduce = F.distributed_all_reduce() if sharded else None
+        if not params:
+            # Every parameter frozen or unused: nothing to clip. A rank still joins the collectives below,
+            # or the other ranks would hang in theirs.
+            if all_reduce is not None:
+                F.total_norm([], self.norm_type, all_reduce=all_reduce)
+            if distributed and self.detector.active:
+                self.detector.flag(_device_of(optimizer), agree=True)
+            return {}
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        device = grads[0].device
+        counters = slot.counters.to(device)
+        ctx = BadStepContext(
+            optimizer=optimizer, optimizer_idx=opt_idx, params=params, grads=grads,
+            names=[self._names.get(id(p), f"param{i}") for i, p in enumerate(params)], norms=[],
+            bad=counters.false, scaler=scaler, counters=counters, read_every=read_every,
+            global_step=counters.steps if global_step is None else global_step, epoch=epoch,
+            batch_idx=self.detector.last_batch_idx(), loss_nonfinite=self.detector.loss_nonfinite,
+            input_problems=self.detector.input_problems, warn=self.warn,
+        )
+
+        # --- measure (in true units: fused optimizers under fp16 still hold scaled gradients here)
+        inv_scale = scaler._scale.double().reciprocal().float().to(device) if ctx.grads_scaled else None
+        norms = F.grad_norms(grads, self.norm_type)
+        total = F.total_norm(norms, self.norm_type, all_reduce=all_reduce).to(device)
+        if inv_scale is not None:
+            total = total * inv_scale
+        finite = torch.isfinite(total)
+
+        # --- detect
+        data_bad = self.detector.flag(device, agree=distributed) if self.detector.active else None
+        overflow = counters.false
+        if scaler is not None and not isinstance(self.remedy, Ignore):
+            # fp16: non-finite gradients with a finite loss are GradScaler overflows, not divergence.
+            bad = data_bad if data_bad is not None else counters.false
+            overflow = ~finite & ~bad
+        else:
+            bad = ~finite if data_bad is None else ~finite | data_bad
+        ctx.bad, ctx.norms = bad, norms
+
+        # --- clip, count
+        result = slot.rule.clip_(GradStep(
+            params=params, grads=grads, names=ctx.names, norms=norms, total=total, finite=finite, bad=bad,
+            norm_type=self.norm_type, eps=self.eps, inv_scale=inv_scale, log=log,
+        ))
+        clipped = result.clipped & ~bad
+        counters.update(clipped, bad, overflow)
+
+        # --- remedy: device part, then the host part only when it (or logging) needs the values
+        self.remedy.on_device(ctx)
+        if not (self.remedy.needs_read(ctx) or log):
+            return {}
+        head = [bad, counters.streak, overflow]
+        layer_names: list[str] = []
+        layer_norms: list[Tensor] = []
+        if log:
+            threshold = result.threshold
+            head += [total, total if result.total_after is None else result.total_after, clipped,
+                     torch.as_tensor(math.nan if threshold is None else threshold, device=device)]
+            layer_names, layer_norms = self._layer_norms(ctx.names, norms, inv_scale, device)
+        values = torch.cat(  # the one device-to-host transfer of this step
+            [torch.stack([h.to(device=device, dtype=torch.float64) for h in head]),
+             counters.counts.to(torch.float64)]  # type: ignore[union-attr]
+            + ([torch.stack(layer_norms).to(torch.float64)] if layer_norms else [])
+        ).tolist()
+        n_head = len(head)
+        counts = counters.from_values(values[n_head:n_head + len(COUNTERS)])
+        counts["skipped_steps"] = counts["nonfinite_steps"] if self.remedy.skips_bad_steps else 0
+        self.remedy.on_host(ctx, StepRead(bool(values[0]), int(values[1]), bool(values[2]), counts))
+        if not log:
+            return {}
+        step_values = {
+            "total": values[3], "total_clipped": values[4], "clipped": values[5],
+            "threshold": None if math.isnan(values[6]) else values[6],
+            "max_norm": getattr(slot.rule, "max_norm", None), "lr_scale": self._lr_scale(slot),
+        }
+        group = None if self.log_norms in ("total", "none") else (
+            M.LAYER_GROUP if self.log_norms == "layer" else M.PARAM_GROUP)
+        return M.step_metrics(opt_idx, step_values, counts, group, layer_names, values[n_head + len(COUNTERS):])
+
+    def _layer_norms(
+        self, names: Sequence[str], norms: Sequence[Tensor], inv_scale: Optional[Tensor], device: torch.device
+    ) -> tuple[list[str], list[Tensor]]:
+        if self.log_norms in ("total", "none"):
+            return [], []
+        moved = [n.to(device) for n in norms]
+        if inv_scale is not None:
+            moved = [n * inv_scale for n in moved]
+        if self.log_norms == "parameter":
+            return list(names), [n.float() for n in moved]
+        layers: dict[str, list[Tensor]] = {}
+        for name, n in zip(names, moved):
+            layers.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(n)
+        return list(layers), [F.total_norm(ns, self.norm_type).float() for ns in layers.values()]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, LR scale and rule statistics of every optimizer (host values)."""
+        return {"version": 2, "optimizers": [
+            {**slot.counters.state_dict(), "rule": slot.rule.state_dict()} for slot in self._slots]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (also the ``version: 1`` format of lightning-clip 0.1.0)."""
+        self._slots = []
+        for i, state in enumerate(state_dict.get("optimizers", [])):
+            slot = self._slot_at(i)
+            slot.counters = StepCounters.from_state_dict(state)
+            if not self.remedy.keeps_lr_scale():
+                # A checkpoint from halve_lr resumed under another policy: no scale is applied, so none is kept.
+                slot.counters.lr_scale, slot.counters.healthy_steps = 1.0, 0
+            if state.get("rule"):
+                slot.rule.load_state_dict(state["rule"])
+
+    def _lr_scale(self, slot: _Slot) -> float:
+        return slot.counters.lr_scale if self.remedy.keeps_lr_scale() else 1.0
+
+    @property
+    def lr_scales(self) -> list[float]:
+        """The LR multiplier applied to each optimizer's steps."""
+        return [self._lr_scale(slot) for slot in self._slots]
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Cumulative counts over all optimizers (reads the device: not for the hot path)."""
+        out = dict.fromkeys(("steps", *COUNTERS), 0)
+        for slot in self._slots:
+            for k, v in slot.counters.totals().items():
+                if k in out:
+                    out[k] += v
+        out["skipped_steps"] = out["nonfinite_steps"] if self.remedy.skips_bad_steps else 0
+        return out
+
+    def counters_of(self, optimizer_idx: int) -> dict[str, int]:
+        """Counts of one optimizer, with its current run of bad steps (``nonfinite_streak``)."""
+        out = self._slots[optimizer_idx].counters.totals()
+        out["skipped_steps"] = out["nonfinite_steps"] if self.remedy.skips_bad_steps else 0
+        return out
+
+    def rule_of(self, optimizer_idx: int) -> ClipRule:
+        """The rule (with its statistics) of one optimizer."""
+        return self._slots[optimizer_idx].rule
+
+
+def _device_of(optimizer: Optimizer) -> torch.device:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            return p.device
+    return torch.device("cpu")

@@ -1,0 +1,48 @@
+"""NaN/Inf remedies: one small class per ``nan_policy``, registered by name.
+
+A remedy decides what happens to a bad step (see :class:`~lightning_clip.remedies.base.Remedy`). To add one:
+write ``remedies/<name>.py`` with a ``Remedy`` subclass that sets ``policy`` (and ``options``), then add it
+to :data:`REMEDIES` below.
+
+Example::
+
+    >>> from lightning_clip.remedies import REMEDIES, build_remedy
+    >>> sorted(REMEDIES)
+    ['halve_lr', 'ignore', 'raise', 'skip']
+    >>> build_remedy("halve_lr", lr_recovery_steps=100).lr_recovery_steps
+    100
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_clip.remedies.base import BadStepContext, Remedy, StepRead
+from lightning_clip.remedies.halve_lr import HalveLR
+from lightning_clip.remedies.ignore import Ignore
+from lightning_clip.remedies.raise_error import RaiseError
+from lightning_clip.remedies.skip import Skip
+from lightning_clip.validation import check_choice
+
+__all__ = ["REMEDIES", "BadStepContext", "HalveLR", "Ignore", "RaiseError", "Remedy", "Skip", "StepRead",
+           "build_remedy"]
+
+REMEDIES: dict[str, type[Remedy]] = {r.policy: r for r in (Skip, HalveLR, RaiseError, Ignore)}
+
+
+def build_remedy(nan_policy: str, strict: dict[str, Any] | None = None, **options: Any) -> Remedy:
+    """The remedy registered as ``nan_policy``, built from the callback's flat arguments.
+
+    ``strict`` options must be read by the policy when set (not None): otherwise they would be silently
+    ignored, which is refused. The other ``options`` carry defaults and are passed where the policy reads them.
+    """
+    check_choice("nan_policy", nan_policy, REMEDIES)
+    cls = REMEDIES[nan_policy]
+    strict = strict or {}
+    ignored = {k: v for k, v in strict.items() if v is not None and k not in cls.options}
+    if ignored:
+        settings = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
+        raise ValueError(
+            f"`{next(iter(ignored))}` does not apply to nan_policy={nan_policy!r} (only to 'halve_lr'); got {settings}."
+        )
+    return cls.from_options(**{**options, **{k: v for k, v in strict.items() if v is not None}})

@@ -1,0 +1,32 @@
+"""``nan_policy="raise"``: stop at the first bad step, before the optimizer applies it."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from lightning_clip.remedies.base import BadStepContext, Remedy, StepRead, diagnose, raise_nonfinite
+
+
+class RaiseError(Remedy):
+    """Raise :class:`~lightning_clip.NonFiniteGradientError` with a diagnosis; weights stay finite.
+
+    Example::
+
+        >>> from lightning_clip.remedies import RaiseError
+        >>> RaiseError().policy
+        'raise'
+    """
+
+    policy: ClassVar[str] = "raise"
+    options: ClassVar[tuple[str, ...]] = ("max_consecutive_nonfinite",)
+
+    def __init__(self, max_consecutive_nonfinite: int | None = None) -> None:
+        # Accepted for symmetry with skip/halve_lr: raise stops at the first bad step anyway.
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+
+    def needs_read(self, step: BadStepContext) -> bool:
+        return True  # the decision to stop is a Python exception: it needs the flag on the host
+
+    def on_host(self, step: BadStepContext, read: StepRead) -> None:
+        if read.bad:
+            raise_nonfinite(diagnose(step, read, "raised NonFiniteGradientError", 1.0, stopping=True))

@@ -1,0 +1,128 @@
+"""``nan_policy="skip"``: a bad step becomes a true no-op: weights and optimizer state untouched."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+
+from lightning_clip import functional as F
+from lightning_clip.remedies.base import (
+    BadStepContext, Remedy, StepRead, diagnose, raise_nonfinite, skip_step, warn_due,
+)
+from lightning_clip.diagnosis import describe
+from lightning_clip.errors import NonFiniteGradientError
+from lightning_clip.validation import check_count
+
+
+def fused_skip_is_safe(step: BadStepContext) -> bool:
+    """Can this step be skipped on the device, through the fused optimizer's ``found_inf``?
+
+    Only for fused optimizers. Not for fused SGD with momentum before its buffers exist: torch creates them with
+    ``empty_like`` even when ``found_inf`` says skip, so a skipped first step would leave uninitialised memory in
+    the state, which the next good step writes into the weights. Those steps take the host path (grad=None).
+    """
+    opt = step.optimizer
+    if not opt.param_groups or not all(group.get("fused") for group in opt.param_groups):
+        return False
+    if isinstance(opt, torch.optim.SGD):
+        for group in opt.param_groups:
+            if group.get("momentum", 0) and any(opt.state.get(p, {}).get("momentum_buffer") is None
+                                                for p in group["params"]):
+                return False
+    return True
+
+
+class Skip(Remedy):
+    """Skip bad steps; raise after ``max_consecutive_nonfinite`` bad steps in a row (None: never).
+
+    Non-fused optimizers skip by ``p.grad = None`` (optimizers leave such parameters and their state alone;
+    zeroing would still move weights through momentum and weight decay): one host read per step. Fused
+    optimizers skip on the device through ``found_inf`` with no host read; their streak limit and warnings
+    wait for the next read (a logging step, or every ``read_every`` steps).
+
+    Example::
+
+        >>> from lightning_clip.remedies import Skip
+        >>> Skip(max_consecutive_nonfinite=5).max_consecutive_nonfinite
+        5
+    """
+
+    policy: ClassVar[str] = "skip"
+    options: ClassVar[tuple[str, ...]] = ("max_consecutive_nonfinite",)
+    skips_bad_steps: ClassVar[bool] = True
+
+    def __init__(self, max_consecutive_nonfinite: Optional[int] = 10) -> None:
+        check_count("max_consecutive_nonfinite", max_consecutive_nonfinite)
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+
+    # --- the two paths
+    def _on_device(self, step: BadStepContext) -> bool:
+        return fused_skip_is_safe(step)
+
+    def needs_read(self, step: BadStepContext) -> bool:
+        if self._on_device(step):
+            return step.counters.steps % max(step.read_every, 1) == 0
+        return True  # grad=None is decided on the host
+
+    def on_device(self, step: BadStepContext) -> None:
+        if not self._on_device(step):
+            return
+        if step.scaler is None:
+            # torch's fused Adam/AdamW/SGD skip the whole update (and undo the step count) when found_inf == 1.
+            step.optimizer.found_inf = step.bad.to(torch.float32)  # type: ignore[attr-defined]
+        else:
+            # GradScaler overwrites found_inf in scaler.step(); it skips on non-finite gradients, so make the
+            # gradients non-finite when the step is bad for another reason (loss or input).
+            F.scale_(step.grads, torch.where(step.bad, float("nan"), 1.0))
+
+    def on_host(self, step: BadStepContext, read: StepRead) -> None:
+        if self._on_device(step):
+            self._report_device_skips(step, read)
+        elif read.bad:
+            self._bad_step(step, read)
+
+    # --- bad steps on the host path
+    action: ClassVar[str] = "step skipped"
+
+    def _lower_lr(self, step: BadStepContext) -> None:
+        """Hook for :class:`~lightning_clip.remedies.HalveLR`."""
+
+    def _bad_step(self, step: BadStepContext, read: StepRead) -> None:
+        self._lower_lr(step)
+        limit = self.max_consecutive_nonfinite
+        stop = limit is not None and read.streak >= limit
+        if not (stop or warn_due(read.counts["nonfinite_steps"])):
+            skip_step(step)
+            return
+        info = diagnose(step, read, "raised NonFiniteGradientError" if stop else self.action,
+                        step.counters.lr_scale if self.keeps_lr_scale() else 1.0, stopping=stop)
+        if stop:
+            self.detach_lr(step)
+            raise_nonfinite(info, f"{read.streak} consecutive steps with non-finite gradients "
+                                  f"(max_consecutive_nonfinite={limit}).\n")
+        skip_step(step)
+        step.warn(describe(info))
+
+    def detach_lr(self, step: BadStepContext) -> None:
+        """Before raising: leave the optimizer's LR as the scheduler set it."""
+
+    def _report_device_skips(self, step: BadStepContext, read: StepRead) -> None:
+        """Fused path: the skips happened on the device; warn or raise now that the counters are on the host."""
+        counters, total = step.counters, read.counts["nonfinite_steps"]
+        new = total - counters.reported_nonfinite
+        if new <= 0:
+            return
+        counters.reported_nonfinite = total
+        limit = self.max_consecutive_nonfinite
+        if limit is not None and read.streak >= limit:
+            raise_device = (
+                f"{read.streak} consecutive steps with non-finite gradients (max_consecutive_nonfinite={limit}); "
+                f"all were skipped on the device (fused optimizer), weights are finite. Global step "
+                f"{step.global_step}, epoch {step.epoch}."
+            )
+            raise NonFiniteGradientError(raise_device, step.global_step, [], read.streak)
+        step.warn(
+            f"{new} step(s) with non-finite gradients were skipped on the device (fused optimizer) up to global "
+            f"step {step.global_step}; {total} in total, {read.streak} in a row now."
+        )

@@ -1,0 +1,48 @@
+"""Clip rules: one small class per ``mode``, registered by name.
+
+A rule decides the threshold and clips (see :class:`~lightning_clip.rules.base.ClipRule`). To add one:
+write ``rules/<name>.py`` with a ``ClipRule`` subclass that sets ``mode`` (and ``options`` if the flat
+``GradientClipping`` arguments should build it), then add it to :data:`RULES` below. The callback and the
+engine need no edit: ``GradientClipping(mode="<name>")`` and ``GradientClipping(rule=MyRule(...))`` both work.
+
+Example::
+
+    >>> from lightning_clip.rules import RULES, build_rule
+    >>> sorted(RULES)
+    ['none', 'norm', 'value']
+    >>> build_rule("value", clip_value=0.5)
+    ValueClip(value, [-0.5, 0.5])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_clip.rules.base import ClipResult, ClipRule, GradStep
+from lightning_clip.rules.monitor import NoClip
+from lightning_clip.rules.norm import NormClip
+from lightning_clip.rules.value import ValueClip
+from lightning_clip.validation import check_choice
+
+__all__ = ["RULES", "ClipResult", "ClipRule", "GradStep", "NoClip", "NormClip", "ValueClip", "build_rule"]
+
+RULES: dict[str, type[ClipRule]] = {rule.mode: rule for rule in (NormClip, ValueClip, NoClip)}
+
+
+def build_rule(mode: str, strict: dict[str, Any] | None = None, **options: Any) -> ClipRule:
+    """The rule registered as ``mode``, built from the callback's flat arguments.
+
+    A ``strict`` option that the rule does not read but that is set (not None) is refused: it would be silently
+    ignored. The other ``options`` carry defaults (``max_norm``) and are passed where the rule reads them.
+    """
+    check_choice("mode", mode, RULES)
+    cls = RULES[mode]
+    strict = strict or {}
+    ignored = {k: v for k, v in strict.items() if v is not None and k not in cls.options}
+    if ignored:
+        settings = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
+        raise ValueError(
+            f"`{next(iter(ignored))}` does not apply to mode={mode!r} (it reads {', '.join(cls.options) or 'no option'});"
+            f" got {settings}."
+        )
+    return cls.from_options(**options, **strict)

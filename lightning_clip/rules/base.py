@@ -1,0 +1,91 @@
+"""What a clip rule is: :class:`ClipRule` and the step it sees (:class:`GradStep`).
+
+A rule owns its threshold, any statistics it keeps and their ``state_dict``. The engine hands it one
+:class:`GradStep` per optimizer step, after the norms are measured and the bad-step flag is known, and the
+rule clips ``step.grads`` in place and says what it did (:class:`ClipResult`). Every value stays on the device:
+a rule never reads a tensor back to the host, and never branches in Python on a device value (use
+``torch.where``), so the hot path stays free of host syncs.
+
+The engine makes one copy of the rule per optimizer, so statistics are per optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class GradStep:
+    """One optimizer step's gradients, as a clip rule sees them.
+
+    ``grads`` are the tensors to clip in place (``params[i].grad``). ``norms`` and ``total`` are in true
+    units: under fp16 with a fused optimizer the gradients themselves are still multiplied by the
+    GradScaler's scale, and ``inv_scale`` (else None) is ``1 / scale``. ``bad`` is True when the step will
+    not be applied (NaN/Inf in the gradient, the loss or the inputs): statistics must leave it out.
+    """
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    names: Sequence[str]
+    norms: Sequence[Tensor]
+    total: Tensor
+    finite: Tensor
+    bad: Tensor
+    norm_type: float
+    eps: float
+    inv_scale: Optional[Tensor]
+    log: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.total.device
+
+
+@dataclass
+class ClipResult:
+    """What a rule did: ``clipped`` (0-dim bool, did it change any gradient), the total norm after clipping
+    (``total_after``, only needed on logging steps), and the ``threshold`` in force (None if it has none)."""
+
+    clipped: Tensor
+    total_after: Optional[Tensor] = None
+    threshold: Optional[Tensor | float] = None
+
+
+class ClipRule:
+    """Base class of the clip rules. Subclasses set :attr:`mode` and implement :meth:`clip_`.
+
+    :attr:`options` lists the ``GradientClipping`` arguments the rule is built from (see
+    :meth:`from_options`), so the callback can build any registered rule from its flat arguments and
+    refuse a setting that the chosen mode would ignore.
+    """
+
+    mode: ClassVar[str] = ""
+    options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_options(cls, **options: Any) -> ClipRule:
+        """Build the rule from the callback's arguments named in :attr:`options` (None: the rule's default)."""
+        return cls(**{k: v for k, v in options.items() if k in cls.options and v is not None})
+
+    def clip_(self, step: GradStep) -> ClipResult:
+        """Clip ``step.grads`` in place; return what was done. No host reads."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Statistics to checkpoint (stateless rules: empty)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def describe(self) -> str:
+        """One line for messages and ``repr``."""
+        return self.mode
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"

@@ -1,0 +1,102 @@
+"""``mode="value"``: clamp every gradient element into ``[min_value, max_value]``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_clip import functional as F
+from lightning_clip.rules.base import ClipResult, ClipRule, GradStep
+from lightning_clip.validation import check_finite, check_positive
+
+
+def out_of_range(tensors: Sequence[Tensor], min_value: Optional[float], max_value: Optional[float]) -> Tensor:
+    """0-dim bool on the device: does any element lie outside ``[min_value, max_value]``? No host read, no copy.
+
+    A symmetric range needs one inf-norm pass; an asymmetric one a foreach max and a per-tensor min.
+    """
+    device = tensors[0].device
+    flags: list[Tensor] = []
+    if min_value is not None and max_value is not None and min_value == -max_value:
+        flags.append(F.total_norm(F.grad_norms(tensors, math.inf), math.inf).to(device) > max_value)
+    else:
+        for _, idx in F.group_by_device_and_dtype(tensors).items():
+            group = [tensors[i] for i in idx if tensors[i].numel() > 0]
+            if not group:
+                continue
+            if max_value is not None:
+                flags.append((torch.stack(torch._foreach_max(group)) > max_value).any().to(device))
+            if min_value is not None:
+                # torch has no foreach min; amin per tensor still reads each element once, with no copy.
+                flags.append((torch.stack([t.amin() for t in group]) < min_value).any().to(device))
+    if not flags:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return torch.stack(flags).any()
+
+
+class ValueClip(ClipRule):
+    """Value clipping, as the article describes it, with independent lower and upper bounds.
+
+    Elements inside the range are left bit-identical; NaN stays NaN for the NaN policy to see. ``clip_value=c``
+    is the symmetric range ``[-c, c]``.
+
+    Example::
+
+        >>> from lightning_clip.rules import ValueClip
+        >>> ValueClip(min_value=-0.5, max_value=1.0), ValueClip(clip_value=2.0)
+        (ValueClip(value, [-0.5, 1]), ValueClip(value, [-2, 2]))
+    """
+
+    mode: ClassVar[str] = "value"
+    options: ClassVar[tuple[str, ...]] = ("clip_value", "min_value", "max_value")
+
+    def __init__(
+        self, clip_value: Optional[float] = None, min_value: Optional[float] = None, max_value: Optional[float] = None
+    ) -> None:
+        check_positive("clip_value", clip_value, allow_none=True)
+        # An infinite bound would clamp every element to +-inf (and inf - inf = NaN in the optimizer).
+        check_finite("min_value", min_value, allow_none=True)
+        check_finite("max_value", max_value, allow_none=True)
+        if clip_value is not None and (min_value is not None or max_value is not None):
+            raise ValueError(
+                f"mode='value' takes either `clip_value` (symmetric) or `min_value`/`max_value` (asymmetric), "
+                f"got clip_value={clip_value!r}, min_value={min_value!r}, max_value={max_value!r}."
+            )
+        if clip_value is None and min_value is None and max_value is None:
+            raise ValueError(
+                "mode='value' needs a bound: set `clip_value` (range [-clip_value, clip_value]) "
+                "or `min_value` and/or `max_value`; got none."
+            )
+        if min_value is not None and max_value is not None and min_value > max_value:
+            raise ValueError(f"`min_value` ({min_value!r}) must be <= `max_value` ({max_value!r}).")
+        if clip_value is not None:
+            min_value, max_value = -float(clip_value), float(clip_value)
+        self.clip_value = clip_value
+        self.min_value = None if min_value is None else float(min_value)
+        self.max_value = None if max_value is None else float(max_value)
+
+    def clip_(self, step: GradStep) -> ClipResult:
+        grads, inv_scale = step.grads, step.inv_scale
+        if inv_scale is not None:
+            # Scaled fp16 gradients: clamp in true units. The scale is a power of two: the round trip is exact.
+            F.scale_(grads, inv_scale)
+        clipped = out_of_range(grads, self.min_value, self.max_value)
+        F.clip_by_value_(grads, self.min_value, self.max_value)
+        after = None
+        if step.log:  # the norm after clamping costs another pass: logging steps only
+            after = F.total_norm(F.grad_norms(grads, step.norm_type), step.norm_type).to(step.device)
+        if inv_scale is not None:
+            # Back to scaled units. Clamping made +-Inf finite: put NaN back on an overflowed step, or
+            # GradScaler (which checks inside the fused step) would apply it instead of skipping it.
+            F.scale_(grads, torch.where(step.finite, inv_scale.reciprocal(), float("nan")))
+        threshold = self.max_value if self.max_value is not None else self.min_value
+        return ClipResult(clipped, after, threshold)
+
+    def describe(self) -> str:
+        low = "-inf" if self.min_value is None else f"{self.min_value:g}"
+        high = "inf" if self.max_value is None else f"{self.max_value:g}"
+        return f"value, [{low}, {high}]"
