@@ -1,15 +1,29 @@
 """lightning-clip: gradient clipping, gradient-norm logging and NaN/Inf remedies for PyTorch Lightning.
 
-* :class:`GradientClipping` -- the Lightning callback (``on_before_optimizer_step``).
+* :class:`GradientClipping` -- the Lightning callback (``on_before_optimizer_step``), for ``pytorch_lightning``
+  and ``lightning.pytorch`` alike.
+* :class:`ClipEngine` -- the same pipeline for a plain PyTorch loop or Lightning Fabric.
+* :mod:`lightning_clip.rules` and :mod:`lightning_clip.remedies` -- the clip rules and NaN policies, one unit each.
 * :mod:`lightning_clip.functional` -- the pure math on lists of tensors, usable without Lightning.
-* :class:`GradientClippingCLI` -- a ``LightningCLI`` that reports bad YAML settings in one line.
+* :class:`GradientClippingCLI` -- a ``LightningCLI`` that reports bad YAML settings in one line
+  (``lightning_clip.lightning_pytorch.GradientClippingCLI`` for ``lightning.pytorch``).
 """
 
-from lightning_clip import functional
+from lightning_clip import functional, remedies, rules
 from lightning_clip.callback import GradientClipping
+from lightning_clip.engine import ClipEngine
 from lightning_clip.errors import NonFiniteGradientError
 from lightning_clip.lightning_cli import GradientClippingCLI
 from lightning_clip.lr_scale import StepLRScale
 
-__all__ = ["GradientClipping", "GradientClippingCLI", "NonFiniteGradientError", "StepLRScale", "functional"]
-__version__ = "0.1.0"
+__all__ = [
+    "ClipEngine",
+    "GradientClipping",
+    "GradientClippingCLI",
+    "NonFiniteGradientError",
+    "StepLRScale",
+    "functional",
+    "remedies",
+    "rules",
+]
+__version__ = "0.2.0.dev0"
