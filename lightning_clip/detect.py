@@ -26,6 +26,24 @@ from torch import Tensor
 from lightning_clip.inputs import describe_nonfinite, nonfinite_flag
 
 
+def leaf_parameters(loss: Tensor) -> set[int]:
+    """Ids of the leaf tensors (parameters) that back-propagating ``loss`` reaches: a walk of the autograd graph
+    on the host, with no device work. Used only with several optimizers, to tell whose step a NaN loss spoils."""
+    found: set[int] = set()
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad nodes hold the leaf
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return found
+
+
 def agree_any(flag: Tensor) -> Tensor:
     """Every rank's flag OR-ed together (a no-op outside ``torch.distributed``). Stays on the device."""
     import torch.distributed as dist
@@ -48,7 +66,9 @@ class BadStepDetector:
     def __init__(self, check_inputs: bool = False, check_loss: bool = True) -> None:
         self.check_inputs = check_inputs
         self.check_loss = check_loss
-        self._loss_bad: Optional[Tensor] = None
+        # (0-dim bool, ids of the parameters the loss reaches or None) per backward not yet consumed by a step
+        self._losses: list[tuple[Tensor, Optional[set[int]]]] = []
+        self._step_losses: list[Tensor] = []
         self._batches: list[tuple[int, Any, Optional[Tensor]]] = []
         self._window_done = False
 
@@ -59,29 +79,41 @@ class BadStepDetector:
 
     def observe_batch(self, batch: Any, batch_idx: int = -1) -> None:
         if self._window_done:  # the first micro-batch after an optimizer step opens a new window
-            self._batches, self._window_done = [], False
+            self._batches, self._losses, self._window_done = [], [], False
         flag = nonfinite_flag(batch) if self.check_inputs else None
         # Keep the batch only while checking inputs: it is needed to say where the NaN is.
         self._batches.append((batch_idx, batch if self.check_inputs else None, flag))
 
-    def observe_loss(self, loss: Any) -> None:
+    def observe_loss(self, loss: Any, owners: Optional[set[int]] = None) -> None:
+        """A loss about to be back-propagated. ``owners`` (ids of the parameters it reaches, see
+        :func:`leaf_parameters`) ties it to the optimizers of those parameters; None: to the next step."""
         if not self.check_loss or not isinstance(loss, Tensor):
             return
-        bad = ~torch.isfinite(loss.detach()).all()
-        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad.to(self._loss_bad.device)
+        self._losses.append((~torch.isfinite(loss.detach()).all(), owners))
 
-    def flag(self, device: torch.device, agree: bool = False) -> Tensor:
-        """0-dim bool on ``device``: was the loss or any input of this window NaN/Inf? With ``agree``, OR-ed
-        over all ranks (every rank must join, also one with nothing to report)."""
+    def flag(self, device: torch.device, agree: bool = False, params: Optional[set[int]] = None) -> Tensor:
+        """0-dim bool on ``device``: was a loss of this step or any input of this window NaN/Inf? With ``agree``,
+        OR-ed over all ranks (every rank must join, also one with nothing to report).
+
+        ``params`` (ids of the stepping optimizer's parameters) picks the losses that reached them; those losses
+        are consumed for these parameters, so another optimizer's step sees only its own losses.
+        """
         flags = [f.to(device) for _, _, f in self._batches if f is not None]
-        if self._loss_bad is not None:
-            flags.append(self._loss_bad.to(device))
+        self._step_losses, kept = [], []
+        for bad, owners in self._losses:
+            if owners is None or params is None or owners & params:
+                self._step_losses.append(bad)
+                flags.append(bad.to(device))
+                owners = None if owners is None or params is None else owners - params
+            if owners:  # still owed to another optimizer's step
+                kept.append((bad, owners))
+        self._losses = kept
         bad = torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=device)
         return agree_any(bad) if agree else bad
 
     def loss_nonfinite(self) -> bool:
-        """Host read: the bad path only."""
-        return bool(self._loss_bad) if self._loss_bad is not None else False
+        """Was a loss of the last :meth:`flag` NaN/Inf? Host read: the bad path only."""
+        return bool(torch.stack([b.cpu() for b in self._step_losses]).any()) if self._step_losses else False
 
     def input_problems(self) -> list[str]:
         """Where the NaN/Inf inputs of this window are (host reads: the bad path only)."""
@@ -95,6 +127,7 @@ class BadStepDetector:
         return self._batches[-1][0] if self._batches else -1
 
     def step_done(self) -> None:
-        """The optimizer step is over: its loss is consumed; the next micro-batch opens a new window."""
-        self._loss_bad = None
+        """The optimizer step is over: the next micro-batch opens a new window. Losses not tied to other
+        optimizers' parameters belonged to this step, whether or not it had gradients."""
+        self._losses = [(bad, owners) for bad, owners in self._losses if owners]
         self._window_done = True

@@ -55,7 +55,7 @@ from torch.optim import Optimizer
 from lightning_clip import functional as F
 from lightning_clip import metrics as M
 from lightning_clip.counters import COUNTERS, StepCounters
-from lightning_clip.detect import BadStepDetector
+from lightning_clip.detect import BadStepDetector, leaf_parameters
 from lightning_clip.remedies import Ignore, Remedy, Skip
 from lightning_clip.remedies.base import BadStepContext, StepRead
 from lightning_clip.rules import ClipRule, GradStep, NormClip
@@ -71,6 +71,36 @@ class _Slot:
     optimizer: Optional[Optimizer]
     counters: StepCounters
     rule: ClipRule
+    # Closure evaluations: optimizer.step() calls counted by its hooks; the call the engine last saw.
+    step_calls: int = 0
+    in_step: bool = False
+    seen_call: int = -1
+    handles: tuple[Any, ...] = ()
+
+    def track(self, optimizer: Optimizer) -> None:
+        """Watch ``optimizer.step()``: a second engine step inside one call is a re-evaluated closure (LBFGS)."""
+        self.untrack()
+        self.optimizer = optimizer
+
+        def pre(*_: Any) -> None:
+            self.step_calls += 1
+            self.in_step = True
+
+        def post(*_: Any) -> None:
+            self.in_step = False
+
+        self.handles = (optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post))
+
+    def untrack(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.in_step = (), False
+
+    def reevaluation(self) -> bool:
+        """Is this engine step a further closure evaluation within the same ``optimizer.step()``?"""
+        again = self.in_step and self.seen_call == self.step_calls
+        self.seen_call = self.step_calls
+        return again
 
 
 def _same_optimizer(a: Any, b: Any) -> bool:
@@ -135,15 +165,17 @@ class ClipEngine:
         if named_parameters is not None:
             self._names = {id(p): name for name, p in named_parameters}
         for i, optimizer in enumerate(optimizers):
-            self._slot_at(i).optimizer = optimizer
+            self._slot_at(i).track(optimizer)
         del self._slots[max(len(optimizers), 1):]
         for i, slot in enumerate(self._slots):
             if slot.optimizer is not None:
                 self.remedy.attach(i, slot.optimizer, slot.counters)
 
     def detach(self) -> None:
-        """Remove every hook from the optimizers (LR scaling) and restore their LR."""
+        """Remove every hook from the optimizers (LR scaling, step tracking) and restore their LR."""
         self.remedy.detach()
+        for slot in self._slots:
+            slot.untrack()
 
     def _slot_at(self, i: int) -> _Slot:
         while len(self._slots) <= i:
@@ -157,7 +189,7 @@ class ClipEngine:
         # An optimizer never attached (a plain loop that skipped attach): bind it now, in order of first use.
         free = next((i for i, s in enumerate(self._slots) if s.optimizer is None), len(self._slots))
         slot = self._slot_at(free)
-        slot.optimizer = optimizer
+        slot.track(optimizer)
         self.remedy.attach(free, optimizer, slot.counters)
         return free
 
@@ -167,8 +199,15 @@ class ClipEngine:
         self.detector.observe_batch(batch, batch_idx)
 
     def observe_loss(self, loss: Any) -> None:
-        """A loss is about to be back-propagated (a NaN/Inf loss makes the next step bad)."""
-        self.detector.observe_loss(loss)
+        """A loss is about to be back-propagated (a NaN/Inf loss makes the next step bad).
+
+        With several optimizers the loss spoils only the steps of the optimizers whose parameters it reaches
+        (two backwards before two steps, in manual optimization).
+        """
+        owners = None
+        if len(self._slots) > 1 and isinstance(loss, Tensor) and loss.grad_fn is not None and self.detector.check_loss:
+            owners = leaf_parameters(loss)
+        self.detector.observe_loss(loss, owners)
 
     # ------------------------------------------------------------------ per optimizer step
     def step(
@@ -219,6 +258,14 @@ class ClipEngine:
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         device = grads[0].device
         counters = slot.counters.to(device)
+        reevaluation = slot.reevaluation()
+        if reevaluation and self.remedy.skips_bad_steps:
+            raise ValueError(
+                f"{type(optimizer).__name__} evaluated its closure more than once in one step() and moves the weights "
+                f"between evaluations (LBFGS with max_iter > 1 or a line search): nan_policy={self.remedy.policy!r} "
+                "cannot undo a move made before a bad evaluation. Use nan_policy='raise' or 'ignore' with it, or "
+                "LBFGS(max_iter=1, line_search_fn=None)."
+            )
         ctx = BadStepContext(
             optimizer=optimizer, optimizer_idx=opt_idx, params=params, grads=grads,
             names=[self._names.get(id(p), f"param{i}") for i, p in enumerate(params)], norms=[],
@@ -237,7 +284,9 @@ class ClipEngine:
         finite = torch.isfinite(total)
 
         # --- detect
-        data_bad = self.detector.flag(device, agree=distributed) if self.detector.active else None
+        data_bad = None
+        if self.detector.active:
+            data_bad = self.detector.flag(device, agree=distributed, params={id(p) for p in params})
         overflow = counters.false
         if scaler is not None and not isinstance(self.remedy, Ignore):
             # fp16: non-finite gradients with a finite loss are GradScaler overflows, not divergence.
@@ -253,7 +302,8 @@ class ClipEngine:
             norm_type=self.norm_type, eps=self.eps, inv_scale=inv_scale, log=log,
         ))
         clipped = result.clipped & ~bad
-        counters.update(clipped, bad, overflow)
+        if not reevaluation:  # counters count optimizer steps, not closure evaluations
+            counters.update(clipped, bad, overflow)
 
         # --- remedy: device part, then the host part only when it (or logging) needs the values
         self.remedy.on_device(ctx)

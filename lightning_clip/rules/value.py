@@ -81,6 +81,15 @@ class ValueClip(ClipRule):
 
     def clip_(self, step: GradStep) -> ClipResult:
         grads, inv_scale = step.grads, step.inv_scale
+        for name, g in zip(step.names, grads):
+            if g.is_sparse or g.is_complex():
+                # Clamping has no meaning for a complex number, and a sparse gradient would have to be coalesced
+                # (a copy that replaces p.grad); use mode="norm" for these, which supports both.
+                kind = "sparse" if g.is_sparse else "complex"
+                raise ValueError(
+                    f"mode='value' cannot clamp the {kind} gradient of parameter `{name}` ({g.dtype}); "
+                    "use mode='norm' (norm clipping supports sparse and complex gradients) or exclude it."
+                )
         if inv_scale is not None:
             # Scaled fp16 gradients: clamp in true units. The scale is a power of two: the round trip is exact.
             F.scale_(grads, inv_scale)
