@@ -1,4 +1,4 @@
-"""The Lightning wiring: :class:`GradientClipping` hands what the Trainer knows to the :class:`~lightning_clip.engine.ClipEngine`.
+"""The Lightning wiring: :class:`GradientClipping` hands what the Trainer knows to the engine.
 
 The engine does the work (measure, detect, clip, remedy, report); this module only adapts Lightning: it hooks
 ``on_before_optimizer_step`` and the micro-batch hooks, tells the engine the precision plugin's GradScaler,
@@ -9,7 +9,7 @@ of ``lightning.pytorch``, so either Trainer and either ``LightningCLI`` accepts 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -81,19 +81,19 @@ class GradientClipping(CallbackBase):
         mode: str = "norm",
         max_norm: float = 1.0,
         norm_type: float = 2.0,
-        clip_value: Optional[float] = None,
-        min_value: Optional[float] = None,
-        max_value: Optional[float] = None,
+        clip_value: float | None = None,
+        min_value: float | None = None,
+        max_value: float | None = None,
         nan_policy: str = "skip",
         lr_factor: float = 0.5,
-        min_lr_scale: Optional[float] = None,
-        lr_recovery_steps: Optional[int] = None,
-        max_consecutive_nonfinite: Optional[int] = 10,
+        min_lr_scale: float | None = None,
+        lr_recovery_steps: int | None = None,
+        max_consecutive_nonfinite: int | None = 10,
         check_inputs: bool = False,
         log_norms: str = "layer",
         eps: float = F.EPS,
-        name: Optional[str] = None,
-        rule: Optional[ClipRule] = None,
+        name: str | None = None,
+        rule: ClipRule | None = None,
     ) -> None:
         super().__init__()
         # Checked whatever the mode and policy: a bad default-carrying setting is a mistake even where unread.
@@ -107,11 +107,14 @@ class GradientClipping(CallbackBase):
         elif mode not in ("norm", getattr(rule, "mode", None)) or any(v is not None for v in value_args.values()):
             raise ValueError(f"`rule` ({rule!r}) replaces `mode` and its bounds; got mode={mode!r} with {value_args}.")
         remedy = build_remedy(
-            nan_policy, strict={"min_lr_scale": min_lr_scale, "lr_recovery_steps": lr_recovery_steps},
-            lr_factor=lr_factor, max_consecutive_nonfinite=max_consecutive_nonfinite,
+            nan_policy,
+            strict={"min_lr_scale": min_lr_scale, "lr_recovery_steps": lr_recovery_steps},
+            lr_factor=lr_factor,
+            max_consecutive_nonfinite=max_consecutive_nonfinite,
         )
-        self.engine = ClipEngine(rule, remedy, norm_type=norm_type, eps=eps, check_inputs=check_inputs,
-                                 log_norms=log_norms)
+        self.engine = ClipEngine(
+            rule, remedy, norm_type=norm_type, eps=eps, check_inputs=check_inputs, log_norms=log_norms
+        )
         self.engine.warn = lambda message: rank_zero_warn(message, category=RuntimeWarning)
         self.mode = rule.mode
         self.max_norm = float(max_norm)

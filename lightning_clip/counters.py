@@ -17,7 +17,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,38 +26,41 @@ COUNTERS = ("clipped_steps", "nonfinite_steps", "amp_overflows")
 
 
 class StepCounters:
+    """The counts of one optimizer: device tensors for the hot path, host values for the LR scale."""
+
     def __init__(self) -> None:
         self.steps = 0  # plain int: counting calls needs no device
-        self._host = dict.fromkeys(COUNTERS, 0)
-        self._streak_host = 0
-        self.counts: Optional[Tensor] = None  # int64[len(COUNTERS)] on the device
-        self.streak: Optional[Tensor] = None  # int64[] consecutive bad steps
-        self.false: Optional[Tensor] = None  # a device False, reused every step
+        self.counts = torch.zeros(len(COUNTERS), dtype=torch.int64)  # moved to the gradients' device by to()
+        self.streak = torch.zeros((), dtype=torch.int64)  # consecutive bad steps
+        self.false = torch.zeros((), dtype=torch.bool)  # a device False, reused every step
         # halve_lr state (host)
         self.lr_scale = 1.0
         self.healthy_steps = 0
         # fused-skip path: bad steps already reported to the user
         self.reported_nonfinite = 0
 
-    def to(self, device: torch.device) -> "StepCounters":
-        """Create the device tensors (from the host values) or move them to ``device``."""
-        if self.counts is None:
-            # zeros/full fill on the device; torch.tensor(list) would be a blocking host copy.
+    def to(self, device: torch.device) -> StepCounters:
+        """Move the device tensors to ``device`` (once; a no-op when they are there)."""
+        if self.counts.device == device:
+            return self
+        if self.counts.device.type == "cpu":
+            # From host values (new or loaded): fill on the device; a copy of CPU memory would block the host.
+            host, streak = self.counts.tolist(), int(self.streak)
             self.counts = torch.zeros(len(COUNTERS), dtype=torch.int64, device=device)
-            for i, name in enumerate(COUNTERS):
-                if self._host[name]:
-                    self.counts[i] = self._host[name]
-            self.streak = torch.full((), self._streak_host, dtype=torch.int64, device=device)
+            for i, value in enumerate(host):
+                if value:
+                    self.counts[i] = value
+            self.streak = torch.full((), streak, dtype=torch.int64, device=device)
             self.false = torch.zeros((), dtype=torch.bool, device=device)
-        elif self.counts.device != device:
+        else:
             self.counts, self.streak, self.false = (t.to(device) for t in (self.counts, self.streak, self.false))
         return self
 
     def update(self, clipped: Tensor, bad: Tensor, overflow: Tensor) -> None:
         """Count one optimizer step from device flags, with no host read."""
         self.steps += 1
-        self.counts.add_(torch.stack([clipped, bad, overflow]))  # type: ignore[union-attr]
-        self.streak.add_(1).mul_(bad)  # type: ignore[union-attr]  # reset to 0 by a good step
+        self.counts.add_(torch.stack([clipped, bad, overflow]))
+        self.streak.add_(1).mul_(bad)  # reset to 0 by a good step
 
     def from_values(self, values: list[float]) -> dict[str, int]:
         """Counts from values already read back (in :data:`COUNTERS` order), plus ``steps``."""
@@ -67,21 +70,20 @@ class StepCounters:
 
     def totals(self) -> dict[str, int]:
         """Read the counts back (a host read: not for the hot path)."""
-        if self.counts is not None:
-            self._host = dict(zip(COUNTERS, (int(v) for v in self.counts.tolist())))
-            self._streak_host = int(self.streak.item())  # type: ignore[union-attr]
-        return {"steps": self.steps, **self._host, "nonfinite_streak": self._streak_host}
+        values = torch.cat([self.counts, self.streak.reshape(1)]).tolist()
+        return {"steps": self.steps, **dict(zip(COUNTERS, values)), "nonfinite_streak": values[-1]}
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.totals(), "lr_scale": self.lr_scale, "healthy_steps": self.healthy_steps}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "StepCounters":
+    def from_state_dict(cls, state: dict[str, Any]) -> StepCounters:
+        """Counters from :meth:`state_dict` (tensors on the CPU until the first step moves them)."""
         c = cls()
         c.steps = int(state.get("steps", 0))
-        c._host = {name: int(state.get(name, 0)) for name in COUNTERS}
-        c._streak_host = int(state.get("nonfinite_streak", 0))
+        c.counts = torch.tensor([int(state.get(name, 0)) for name in COUNTERS], dtype=torch.int64)
+        c.streak = torch.tensor(int(state.get("nonfinite_streak", 0)), dtype=torch.int64)
         c.lr_scale = float(state.get("lr_scale", 1.0))
         c.healthy_steps = int(state.get("healthy_steps", 0))
-        c.reported_nonfinite = c._host["nonfinite_steps"]
+        c.reported_nonfinite = int(state.get("nonfinite_steps", 0))
         return c

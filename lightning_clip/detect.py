@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,9 +67,9 @@ class BadStepDetector:
         self.check_inputs = check_inputs
         self.check_loss = check_loss
         # (0-dim bool, ids of the parameters the loss reaches or None) per backward not yet consumed by a step
-        self._losses: list[tuple[Tensor, Optional[set[int]]]] = []
+        self._losses: list[tuple[Tensor, set[int] | None]] = []
         self._step_losses: list[Tensor] = []
-        self._batches: list[tuple[int, Any, Optional[Tensor]]] = []
+        self._batches: list[tuple[int, Any, Tensor | None]] = []
         self._window_done = False
 
     @property
@@ -84,14 +84,14 @@ class BadStepDetector:
         # Keep the batch only while checking inputs: it is needed to say where the NaN is.
         self._batches.append((batch_idx, batch if self.check_inputs else None, flag))
 
-    def observe_loss(self, loss: Any, owners: Optional[set[int]] = None) -> None:
+    def observe_loss(self, loss: Any, owners: set[int] | None = None) -> None:
         """A loss about to be back-propagated. ``owners`` (ids of the parameters it reaches, see
         :func:`leaf_parameters`) ties it to the optimizers of those parameters; None: to the next step."""
         if not self.check_loss or not isinstance(loss, Tensor):
             return
         self._losses.append((~torch.isfinite(loss.detach()).all(), owners))
 
-    def flag(self, device: torch.device, agree: bool = False, params: Optional[set[int]] = None) -> Tensor:
+    def flag(self, device: torch.device, agree: bool = False, params: set[int] | None = None) -> Tensor:
         """0-dim bool on ``device``: was a loss of this step or any input of this window NaN/Inf? With ``agree``,
         OR-ed over all ranks (every rank must join, also one with nothing to report).
 
@@ -99,7 +99,8 @@ class BadStepDetector:
         are consumed for these parameters, so another optimizer's step sees only its own losses.
         """
         flags = [f.to(device) for _, _, f in self._batches if f is not None]
-        self._step_losses, kept = [], []
+        self._step_losses = []
+        kept: list[tuple[Tensor, set[int] | None]] = []
         for bad, owners in self._losses:
             if owners is None or params is None or owners & params:
                 self._step_losses.append(bad)
@@ -129,5 +130,5 @@ class BadStepDetector:
     def step_done(self) -> None:
         """The optimizer step is over: the next micro-batch opens a new window. Losses not tied to other
         optimizers' parameters belonged to this step, whether or not it had gradients."""
-        self._losses = [(bad, owners) for bad, owners in self._losses if owners]
+        self._losses = [(bad, owners) for bad, owners in self._losses if owners is not None and owners]
         self._window_done = True

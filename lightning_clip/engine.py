@@ -46,7 +46,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,7 +68,7 @@ LOG_NORMS = ("layer", "parameter", "total", "none")
 class _Slot:
     """Everything per optimizer: the optimizer, its counters and its own copy of the rule."""
 
-    optimizer: Optional[Optimizer]
+    optimizer: Optimizer | None
     counters: StepCounters
     rule: ClipRule
     # Closure evaluations: optimizer.step() calls counted by its hooks; the call the engine last saw.
@@ -126,8 +126,8 @@ class ClipEngine:
 
     def __init__(
         self,
-        rule: Optional[ClipRule] = None,
-        remedy: Optional[Remedy] = None,
+        rule: ClipRule | None = None,
+        remedy: Remedy | None = None,
         *,
         norm_type: float = 2.0,
         eps: float = F.EPS,
@@ -156,7 +156,9 @@ class ClipEngine:
         self._names: dict[int, str] = {}
 
     # ------------------------------------------------------------------ set-up
-    def attach(self, optimizers: Sequence[Optimizer], named_parameters: Optional[Iterable[tuple[str, Tensor]]] = None) -> None:
+    def attach(
+        self, optimizers: Sequence[Optimizer], named_parameters: Iterable[tuple[str, Tensor]] | None = None
+    ) -> None:
         """Bind the optimizers (in order: index ``i`` logs with the suffix ``_opt<i>``) and name the parameters.
 
         Counters loaded by :meth:`load_state_dict` are kept, matched by index.
@@ -166,7 +168,7 @@ class ClipEngine:
             self._names = {id(p): name for name, p in named_parameters}
         for i, optimizer in enumerate(optimizers):
             self._slot_at(i).track(optimizer)
-        del self._slots[max(len(optimizers), 1):]
+        del self._slots[max(len(optimizers), 1) :]
         for i, slot in enumerate(self._slots):
             if slot.optimizer is not None:
                 self.remedy.attach(i, slot.optimizer, slot.counters)
@@ -219,7 +221,7 @@ class ClipEngine:
         sharded: bool = False,
         distributed: bool = False,
         read_every: int = 50,
-        global_step: Optional[int] = None,
+        global_step: int | None = None,
         epoch: int = 0,
     ) -> dict[str, float]:
         """Run the pipeline on ``optimizer``'s gradients, in place. Call it after backward, before the update.
@@ -240,8 +242,15 @@ class ClipEngine:
             self.detector.step_done()
 
     def _step(
-        self, optimizer: Optimizer, log: bool, scaler: Any, sharded: bool, distributed: bool, read_every: int,
-        global_step: Optional[int], epoch: int,
+        self,
+        optimizer: Optimizer,
+        log: bool,
+        scaler: Any,
+        sharded: bool,
+        distributed: bool,
+        read_every: int,
+        global_step: int | None,
+        epoch: int,
     ) -> dict[str, float]:
         opt_idx = self._index_of(optimizer)
         slot = self._slots[opt_idx]
@@ -255,7 +264,7 @@ class ClipEngine:
             if distributed and self.detector.active:
                 self.detector.flag(_device_of(optimizer), agree=True)
             return {}
-        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        grads: list[Tensor] = [p.grad for p in params]
         device = grads[0].device
         counters = slot.counters.to(device)
         reevaluation = slot.reevaluation()
@@ -267,12 +276,22 @@ class ClipEngine:
                 "LBFGS(max_iter=1, line_search_fn=None)."
             )
         ctx = BadStepContext(
-            optimizer=optimizer, optimizer_idx=opt_idx, params=params, grads=grads,
-            names=[self._names.get(id(p), f"param{i}") for i, p in enumerate(params)], norms=[],
-            bad=counters.false, scaler=scaler, counters=counters, read_every=read_every,
-            global_step=counters.steps if global_step is None else global_step, epoch=epoch,
-            batch_idx=self.detector.last_batch_idx(), loss_nonfinite=self.detector.loss_nonfinite,
-            input_problems=self.detector.input_problems, warn=self.warn,
+            optimizer=optimizer,
+            optimizer_idx=opt_idx,
+            params=params,
+            grads=grads,
+            names=[self._names.get(id(p), f"param{i}") for i, p in enumerate(params)],
+            norms=[],
+            bad=counters.false,
+            scaler=scaler,
+            counters=counters,
+            read_every=read_every,
+            global_step=counters.steps if global_step is None else global_step,
+            epoch=epoch,
+            batch_idx=self.detector.last_batch_idx(),
+            loss_nonfinite=self.detector.loss_nonfinite,
+            input_problems=self.detector.input_problems,
+            warn=self.warn,
         )
 
         # --- measure (in true units: fused optimizers under fp16 still hold scaled gradients here)
@@ -297,10 +316,21 @@ class ClipEngine:
         ctx.bad, ctx.norms = bad, norms
 
         # --- clip, count
-        result = slot.rule.clip_(GradStep(
-            params=params, grads=grads, names=ctx.names, norms=norms, total=total, finite=finite, bad=bad,
-            norm_type=self.norm_type, eps=self.eps, inv_scale=inv_scale, log=log,
-        ))
+        result = slot.rule.clip_(
+            GradStep(
+                params=params,
+                grads=grads,
+                names=ctx.names,
+                norms=norms,
+                total=total,
+                finite=finite,
+                bad=bad,
+                norm_type=self.norm_type,
+                eps=self.eps,
+                inv_scale=inv_scale,
+                log=log,
+            )
+        )
         clipped = result.clipped & ~bad
         if not reevaluation:  # counters count optimizer steps, not closure evaluations
             counters.update(clipped, bad, overflow)
@@ -314,31 +344,40 @@ class ClipEngine:
         layer_norms: list[Tensor] = []
         if log:
             threshold = result.threshold
-            head += [total, total if result.total_after is None else result.total_after, clipped,
-                     torch.as_tensor(math.nan if threshold is None else threshold, device=device)]
+            head += [
+                total,
+                total if result.total_after is None else result.total_after,
+                clipped,
+                torch.as_tensor(math.nan if threshold is None else threshold, device=device),
+            ]
             layer_names, layer_norms = self._layer_norms(ctx.names, norms, inv_scale, device)
         values = torch.cat(  # the one device-to-host transfer of this step
-            [torch.stack([h.to(device=device, dtype=torch.float64) for h in head]),
-             counters.counts.to(torch.float64)]  # type: ignore[union-attr]
+            [torch.stack([h.to(device=device, dtype=torch.float64) for h in head]), counters.counts.to(torch.float64)]
             + ([torch.stack(layer_norms).to(torch.float64)] if layer_norms else [])
         ).tolist()
         n_head = len(head)
-        counts = counters.from_values(values[n_head:n_head + len(COUNTERS)])
+        counts = counters.from_values(values[n_head : n_head + len(COUNTERS)])
         counts["skipped_steps"] = counts["nonfinite_steps"] if self.remedy.skips_bad_steps else 0
         self.remedy.on_host(ctx, StepRead(bool(values[0]), int(values[1]), bool(values[2]), counts))
         if not log:
             return {}
         step_values = {
-            "total": values[3], "total_clipped": values[4], "clipped": values[5],
+            "total": values[3],
+            "total_clipped": values[4],
+            "clipped": values[5],
             "threshold": None if math.isnan(values[6]) else values[6],
-            "max_norm": getattr(slot.rule, "max_norm", None), "lr_scale": self._lr_scale(slot),
+            "max_norm": getattr(slot.rule, "max_norm", None),
+            "lr_scale": self._lr_scale(slot),
         }
-        group = None if self.log_norms in ("total", "none") else (
-            M.LAYER_GROUP if self.log_norms == "layer" else M.PARAM_GROUP)
-        return M.step_metrics(opt_idx, step_values, counts, group, layer_names, values[n_head + len(COUNTERS):])
+        group = (
+            None
+            if self.log_norms in ("total", "none")
+            else (M.LAYER_GROUP if self.log_norms == "layer" else M.PARAM_GROUP)
+        )
+        return M.step_metrics(opt_idx, step_values, counts, group, layer_names, values[n_head + len(COUNTERS) :])
 
     def _layer_norms(
-        self, names: Sequence[str], norms: Sequence[Tensor], inv_scale: Optional[Tensor], device: torch.device
+        self, names: Sequence[str], norms: Sequence[Tensor], inv_scale: Tensor | None, device: torch.device
     ) -> tuple[list[str], list[Tensor]]:
         if self.log_norms in ("total", "none"):
             return [], []
@@ -355,8 +394,10 @@ class ClipEngine:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Counters, LR scale and rule statistics of every optimizer (host values)."""
-        return {"version": 2, "optimizers": [
-            {**slot.counters.state_dict(), "rule": slot.rule.state_dict()} for slot in self._slots]}
+        return {
+            "version": 2,
+            "optimizers": [{**slot.counters.state_dict(), "rule": slot.rule.state_dict()} for slot in self._slots],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (also the ``version: 1`` format of lightning-clip 0.1.0)."""

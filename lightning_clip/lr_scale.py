@@ -34,7 +34,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from torch.optim import Optimizer
 
@@ -47,7 +47,7 @@ class StepLRScale:
         self.scale = scale
         # Standalone, every update is scaled; ``deferred`` (the engine) scales only the updates it arms.
         self.deferred = deferred
-        self._saved: Optional[list[Any]] = None  # the scheduler's LRs while the scaled ones are in place
+        self._saved: list[Any] | None = None  # the scheduler's LRs while the scaled ones are in place
         self._armed = False
         self._in_step = False
         self._handles = [

@@ -1,4 +1,4 @@
-"""The names of everything the engine logs, in one place: the callback writes them, ``lightning-clip report`` reads them.
+"""The names of everything the engine logs, in one place: the callback writes them, the report reads them.
 
 Tags per optimizer ``i`` (optimizer 0 has no suffix, optimizer ``i > 0`` the suffix ``_opt<i>``):
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Optional
 
 TOTAL = "grad_norm/total"
 TOTAL_CLIPPED = "grad_norm/total_clipped"
@@ -64,7 +63,7 @@ def norm_tag(group: str, name: str, optimizer_idx: int) -> str:
     return f"{group}/{name}{suffix(optimizer_idx)}"
 
 
-def parse_total(name: str) -> Optional[int]:
+def parse_total(name: str) -> int | None:
     """The optimizer index of a ``grad_norm/total[_opt<i>]`` tag, or None for any other tag."""
     match = _TOTAL_RE.match(name)
     if not match:
@@ -76,7 +75,7 @@ def step_metrics(
     optimizer_idx: int,
     values: dict[str, float],
     counts: dict[str, int],
-    norm_group: Optional[str] = None,
+    norm_group: str | None = None,
     norm_names: Sequence[str] = (),
     norm_values: Sequence[float] = (),
 ) -> dict[str, float]:
@@ -86,8 +85,12 @@ def step_metrics(
     the rule has one, ``threshold`` and ``max_norm``; ``counts`` the cumulative counters (:data:`COUNTER_TAGS`).
     """
     i = optimizer_idx
-    out = {tag(TOTAL, i): values["total"], tag(TOTAL_CLIPPED, i): values["total_clipped"],
-           tag(CLIPPED, i): values["clipped"], tag(LR_SCALE, i): values["lr_scale"]}
+    out = {
+        tag(TOTAL, i): values["total"],
+        tag(TOTAL_CLIPPED, i): values["total_clipped"],
+        tag(CLIPPED, i): values["clipped"],
+        tag(LR_SCALE, i): values["lr_scale"],
+    }
     out.update({tag(name, i): float(counts[key]) for key, name in COUNTER_TAGS.items()})
     for key, name in (("threshold", THRESHOLD), ("max_norm", MAX_NORM)):
         if values.get(key) is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any
 
 
 def _is_number(value: Any) -> bool:
@@ -45,7 +45,13 @@ def check_finite(name: str, value: Any, *, allow_none: bool = False) -> None:
 
 
 def check_in_range(
-    name: str, value: Any, low: float, high: float, *, low_open: bool = True, high_open: bool = True,
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = True,
+    high_open: bool = True,
     allow_none: bool = False,
 ) -> None:
     """``low < value < high`` (each end open or closed)."""
@@ -74,6 +80,6 @@ def check_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
 
 
-def check_optional_str(name: str, value: Optional[Any]) -> None:
+def check_optional_str(name: str, value: Any | None) -> None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"`{name}` must be a string or None, got {value!r}.")

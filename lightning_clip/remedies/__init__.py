@@ -24,8 +24,17 @@ from lightning_clip.remedies.raise_error import RaiseError
 from lightning_clip.remedies.skip import Skip
 from lightning_clip.validation import check_choice
 
-__all__ = ["REMEDIES", "BadStepContext", "HalveLR", "Ignore", "RaiseError", "Remedy", "Skip", "StepRead",
-           "build_remedy"]
+__all__ = [
+    "REMEDIES",
+    "BadStepContext",
+    "HalveLR",
+    "Ignore",
+    "RaiseError",
+    "Remedy",
+    "Skip",
+    "StepRead",
+    "build_remedy",
+]
 
 REMEDIES: dict[str, type[Remedy]] = {r.policy: r for r in (Skip, HalveLR, RaiseError, Ignore)}
 

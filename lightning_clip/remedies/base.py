@@ -1,4 +1,4 @@
-"""What a remedy is: :class:`Remedy`, the step it acts on (:class:`BadStepContext`) and what was read (:class:`StepRead`).
+"""What a remedy is: :class:`Remedy`, the step it acts on (:class:`BadStepContext`) and its values (:class:`StepRead`).
 
 A remedy is the answer to ``nan_policy``: what happens to a step whose gradient, loss or inputs are NaN/Inf.
 It acts in two phases, so that the sync-free paths stay sync-free by construction:
@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -122,10 +122,18 @@ def nonfinite_names(step: BadStepContext) -> list[str]:
 def diagnose(step: BadStepContext, read: StepRead, action: str, lr_scale: float, stopping: bool) -> BadStep:
     """What is known about this bad step, for the warning or the error."""
     return BadStep(
-        global_step=step.global_step, epoch=step.epoch, batch_idx=step.batch_idx,
-        optimizer_idx=step.optimizer_idx, nonfinite_names=nonfinite_names(step), num_params=len(step.params),
-        loss_nonfinite=step.loss_nonfinite(), input_problems=step.input_problems(), consecutive=read.streak,
-        skipped_total=read.counts["nonfinite_steps"] - (1 if stopping else 0), lr_scale=lr_scale, action=action,
+        global_step=step.global_step,
+        epoch=step.epoch,
+        batch_idx=step.batch_idx,
+        optimizer_idx=step.optimizer_idx,
+        nonfinite_names=nonfinite_names(step),
+        num_params=len(step.params),
+        loss_nonfinite=step.loss_nonfinite(),
+        input_problems=step.input_problems(),
+        consecutive=read.streak,
+        skipped_total=read.counts["nonfinite_steps"] - (1 if stopping else 0),
+        lr_scale=lr_scale,
+        action=action,
     )
 
 
@@ -138,5 +146,5 @@ def warn_due(nonfinite_total: int) -> bool:
     return nonfinite_total > 0 and nonfinite_total & (nonfinite_total - 1) == 0
 
 
-def optional_int(value: Optional[int]) -> Optional[int]:
+def optional_int(value: int | None) -> int | None:
     return None if value is None else int(value)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 from torch.optim import Optimizer
 
@@ -40,9 +40,9 @@ class HalveLR(Skip):
     def __init__(
         self,
         lr_factor: float = 0.5,
-        min_lr_scale: Optional[float] = None,
-        lr_recovery_steps: Optional[int] = None,
-        max_consecutive_nonfinite: Optional[int] = 10,
+        min_lr_scale: float | None = None,
+        lr_recovery_steps: int | None = None,
+        max_consecutive_nonfinite: int | None = 10,
     ) -> None:
         super().__init__(max_consecutive_nonfinite)
         check_in_range("lr_factor", lr_factor, 0.0, 1.0)

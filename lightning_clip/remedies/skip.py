@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
 from lightning_clip import functional as F
-from lightning_clip.remedies.base import (
-    BadStepContext, Remedy, StepRead, diagnose, raise_nonfinite, skip_step, warn_due,
-)
 from lightning_clip.diagnosis import describe
 from lightning_clip.errors import NonFiniteGradientError
+from lightning_clip.remedies.base import (
+    BadStepContext,
+    Remedy,
+    StepRead,
+    diagnose,
+    raise_nonfinite,
+    skip_step,
+    warn_due,
+)
 from lightning_clip.validation import check_count
 
 
@@ -27,8 +33,9 @@ def fused_skip_is_safe(step: BadStepContext) -> bool:
         return False
     if isinstance(opt, torch.optim.SGD):
         for group in opt.param_groups:
-            if group.get("momentum", 0) and any(opt.state.get(p, {}).get("momentum_buffer") is None
-                                                for p in group["params"]):
+            if group.get("momentum", 0) and any(
+                opt.state.get(p, {}).get("momentum_buffer") is None for p in group["params"]
+            ):
                 return False
     return True
 
@@ -52,7 +59,7 @@ class Skip(Remedy):
     options: ClassVar[tuple[str, ...]] = ("max_consecutive_nonfinite",)
     skips_bad_steps: ClassVar[bool] = True
 
-    def __init__(self, max_consecutive_nonfinite: Optional[int] = 10) -> None:
+    def __init__(self, max_consecutive_nonfinite: int | None = 10) -> None:
         check_count("max_consecutive_nonfinite", max_consecutive_nonfinite)
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
 
@@ -95,12 +102,19 @@ class Skip(Remedy):
         if not (stop or warn_due(read.counts["nonfinite_steps"])):
             skip_step(step)
             return
-        info = diagnose(step, read, "raised NonFiniteGradientError" if stop else self.action,
-                        step.counters.lr_scale if self.keeps_lr_scale() else 1.0, stopping=stop)
+        info = diagnose(
+            step,
+            read,
+            "raised NonFiniteGradientError" if stop else self.action,
+            step.counters.lr_scale if self.keeps_lr_scale() else 1.0,
+            stopping=stop,
+        )
         if stop:
             self.detach_lr(step)
-            raise_nonfinite(info, f"{read.streak} consecutive steps with non-finite gradients "
-                                  f"(max_consecutive_nonfinite={limit}).\n")
+            raise_nonfinite(
+                info,
+                f"{read.streak} consecutive steps with non-finite gradients (max_consecutive_nonfinite={limit}).\n",
+            )
         skip_step(step)
         step.warn(describe(info))
 

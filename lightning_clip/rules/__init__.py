@@ -42,7 +42,7 @@ def build_rule(mode: str, strict: dict[str, Any] | None = None, **options: Any) 
     if ignored:
         settings = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
         raise ValueError(
-            f"`{next(iter(ignored))}` does not apply to mode={mode!r} (it reads {', '.join(cls.options) or 'no option'});"
-            f" got {settings}."
+            f"`{next(iter(ignored))}` does not apply to mode={mode!r} "
+            f"(it reads {', '.join(cls.options) or 'no option'}); got {settings}."
         )
     return cls.from_options(**options, **strict)

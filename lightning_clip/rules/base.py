@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ class GradStep:
     bad: Tensor
     norm_type: float
     eps: float
-    inv_scale: Optional[Tensor]
+    inv_scale: Tensor | None
     log: bool
 
     @property
@@ -52,8 +52,8 @@ class ClipResult:
     (``total_after``, only needed on logging steps), and the ``threshold`` in force (None if it has none)."""
 
     clipped: Tensor
-    total_after: Optional[Tensor] = None
-    threshold: Optional[Tensor | float] = None
+    total_after: Tensor | None = None
+    threshold: Tensor | float | None = None
 
 
 class ClipRule:

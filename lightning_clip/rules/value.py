@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from lightning_clip.rules.base import ClipResult, ClipRule, GradStep
 from lightning_clip.validation import check_finite, check_positive
 
 
-def out_of_range(tensors: Sequence[Tensor], min_value: Optional[float], max_value: Optional[float]) -> Tensor:
+def out_of_range(tensors: Sequence[Tensor], min_value: float | None, max_value: float | None) -> Tensor:
     """0-dim bool on the device: does any element lie outside ``[min_value, max_value]``? No host read, no copy.
 
     A symmetric range needs one inf-norm pass; an asymmetric one a foreach max and a per-tensor min.
@@ -55,7 +55,7 @@ class ValueClip(ClipRule):
     options: ClassVar[tuple[str, ...]] = ("clip_value", "min_value", "max_value")
 
     def __init__(
-        self, clip_value: Optional[float] = None, min_value: Optional[float] = None, max_value: Optional[float] = None
+        self, clip_value: float | None = None, min_value: float | None = None, max_value: float | None = None
     ) -> None:
         check_positive("clip_value", clip_value, allow_none=True)
         # An infinite bound would clamp every element to +-inf (and inf - inf = NaN in the optimizer).
