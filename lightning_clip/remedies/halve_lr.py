@@ -60,6 +60,7 @@ class HalveLR(Skip):
         self._hooks[optimizer_idx] = StepLRScale(optimizer, counters.lr_scale, deferred=True)
 
     def detach(self) -> None:
+        super().detach()
         for hook in self._hooks.values():
             hook.remove()
         self._hooks = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from torch.optim import Optimizer
 
 from lightning_clip import functional as F
 from lightning_clip.diagnosis import describe
@@ -62,6 +63,14 @@ class Skip(Remedy):
     def __init__(self, max_consecutive_nonfinite: int | None = 10) -> None:
         check_count("max_consecutive_nonfinite", max_consecutive_nonfinite)
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self._found_inf_set: list[Optimizer] = []  # optimizers whose found_inf this remedy wrote
+
+    def detach(self) -> None:
+        # found_inf stays on the optimizer and would skip every later step() made without the engine.
+        for optimizer in self._found_inf_set:
+            if hasattr(optimizer, "found_inf"):
+                del optimizer.found_inf
+        self._found_inf_set = []
 
     # --- the two paths
     def _on_device(self, step: BadStepContext) -> bool:
@@ -74,10 +83,15 @@ class Skip(Remedy):
 
     def on_device(self, step: BadStepContext) -> None:
         if not self._on_device(step):
+            if any(opt is step.optimizer for opt in self._found_inf_set):
+                # A step on the host path must not inherit the last device decision.
+                step.optimizer.found_inf = torch.zeros_like(step.optimizer.found_inf)  # type: ignore[attr-defined]
             return
         if step.scaler is None:
             # torch's fused Adam/AdamW/SGD skip the whole update (and undo the step count) when found_inf == 1.
             step.optimizer.found_inf = step.bad.to(torch.float32)  # type: ignore[attr-defined]
+            if not any(opt is step.optimizer for opt in self._found_inf_set):
+                self._found_inf_set.append(step.optimizer)
         else:
             # GradScaler overwrites found_inf in scaler.step(); it skips on non-finite gradients, so make the
             # gradients non-finite when the step is bad for another reason (loss or input).
