@@ -29,7 +29,7 @@ def out_of_range(tensors: Sequence[Tensor], min_value: float | None, max_value: 
         group = [tensors[i] for i in idx if tensors[i].numel() > 0]
         if not group:
             continue
-        if symmetric:
+        if symmetric and max_value is not None:
             # max |x| is exact in the tensor's dtype: no accumulation dtype, unlike a norm.
             flags.append((torch.stack(torch._foreach_norm(group, math.inf)) > max_value).any().to(device))
             continue
