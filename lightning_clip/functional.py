@@ -29,6 +29,8 @@ Example::
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
@@ -71,19 +73,28 @@ def grad_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> list[Tensor
     """The ``norm_type``-norm of each tensor, as 0-dim tensors on each tensor's device.
 
     Computed with one ``torch._foreach_norm`` per ``(device, dtype)`` group, accumulated in float32
-    (float64 for float64 tensors). The result is in the order of ``tensors``.
+    (float64 for float64 tensors). The result is in the order of ``tensors``. Complex tensors give the norm of
+    their moduli (as torch's ``clip_grad_norm_``); sparse tensors the norm of their dense value.
     """
     norm_type = float(norm_type)
     norms: list[Tensor | None] = [None] * len(tensors)
     for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
-        acc = _accumulation_dtype(dtype)
-        # Empty tensors (zero-size parameters, empty FSDP shards) have norm 0; the inf-norm kernel rejects them.
-        empty = [i for i in idx if tensors[i].numel() == 0]
-        for i in empty:
-            norms[i] = torch.zeros((), device=device, dtype=acc)
-        idx = [i for i in idx if tensors[i].numel() > 0] if empty else idx
-        if idx:
-            for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], norm_type, dtype=acc)):
+        # Complex tensors: the kernel takes no real accumulation dtype; it returns the real norm of |z| anyway.
+        acc = None if dtype.is_complex else _accumulation_dtype(dtype)
+        dense = []
+        for i in idx:
+            t = tensors[i]
+            if t.numel() == 0:
+                # Empty tensors (zero-size parameters, empty FSDP shards) have norm 0; the inf-norm kernel rejects them.
+                norms[i] = torch.zeros((), device=device, dtype=acc or torch.float32)
+            elif t.is_sparse:
+                # Sparse gradients (Embedding(sparse=True)) repeat indices until coalesced: the norm of the
+                # coalesced values is the norm of the dense gradient. No foreach kernel takes sparse tensors.
+                norms[i] = torch.linalg.vector_norm(t.coalesce()._values(), norm_type, dtype=acc)
+            else:
+                dense.append(i)
+        if dense:
+            for i, n in zip(dense, torch._foreach_norm([tensors[i] for i in dense], norm_type, dtype=acc)):
                 norms[i] = n
     # Every index belongs to exactly one group, so every slot is filled.
     return cast("list[Tensor]", norms)
@@ -189,11 +200,32 @@ def clip_grad_norm_(
     parameters: Iterable[Tensor] | Tensor,
     max_norm: float,
     norm_type: float = 2.0,
-    eps: float = EPS,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
 ) -> Tensor:
     """Drop-in for ``torch.nn.utils.clip_grad_norm_`` that leaves gradients alone when the norm is NaN/Inf.
 
-    Returns the total norm before clipping, as a 0-dim tensor (no host read).
+    Same signature, same ``eps`` (``1e-6``) and the same behaviour as torch's, with one deliberate
+    difference: when the total norm is NaN/Inf, torch multiplies every gradient by ``max_norm / nan``
+    and so turns them all into NaN; here the gradients are left exactly as they were (for a NaN policy
+    to handle), and the non-finite total is returned.
+
+    Args:
+        parameters: tensors (or one tensor) whose ``.grad`` is clipped in place; those without a
+            gradient are left out. An empty *generator* (for instance ``model.parameters()`` already
+            consumed) gives a ``UserWarning``, as torch's does.
+        max_norm: the cap on the total norm.
+        norm_type: ``p`` of the norm: any ``p > 0`` or ``float("inf")``.
+        error_if_nonfinite: raise ``RuntimeError`` when the total norm is NaN/Inf (nothing is clipped then).
+            Reads the norm back to the host, as torch's does.
+        foreach: accepted for compatibility. The norms and the scaling use foreach kernels wherever the
+            gradients allow (one launch per device and dtype) whatever this says, so ``False`` runs the same
+            kernels, with the same result; ``True`` on a device without foreach kernels raises
+            ``RuntimeError``, as torch's does.
+
+    Returns the total norm of the gradients before clipping, as a 0-dim tensor on the first gradient's
+    device (no host read unless ``error_if_nonfinite``). Reduced-precision gradients (fp16/bf16) are summed
+    in float32, so their norm is returned in float32.
 
     Example::
 
@@ -205,11 +237,42 @@ def clip_grad_norm_(
         tensor(20.)
         >>> w.grad
         tensor([1.0000, 1.0000, 1.0000, 1.0000])
+        >>> w.grad[0] = float("nan")
+        >>> clip_grad_norm_([w], max_norm=2.0)   # torch's would turn every element into NaN
+        tensor(nan)
+        >>> w.grad
+        tensor([   nan, 1.0000, 1.0000, 1.0000])
     """
     if isinstance(parameters, Tensor):
         parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)  # a generator can be read only once
+        if is_generator and not parameters:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     grads = [p.grad for p in parameters if p.grad is not None]
-    total = total_norm(grad_norms(grads, norm_type), norm_type)
-    if grads:
-        clip_by_norm_(grads, max_norm, total, eps)
+    if foreach:
+        _check_foreach_support(grads)
+    with torch.no_grad():
+        total = total_norm(grad_norms(grads, norm_type), norm_type)
+        if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+            raise RuntimeError(
+                f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+                "cannot be clipped. To disable this error and leave the gradients unchanged (unlike "
+                "torch.nn.utils.clip_grad_norm_, this function never scales them by a non-finite norm), set "
+                "`error_if_nonfinite=False`"
+            )
+        if grads:
+            clip_by_norm_(grads, max_norm, total, EPS)
     return total
+
+
+def _check_foreach_support(tensors: Sequence[Tensor]) -> None:
+    """``foreach=True``: refuse devices without foreach kernels, with torch's message."""
+    try:
+        from torch.utils._foreach_utils import _device_has_foreach_support
+    except ImportError:  # a torch without the helper: nothing to check against
+        return
+    for device in {t.device for t in tensors}:
+        if not _device_has_foreach_support(device):
+            raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")

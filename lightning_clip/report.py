@@ -55,6 +55,9 @@ class ReportError(Exception):
 class RunReport:
     """The summary of one run (one event-file directory) for one optimizer.
 
+    ``run`` labels the directory: its path under the reported log directory, or its own name (``version_0``)
+    when the log directory is the run itself.
+
     ``steps``, ``clipped_steps``, ``nonfinite_steps``, ``skipped_steps`` and ``lr_scale`` are the last
     logged values of the callback's counters (None when the tag is missing). ``median``, ``p99`` and
     ``max`` are over the logged finite values of ``grad_norm/total`` (NaN when there are none).
@@ -166,6 +169,16 @@ def _as_int(value: float | None) -> int | None:
     return None if value is None or not math.isfinite(value) else round(value)
 
 
+def _run_label(run_dir: Path, root: Path) -> str:
+    """A run's label: its path under ``root``; for a run directly at ``root``, the directory's own name
+    (``version_0``, not ``.``; the absolute path where the directory has no name, as ``/``)."""
+    rel = run_dir.relative_to(root).as_posix()
+    if rel != ".":
+        return rel
+    resolved = root.resolve()
+    return resolved.name or resolved.as_posix()
+
+
 def load_runs(logdir: PathLike) -> list[RunReport]:
     """Read the callback's scalars from every run under ``logdir``.
 
@@ -196,10 +209,9 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
             total = _scalars(acc, tag)
             finite = [v for _, v in total if math.isfinite(v)]
             first_bad = next((s for s, v in total if not math.isfinite(v)), None)
-            rel = run_dir.relative_to(root).as_posix()
             reports.append(
                 RunReport(
-                    run="." if rel == "." else rel,
+                    run=_run_label(run_dir, root),
                     optimizer=opt,
                     logged=len(total),
                     median=percentile(finite, 50),
