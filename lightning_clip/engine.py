@@ -45,7 +45,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -76,6 +76,7 @@ class _Slot:
     in_step: bool = False
     seen_call: int = -1
     handles: tuple[Any, ...] = ()
+    state_at_step_start: set[int] = field(default_factory=set)
 
     def track(self, optimizer: Optimizer) -> None:
         """Watch ``optimizer.step()``: a second engine step inside one call is a re-evaluated closure (LBFGS)."""
@@ -85,6 +86,8 @@ class _Slot:
         def pre(*_: Any) -> None:
             self.step_calls += 1
             self.in_step = True
+            # Closure optimizers (LBFGS) create state before they evaluate the closure that decides a skip.
+            self.state_at_step_start = {id(p) for p in optimizer.state}
 
         def post(*_: Any) -> None:
             self.in_step = False
@@ -292,6 +295,7 @@ class ClipEngine:
             loss_nonfinite=self.detector.loss_nonfinite,
             input_problems=self.detector.input_problems,
             warn=self.warn,
+            state_before=slot.state_at_step_start if slot.in_step else None,
         )
 
         # --- measure (in true units: fused optimizers under fp16 still hold scaled gradients here)
@@ -329,6 +333,7 @@ class ClipEngine:
                 eps=self.eps,
                 inv_scale=inv_scale,
                 log=log,
+                update_statistics=not reevaluation,
             )
         )
         clipped = result.clipped & ~bad

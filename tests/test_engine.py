@@ -62,12 +62,15 @@ def test_step_without_log_returns_an_empty_dict_and_reads_nothing(remedy, optimi
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     engine = engine_for(model, opt, NormClip(0.1), remedy())
+    # A fused optimizer's first step, before its state exists, is decided on the host (a device-side skip would
+    # leave state behind): one read. Then none (read_every=50: no later step of these is a read step).
+    expected = [0, 0, 0] if optimizer == "sgd" else [1, 0, 0]
     for seed in range(3):
         backward(model, engine, seed)
         with count_host_reads() as reads:
-            out = engine.step(opt, log=False)  # read_every=50: no step of these three is a read step
+            out = engine.step(opt, log=False)
         assert out == {}
-        assert reads.count == 0, reads.calls
+        assert reads.count == expected[seed], reads.calls
         opt.step()
         opt.zero_grad()
     assert engine.counters["steps"] == 3 and engine.counters["clipped_steps"] == 3

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
 import torch
-
 from faults import FaultModel, StepRecorder, make_loader, states_equal, trainer
+
 from lightning_clip import GradientClipping, NonFiniteGradientError
 from lightning_clip.host_reads import count_host_reads
 
@@ -43,7 +42,11 @@ def assert_untouched_on(rec: StepRecorder, bad_steps: set[int]) -> None:
 @pytest.mark.parametrize("policy", ["skip", "halve_lr"])
 def test_nan_loss_step_is_a_true_noop(tmp_path, optimizer, policy):
     bad = {2, 5}
-    t, rec = fit(tmp_path, GradientClipping(max_norm=1.0, nan_policy=policy), FaultModel(optimizer=optimizer, lr=0.05, nan_loss_at=tuple(bad)))
+    t, rec = fit(
+        tmp_path,
+        GradientClipping(max_norm=1.0, nan_policy=policy),
+        FaultModel(optimizer=optimizer, lr=0.05, nan_loss_at=tuple(bad)),
+    )
     assert_untouched_on(rec, bad)
     cb = t.callbacks[0]
     assert cb.counters["skipped_steps"] == 2
@@ -135,7 +138,12 @@ def test_warnings_are_rate_limited(tmp_path):
         warnings.simplefilter("always")
         trainer(tmp_path, [cb], max_steps=20).fit(FaultModel(nan_loss_at=bad), make_loader(n=160))
     ours = [w for w in record if "Non-finite gradients at global step" in str(w.message)]
-    assert [int(str(w.message).split("global step ")[1].split(" ")[0]) for w in ours] == [0, 2, 6, 14]  # bad steps 1, 2, 4, 8
+    assert [int(str(w.message).split("global step ")[1].split(" ")[0]) for w in ours] == [
+        0,
+        2,
+        6,
+        14,
+    ]  # bad steps 1, 2, 4, 8
     assert cb.counters["skipped_steps"] == 10
 
 
@@ -151,7 +159,7 @@ def test_check_inputs_names_batch_and_position(tmp_path):
 def test_check_inputs_skips_a_dirty_batch_even_when_gradients_are_finite(tmp_path):
     # NaN only in a tensor the model ignores: gradients stay finite, the input check still skips the step.
     cb = GradientClipping(nan_policy="skip", check_inputs=True)
-    t, rec = fit(tmp_path, cb, FaultModel(optimizer="adamw"), loader=make_loader(nan_batches=(2,), extra_nan=True))
+    _t, rec = fit(tmp_path, cb, FaultModel(optimizer="adamw"), loader=make_loader(nan_batches=(2,), extra_nan=True))
     assert_untouched_on(rec, {2})
     assert cb.counters["skipped_steps"] == 1
     # without the check, that step trains normally
@@ -162,8 +170,14 @@ def test_check_inputs_skips_a_dirty_batch_even_when_gradients_are_finite(tmp_pat
 
 def test_accumulation_window_with_one_nan_micro_batch_skips_once(tmp_path):
     cb = GradientClipping(nan_policy="skip", check_inputs=True)
-    t, rec = fit(tmp_path, cb, FaultModel(optimizer="sgd_momentum"), loader=make_loader(nan_batches=(3,)),
-                 max_steps=4, accumulate_grad_batches=2)
+    t, _rec = fit(
+        tmp_path,
+        cb,
+        FaultModel(optimizer="sgd_momentum"),
+        loader=make_loader(nan_batches=(3,)),
+        max_steps=4,
+        accumulate_grad_batches=2,
+    )
     # micro-batch 3 belongs to optimizer step 1
     assert cb.counters["skipped_steps"] == 1 and cb.counters["steps"] == 4
     assert all_finite(t.lightning_module)
@@ -182,7 +196,8 @@ def count_reads_per_step(tmp_path, cb_kwargs, optimizer, log_every=1000, nan_los
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(tmp_path, [cb], max_steps=6, logger=True, log_every_n_steps=log_every).fit(
-            FaultModel(optimizer=optimizer, nan_loss_at=nan_loss_at), make_loader())
+            FaultModel(optimizer=optimizer, nan_loss_at=nan_loss_at), make_loader()
+        )
     return reads
 
 
@@ -191,7 +206,8 @@ def count_reads_per_step(tmp_path, cb_kwargs, optimizer, log_every=1000, nan_los
     [
         ("ignore", "sgd_momentum", 0),
         ("ignore", "adamw_fused", 0),
-        ("skip", "adamw_fused", 0),
+        # fused: the first step, before the optimizer has state, is decided on the host; then on the device
+        ("skip", "adamw_fused", [1, 0, 0, 0, 0, 0]),
         ("skip", "sgd_momentum", 1),
         ("skip", "adamw", 1),
         ("halve_lr", "adamw", 1),
@@ -201,7 +217,7 @@ def count_reads_per_step(tmp_path, cb_kwargs, optimizer, log_every=1000, nan_los
 )
 def test_host_reads_per_step(tmp_path, policy, optimizer, expected):
     reads = count_reads_per_step(tmp_path, {"nan_policy": policy}, optimizer)
-    assert reads == [expected] * 6
+    assert reads == (expected if isinstance(expected, list) else [expected] * 6)
 
 
 def test_host_reads_on_logging_steps_stay_one(tmp_path):
@@ -220,8 +236,10 @@ class TwoOptimizersNaN(FaultModel):
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         opt0, opt1 = self.optimizers()
-        for opt, loss in ((opt0, torch.nn.functional.mse_loss(self.net(x), y)),
-                          (opt1, torch.nn.functional.mse_loss(self.other(x), y) * float("nan"))):
+        for opt, loss in (
+            (opt0, torch.nn.functional.mse_loss(self.net(x), y)),
+            (opt1, torch.nn.functional.mse_loss(self.other(x), y) * float("nan")),
+        ):
             opt.zero_grad()
             self.manual_backward(loss)
             opt.step()

@@ -44,6 +44,9 @@ class BadStepContext:
     loss_nonfinite: Callable[[], bool] = lambda: False
     input_problems: Callable[[], list[str]] = list
     warn: Callable[[str], None] = lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3)
+    # ids of the parameters that had optimizer state when ``optimizer.step()`` began, when this step runs inside
+    # it (a closure); None when the update has not begun (plain loops, fp16)
+    state_before: set[int] | None = None
 
     @property
     def grads_scaled(self) -> bool:
@@ -98,18 +101,60 @@ class Remedy:
 
 
 # ----------------------------------------------------------------------------- shared actions
-def skip_step(step: BadStepContext) -> None:
-    """Make this optimizer step a no-op for weights and optimizer state."""
+class StateGuard:
+    """Undo what a skipped step still writes into the optimizer state, once, right after that step.
+
+    Two things reach the state even when the update is skipped: fused kernels allocate the state of a parameter
+    that has none before they look at ``found_inf`` (fused SGD's momentum with ``empty_like``: uninitialised
+    memory that the next good step writes into the weights), and closure optimizers count evaluations in Python
+    numbers (LBFGS's ``func_evals``). The guard removes state entries created by the step and puts the numbers
+    back. A step that never runs (GradScaler skipped it) leaves the guard pending: :meth:`remove` it before the
+    next step.
+    """
+
+    def __init__(self, optimizer: Optimizer, state_before: set[int] | None = None) -> None:
+        self.optimizer = optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state = optimizer.state
+        if state_before is None:
+            self.missing = [p for p in params if not state.get(p)]
+        else:  # inside step(): state created since it began (LBFGS's counters) is the step's own
+            self.missing = [p for p in params if id(p) not in state_before]
+        gone = {id(p) for p in self.missing}
+        self.numbers = {
+            p: {k: v for k, v in state[p].items() if isinstance(v, (int, float))}
+            for p in params
+            if state.get(p) and id(p) not in gone
+        }
+        self.handle: Any = optimizer.register_step_post_hook(self._after_step)
+
+    def _after_step(self, *_: Any) -> None:
+        for p in self.missing:
+            self.optimizer.state.pop(p, None)
+        for p, numbers in self.numbers.items():
+            self.optimizer.state[p].update(numbers)
+        self.remove()
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def skip_step(step: BadStepContext) -> StateGuard:
+    """Make this optimizer step a no-op for weights and optimizer state; return the guard of its state."""
+    guard = StateGuard(step.optimizer, step.state_before)
     if step.grads_scaled:
         # Fused + GradScaler: grad=None trips the scaler; non-finite grads make it skip instead.
         from lightning_clip import functional as F
 
         F.scale_(step.grads, float("nan"))
-        return
+        return guard
     # Optimizers skip parameters whose grad is None: no update, no momentum/moment/step change.
     # (Zeroing would still move weights through momentum and weight decay.)
     for p in step.params:
         p.grad = None
+    return guard
 
 
 def nonfinite_names(step: BadStepContext) -> list[str]:

@@ -76,7 +76,8 @@ class HalveLR(Skip):
         return True  # the LR lives on the host
 
     def on_device(self, step: BadStepContext) -> None:
-        pass  # always the host path: the skip and the LR decision are taken together
+        # Always the host path: the skip and the LR decision are taken together.
+        self._drop_pending_guard(step)
 
     def _on_device(self, step: BadStepContext) -> bool:
         return False

@@ -13,6 +13,7 @@ from lightning_clip.errors import NonFiniteGradientError
 from lightning_clip.remedies.base import (
     BadStepContext,
     Remedy,
+    StateGuard,
     StepRead,
     diagnose,
     raise_nonfinite,
@@ -25,20 +26,21 @@ from lightning_clip.validation import check_count
 def fused_skip_is_safe(step: BadStepContext) -> bool:
     """Can this step be skipped on the device, through the fused optimizer's ``found_inf``?
 
-    Only for fused optimizers. Not for fused SGD with momentum before its buffers exist: torch creates them with
-    ``empty_like`` even when ``found_inf`` says skip, so a skipped first step would leave uninitialised memory in
-    the state, which the next good step writes into the weights. Those steps take the host path (grad=None).
+    Only for fused optimizers, and only once the state of every parameter being stepped exists: a fused kernel
+    allocates missing state before it reads ``found_inf`` (torch's fused SGD creates momentum buffers with
+    ``empty_like``), so a skipped first step would leave state behind, uninitialised for SGD, which the next good
+    step writes into the weights. Until then steps take the host path, where a skip creates no state.
     """
     opt = step.optimizer
     if not opt.param_groups or not all(group.get("fused") for group in opt.param_groups):
         return False
-    if isinstance(opt, torch.optim.SGD):
-        for group in opt.param_groups:
-            if group.get("momentum", 0) and any(
-                opt.state.get(p, {}).get("momentum_buffer") is None for p in group["params"]
-            ):
-                return False
-    return True
+    if isinstance(opt, torch.optim.SGD):  # SGD keeps state only with momentum
+        return not any(
+            group.get("momentum", 0)
+            and any(opt.state.get(p, {}).get("momentum_buffer") is None for p in group["params"] if p.grad is not None)
+            for group in opt.param_groups
+        )
+    return all(opt.state.get(p) for p in step.params)
 
 
 class Skip(Remedy):
@@ -64,6 +66,7 @@ class Skip(Remedy):
         check_count("max_consecutive_nonfinite", max_consecutive_nonfinite)
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self._found_inf_set: list[Optimizer] = []  # optimizers whose found_inf this remedy wrote
+        self._guards: dict[int, StateGuard] = {}  # per optimizer: the state guard of a skip not yet stepped
 
     def detach(self) -> None:
         # found_inf stays on the optimizer and would skip every later step() made without the engine.
@@ -71,6 +74,12 @@ class Skip(Remedy):
             if hasattr(optimizer, "found_inf"):
                 del optimizer.found_inf
         self._found_inf_set = []
+        for guard in self._guards.values():
+            guard.remove()
+        self._guards = {}
+
+    def _skip(self, step: BadStepContext) -> None:
+        self._guards[step.optimizer_idx] = skip_step(step)
 
     # --- the two paths
     def _on_device(self, step: BadStepContext) -> bool:
@@ -81,7 +90,13 @@ class Skip(Remedy):
             return step.counters.steps % max(step.read_every, 1) == 0
         return True  # grad=None is decided on the host
 
+    def _drop_pending_guard(self, step: BadStepContext) -> None:
+        pending = self._guards.pop(step.optimizer_idx, None)
+        if pending is not None:  # the last skipped step never ran (GradScaler skipped it): nothing to undo
+            pending.remove()
+
     def on_device(self, step: BadStepContext) -> None:
+        self._drop_pending_guard(step)
         if not self._on_device(step):
             if any(opt is step.optimizer for opt in self._found_inf_set):
                 # A step on the host path must not inherit the last device decision.
@@ -114,7 +129,7 @@ class Skip(Remedy):
         limit = self.max_consecutive_nonfinite
         stop = limit is not None and read.streak >= limit
         if not (stop or warn_due(read.counts["nonfinite_steps"])):
-            skip_step(step)
+            self._skip(step)
             return
         info = diagnose(
             step,
@@ -129,7 +144,7 @@ class Skip(Remedy):
                 info,
                 f"{read.streak} consecutive steps with non-finite gradients (max_consecutive_nonfinite={limit}).\n",
             )
-        skip_step(step)
+        self._skip(step)
         step.warn(describe(info))
 
     def detach_lr(self, step: BadStepContext) -> None:
