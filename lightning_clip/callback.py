@@ -104,6 +104,9 @@ class GradientClipping(CallbackBase):
         value_args = {"clip_value": clip_value, "min_value": min_value, "max_value": max_value}
         if rule is None:
             rule = build_rule(mode, strict=value_args, max_norm=max_norm)
+            if max_norm != 1.0 and "max_norm" not in rule.options:
+                # max_norm carries a default, so only a changed value shows it was set for nothing.
+                raise ValueError(f"`max_norm` does not apply to mode={mode!r}; got max_norm={max_norm!r}.")
         elif mode not in ("norm", getattr(rule, "mode", None)) or any(v is not None for v in value_args.values()):
             raise ValueError(f"`rule` ({rule!r}) replaces `mode` and its bounds; got mode={mode!r} with {value_args}.")
         remedy = build_remedy(

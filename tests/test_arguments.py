@@ -137,8 +137,15 @@ class Tiny(pl.LightningModule):
 
 def test_trainer_gradient_clip_val_with_the_callback_fails_at_fit_naming_gradient_clip_val(tmp_path):
     trainer = pl.Trainer(  # constructing is fine: the conflict is reported when fitting starts
-        gradient_clip_val=0.5, callbacks=[GradientClipping()], max_steps=1, logger=False, accelerator="cpu",
-        devices=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        gradient_clip_val=0.5,
+        callbacks=[GradientClipping()],
+        max_steps=1,
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         default_root_dir=tmp_path,
     )
     model = Tiny()
@@ -151,8 +158,15 @@ def test_trainer_gradient_clip_val_with_the_callback_fails_at_fit_naming_gradien
 
 def test_trainer_without_gradient_clip_val_fits_with_the_callback(tmp_path):
     trainer = pl.Trainer(
-        callbacks=[GradientClipping()], max_steps=1, logger=False, accelerator="cpu", devices=1,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+        callbacks=[GradientClipping()],
+        max_steps=1,
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(Tiny(), DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2))
     assert trainer.global_step == 1
@@ -165,6 +179,9 @@ def test_trainer_without_gradient_clip_val_fits_with_the_callback(tmp_path):
         ({"mode": "none", "min_value": -1.0}, "min_value"),
         ({"nan_policy": "skip", "lr_recovery_steps": 10}, "lr_recovery_steps"),
         ({"nan_policy": "raise", "min_lr_scale": 0.1}, "min_lr_scale"),
+        ({"mode": "none", "max_norm": 1e-3}, "max_norm"),
+        ({"mode": "value", "clip_value": 0.5, "max_norm": 5.0}, "max_norm"),
+        ({"mode": "zscore", "max_norm": 0.5}, "max_norm"),
     ],
 )
 def test_arguments_that_would_be_silently_ignored_raise(kwargs, named):

@@ -309,8 +309,8 @@ def test_no_clip_reports_the_total_as_the_norm_after_clipping():
 
 
 # ----------------------------------------------------------------------------- registry and state
-def test_registry_holds_the_three_modes_and_build_rule_builds_each():
-    assert set(RULES) == {"norm", "value", "none"}
+def test_registry_holds_every_mode_and_build_rule_builds_each():
+    assert set(RULES) == {"norm", "value", "none", "agc", "zscore", "percentile"}
     built = {mode: build_rule(mode, max_norm=3.0, **({"clip_value": 0.5} if mode == "value" else {})) for mode in RULES}
     for mode, rule in built.items():
         assert isinstance(rule, RULES[mode]) and rule.mode == mode

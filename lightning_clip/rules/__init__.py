@@ -9,7 +9,7 @@ Example::
 
     >>> from lightning_clip.rules import RULES, build_rule
     >>> sorted(RULES)
-    ['none', 'norm', 'value']
+    ['agc', 'none', 'norm', 'percentile', 'value', 'zscore']
     >>> build_rule("value", clip_value=0.5)
     ValueClip(value, [-0.5, 0.5])
 """
@@ -18,15 +18,32 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_clip.rules.agc import AdaptiveGradClip
 from lightning_clip.rules.base import ClipResult, ClipRule, GradStep
 from lightning_clip.rules.monitor import NoClip
 from lightning_clip.rules.norm import NormClip
+from lightning_clip.rules.percentile import PercentileClip
 from lightning_clip.rules.value import ValueClip
+from lightning_clip.rules.zscore import ZScoreClip
 from lightning_clip.validation import check_choice
 
-__all__ = ["RULES", "ClipResult", "ClipRule", "GradStep", "NoClip", "NormClip", "ValueClip", "build_rule"]
+__all__ = [
+    "RULES",
+    "ClipResult",
+    "ClipRule",
+    "GradStep",
+    "NoClip",
+    "NormClip",
+    "ValueClip",
+    "AdaptiveGradClip",
+    "ZScoreClip",
+    "PercentileClip",
+    "build_rule",
+]
 
-RULES: dict[str, type[ClipRule]] = {rule.mode: rule for rule in (NormClip, ValueClip, NoClip)}
+RULES: dict[str, type[ClipRule]] = {
+    rule.mode: rule for rule in (NormClip, ValueClip, NoClip, AdaptiveGradClip, ZScoreClip, PercentileClip)
+}
 
 
 def build_rule(mode: str, strict: dict[str, Any] | None = None, **options: Any) -> ClipRule:

@@ -40,6 +40,8 @@ class GradStep:
     eps: float
     inv_scale: Tensor | None
     log: bool
+    # False on a further closure evaluation inside one optimizer step (LBFGS): statistics count steps, not calls.
+    update_statistics: bool = True
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,143 @@
+"""``mode="agc"``: Adaptive Gradient Clipping, each output unit against the norm of its own weights.
+
+A. Brock, S. De, S. L. Smith, K. Simonyan, "High-Performance Large-Scale Image Recognition Without
+Normalization", ICML 2021 (arXiv:2102.06171), section 4.1. The same math as timm's ``utils/agc.py``
+(``adaptive_clip_grad``), here on the engine's step: in place, sync-free, in true units under fp16.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_clip import functional as F
+from lightning_clip.rules.base import ClipResult, ClipRule, GradStep
+from lightning_clip.validation import check_positive
+
+# timm's floor on a unit's gradient norm before dividing by it (a clipped unit has a norm >= its cap > 0 anyway).
+_GRAD_NORM_FLOOR = 1e-6
+
+
+def unitwise_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> list[Tensor]:
+    """The norm of each output unit of each tensor, as a 1-D tensor per tensor (float32, float64 for float64).
+
+    A unit is a slice along dim 0 (a row of a Linear weight, a filter of a Conv), its norm taken over every
+    other dim; a tensor with ``ndim <= 1`` (bias, norm scale) is one unit, as in timm's ``unitwise_norm``.
+    Tensors of one dim or less share one foreach kernel; the others take one reduction each.
+    """
+    out: list[Tensor | None] = [None] * len(tensors)
+    flat = [i for i, t in enumerate(tensors) if t.ndim <= 1]
+    for i, n in zip(flat, F.grad_norms([tensors[i] for i in flat], norm_type)):
+        out[i] = n.reshape(1)
+    for i, t in enumerate(tensors):
+        if t.ndim > 1:
+            acc = None if t.is_complex() else (torch.float64 if t.dtype == torch.float64 else torch.float32)
+            out[i] = torch.linalg.vector_norm(t, norm_type, dim=tuple(range(1, t.ndim)), dtype=acc)
+    return [n for n in out if n is not None]
+
+
+class AdaptiveGradClip(ClipRule):
+    r"""AGC: for each output unit :math:`i` of each weight :math:`W` with gradient :math:`G`,
+
+    .. math:: G_i \leftarrow \begin{cases} G_i & \|G_i\| < \lambda \max(\|W_i\|, \epsilon) \\
+              \lambda \max(\|W_i\|, \epsilon)\, G_i / \|G_i\| & \text{otherwise} \end{cases}
+
+    with :math:`\lambda` = ``clip_factor`` and :math:`\epsilon` = ``eps``. Units are rows along dim 0 (see
+    :func:`unitwise_norms`); norms are the engine's ``norm_type`` (2 in the paper).
+
+    Args:
+        clip_factor: :math:`\lambda`, the largest gradient-to-weight norm ratio a unit keeps. The paper uses
+            0.01 at batch 4096; smaller batches tolerate larger values.
+        eps: :math:`\epsilon`, the floor on a weight norm, so zero-initialised weights (biases) can still move.
+        exclude: ``fnmatch`` patterns of parameter names left unclipped; the paper excludes the final
+            classifier, e.g. ``["head.*"]``. Names are as ``named_parameters()`` gives them (with the
+            LightningModule's attribute prefix: use ``"*fc.*"`` to match ``model.fc.weight``).
+
+    A step whose total norm is NaN/Inf is left bit-identical for the NaN policy, where timm would turn an Inf
+    element into NaN. The threshold reported (``grad_clip/threshold``) is ``clip_factor``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_clip.rules import AdaptiveGradClip
+        >>> AdaptiveGradClip(clip_factor=0.02, exclude=["head.*"])
+        AdaptiveGradClip(agc, clip_factor=0.02, eps=0.001, exclude=['head.*'])
+        >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.3, 0.4]]))   # unit norms 5 and 0.5
+        >>> w.grad = torch.tensor([[0.6, 0.8], [0.6, 0.8]])                  # unit norms 1 and 1
+        >>> from lightning_clip.engine import ClipEngine
+        >>> engine = ClipEngine(AdaptiveGradClip(clip_factor=0.5))
+        >>> opt = torch.optim.SGD([w], lr=0.1)
+        >>> _ = engine.step(opt)
+        >>> w.grad                       # row 0 kept (1 < 0.5 * 5); row 1 cut to norm 0.5 * 0.5
+        tensor([[0.6000, 0.8000],
+                [0.1500, 0.2000]])
+    """
+
+    mode: ClassVar[str] = "agc"
+
+    def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3, exclude: Sequence[str] = ()) -> None:
+        check_positive("clip_factor", clip_factor)
+        check_positive("eps", eps)
+        if isinstance(exclude, str):  # one pattern given bare: not its characters
+            exclude = [exclude]
+        if not all(isinstance(p, str) for p in exclude):
+            raise ValueError(f"`exclude` must be a list of parameter-name patterns (strings), got {exclude!r}.")
+        self.clip_factor = float(clip_factor)
+        self.eps = float(eps)
+        self.exclude = list(exclude)
+        # names -> indices of the clipped tensors; names repeat every step, fnmatch need not.
+        self._selection: tuple[tuple[str, ...], list[int]] | None = None
+
+    def _selected(self, names: Sequence[str]) -> list[int]:
+        key = tuple(names)
+        if self._selection is None or self._selection[0] != key:
+            keep = [i for i, n in enumerate(key) if not any(fnmatch.fnmatchcase(n, p) for p in self.exclude)]
+            self._selection = (key, keep)
+        return self._selection[1]
+
+    def clip_(self, step: GradStep) -> ClipResult:
+        idx = self._selected(step.names)
+        for i in idx:
+            if step.grads[i].is_sparse:
+                raise ValueError(
+                    f"mode='agc' needs dense gradients; parameter `{step.names[i]}` has a sparse one. "
+                    "Leave it out with `exclude`, or use mode='norm'."
+                )
+        flags: list[Tensor] = []
+        by_device: dict[torch.device, list[int]] = {}
+        for i in idx:
+            by_device.setdefault(step.grads[i].device, []).append(i)
+        for device, group in by_device.items():
+            grads = [step.grads[i] for i in group]
+            weights = [step.params[i].detach() for i in group]
+            # All units of all tensors in one vector: the comparison and the ratio are one kernel each.
+            dtype = torch.float64 if any(t.dtype == torch.float64 for t in grads) else torch.float32
+            g = torch.cat([n.to(dtype) for n in unitwise_norms(grads, step.norm_type)])
+            w = torch.cat([n.to(dtype) for n in unitwise_norms(weights, step.norm_type)])
+            if step.inv_scale is not None:  # fused fp16: the gradients are still scaled; compare in true units
+                g = g * step.inv_scale.to(device=device, dtype=dtype)
+            cap = w.clamp(min=self.eps) * self.clip_factor
+            over = ~(g < cap)  # timm's test: a unit exactly at its cap is rescaled (by ~1)
+            finite = step.finite.to(device)
+            # A NaN/Inf step keeps its gradients bit-identical (factor exactly 1) for the NaN policy.
+            factor = torch.where(over & finite, cap / g.clamp(min=_GRAD_NORM_FLOOR), 1.0)
+            flags.append((over & finite).any().to(step.device))
+            sizes = [1 if t.ndim <= 1 else t.shape[0] for t in grads]
+            for t, f in zip(grads, factor.split(sizes)):
+                f = f.to(t.dtype)  # rounded once to the gradient's dtype, as timm's factor is
+                t.mul_(f.reshape(()) if t.ndim <= 1 else f.reshape(-1, *([1] * (t.ndim - 1))))
+        clipped = torch.stack(flags).any() if flags else step.bad & False
+        after = None
+        if step.log:  # the norm after clipping costs another pass: logging steps only
+            after = F.total_norm(F.grad_norms(step.grads, step.norm_type), step.norm_type).to(step.device)
+            if step.inv_scale is not None:
+                after = after * step.inv_scale
+        return ClipResult(clipped, after, self.clip_factor)
+
+    def describe(self) -> str:
+        excluded = f", exclude={self.exclude}" if self.exclude else ""
+        return f"agc, clip_factor={self.clip_factor:g}, eps={self.eps:g}{excluded}"

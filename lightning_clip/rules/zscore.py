@@ -1,0 +1,219 @@
+"""``mode="zscore"``: clip spikes of the total norm, found by their z-score against an EMA of past norms.
+
+A. Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", 2025 (arXiv:2504.02507).
+Mirrors the ``zclip`` package 1.0.0 (``ZClip.step``) step for step, with the statistics on the device, a
+NaN/Inf step left out of them, and a ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_clip import functional as F
+from lightning_clip.rules.base import ClipResult, ClipRule, GradStep
+from lightning_clip.validation import check_choice, check_count, check_in_range, check_positive
+
+CLIP_OPTIONS = ("adaptive_scaling", "mean", "fixed")
+
+
+def stats_dtype(device: torch.device) -> torch.dtype:
+    """float64 for running statistics (as the Python floats of the reference packages), where the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class ZScoreClip(ClipRule):
+    r"""ZClip: keep an EMA mean :math:`\mu` and variance :math:`\sigma^2` of the total norm :math:`x`; when
+    :math:`z = (x - \mu) / (\sigma + \epsilon) > z_t` (``z_threshold``), rescale the gradient to
+
+    * ``"adaptive_scaling"`` (ZClip's default): :math:`\mu + z_t \sigma / (z / z_t)`, pulled lower the larger the spike;
+    * ``"mean"``: :math:`\mu`;
+    * ``"fixed"`` (ZClip's ``mode="percentile"``): :math:`\mu + z_t \sigma`, whenever :math:`x` exceeds it.
+
+    then update :math:`\mu \leftarrow \alpha\mu + (1-\alpha)v`, :math:`\sigma^2 \leftarrow \alpha\sigma^2 +
+    (1-\alpha)(v-\mu)^2` (the new :math:`\mu`) with :math:`v` the norm after the spike clip (not after
+    ``max_norm``), :math:`\alpha` = ``ema_decay``, :math:`\epsilon` the engine's ``eps``. The first
+    ``warmup_steps`` healthy norms only initialise :math:`\mu, \sigma^2` (their mean and population variance).
+
+    Args:
+        z_threshold: :math:`z_t`, the z-score above which a norm is a spike.
+        ema_decay: :math:`\alpha`, in (0, 1).
+        warmup_steps: healthy steps whose norms initialise the statistics; no spike clipping before.
+        max_norm: optional absolute cap on the total norm, warm-up included (ZClip's ``max_grad_norm``, whose
+            default there is 1.0; here None).
+        clip_option: ``"adaptive_scaling"``, ``"mean"`` or ``"fixed"``, the target of a spike (above).
+
+    A step with ``step.bad`` or a NaN/Inf norm changes no statistic, and its gradients are left bit-identical.
+    ``grad_clip/threshold`` is the largest norm that passes unclipped this step: :math:`\mu + z_t(\sigma +
+    \epsilon)` (``"fixed"``: :math:`\mu + z_t\sigma`), capped by ``max_norm``; during warm-up ``max_norm``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_clip.rules import ZScoreClip
+        >>> from lightning_clip.engine import ClipEngine
+        >>> from lightning_clip.remedies import Ignore
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.SGD([w], lr=0.0)
+        >>> engine = ClipEngine(ZScoreClip(warmup_steps=4), Ignore())
+        >>> for norm in [1.0, 1.1, 0.9, 1.0, 1.05, 50.0]:       # warm-up, one healthy step, a spike
+        ...     w.grad = torch.tensor([norm])
+        ...     _ = engine.step(opt)
+        >>> round(w.grad.item(), 3)                              # 50 -> mu + z_t sigma / (z / z_t)
+        1.002
+        >>> engine.rule_of(0)
+        ZScoreClip(zscore, z_threshold=2.5, ema_decay=0.97, warmup_steps=4, adaptive_scaling)
+    """
+
+    mode: ClassVar[str] = "zscore"
+
+    def __init__(
+        self,
+        z_threshold: float = 2.5,
+        ema_decay: float = 0.97,
+        warmup_steps: int = 25,
+        max_norm: float | None = None,
+        clip_option: str = "adaptive_scaling",
+    ) -> None:
+        check_positive("z_threshold", z_threshold)
+        check_in_range("ema_decay", ema_decay, 0.0, 1.0)
+        check_count("warmup_steps", warmup_steps, allow_none=False)
+        check_positive("max_norm", max_norm, allow_none=True)
+        check_choice("clip_option", clip_option, CLIP_OPTIONS)
+        self.z_threshold = float(z_threshold)
+        self.ema_decay = float(ema_decay)
+        self.warmup_steps = warmup_steps
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.clip_option = clip_option
+        # Device tensors, made on the first step (or from load_state_dict, on the CPU until then).
+        self._stats: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ statistics
+    def _fresh(self, device: torch.device) -> dict[str, Tensor]:
+        dtype = stats_dtype(device)
+        return {
+            "mean": torch.zeros((), dtype=dtype, device=device),
+            "var": torch.zeros((), dtype=dtype, device=device),
+            "warmup_norms": torch.zeros(self.warmup_steps, dtype=dtype, device=device),
+            "collected": torch.zeros((), dtype=torch.long, device=device),
+            "initialized": torch.zeros((), dtype=torch.bool, device=device),
+        }
+
+    def _stats_on(self, device: torch.device) -> dict[str, Tensor]:
+        if self._stats is None:
+            self._stats = self._fresh(device)
+        elif self._stats["mean"].device != device:  # loaded on the CPU: one host-to-device copy, no read
+            dtype = stats_dtype(device)
+            self._stats = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in self._stats.items()}
+        return self._stats
+
+    @property
+    def mean(self) -> Tensor | None:
+        """:math:`\\mu`, the EMA of the total norm (device tensor; 0 until warm-up ends; None before a step)."""
+        return None if self._stats is None else self._stats["mean"]
+
+    @property
+    def var(self) -> Tensor | None:
+        """:math:`\\sigma^2`, the EMA variance of the total norm (as :attr:`mean`)."""
+        return None if self._stats is None else self._stats["var"]
+
+    # ------------------------------------------------------------------ the step
+    def clip_(self, step: GradStep) -> ClipResult:
+        s = self._stats_on(step.device)
+        dtype = s["mean"].dtype
+        x = step.total.to(dtype)
+        eps, zt, alpha = step.eps, self.z_threshold, self.ema_decay
+        finite = step.finite
+        healthy = finite & ~step.bad
+        if not step.update_statistics:  # a re-evaluated closure: this step is already counted
+            healthy = healthy & False
+        ready = s["initialized"]
+        mean, var = s["mean"], s["var"]
+        std = var.sqrt()
+
+        # Spike test and target, in ZClip's order of operations (ZClip._compute_clip_val).
+        z = (x - mean) / (std + eps)
+        if self.clip_option == "fixed":
+            bound = mean + zt * std
+            spike = x > bound
+            target = bound
+        else:
+            bound = mean + zt * (std + eps)  # z > z_t exactly when x > bound: the line to plot
+            spike = z > zt
+            target = mean + (zt * std) / (z / zt) if self.clip_option == "adaptive_scaling" else mean
+        spike = spike & ready & finite
+        clip_val = torch.where(spike, target, x)
+
+        # Clip (ZClip._apply_clipping once ready; torch's clip_grad_norm_ to max_norm during warm-up).
+        one = torch.ones((), dtype=dtype, device=x.device)
+        if self.max_norm is None:
+            effective = clip_val
+            coef_warm = one
+        else:
+            effective = clip_val.clamp(max=self.max_norm)
+            coef_warm = (self.max_norm / (x + eps)).clamp(max=1.0)
+        coef_ready = torch.where(x > effective, effective / (x + eps), one)
+        coef = torch.where(finite, torch.where(ready, coef_ready, coef_warm), one)
+        F.scale_(step.grads, coef)
+
+        # EMA update with the spike-clipped norm; healthy steps only (a NaN never enters).
+        update = ready & healthy
+        new_mean = alpha * mean + (1 - alpha) * clip_val
+        new_var = alpha * var + (1 - alpha) * (clip_val - new_mean) ** 2
+        # Warm-up: store the norm in the next slot; a bad step rewrites that slot with its old value.
+        collect = ~ready & healthy
+        buf = s["warmup_norms"]
+        slot = s["collected"].clamp(max=self.warmup_steps - 1).reshape(1)
+        buf.index_copy_(0, slot, torch.where(collect, x, buf.index_select(0, slot)))
+        s["collected"] = s["collected"] + collect.long()
+        init_now = collect & (s["collected"] >= self.warmup_steps)
+        init_mean = buf.mean()
+        init_var = (buf - init_mean).pow(2).mean()
+        s["mean"] = torch.where(init_now, init_mean, torch.where(update, new_mean, mean))
+        s["var"] = torch.where(init_now, init_var, torch.where(update, new_var, var))
+        s["initialized"] = ready | init_now
+
+        if self.max_norm is None:
+            threshold = torch.where(ready, bound, math.nan)
+        else:
+            threshold = torch.where(ready, bound.clamp(max=self.max_norm), self.max_norm)
+        after = step.total * coef.to(step.total.dtype) if step.log else None
+        return ClipResult(coef < 1.0, after, threshold)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """``mean``, ``var`` (floats), ``initialized``, and the warm-up norms collected so far (floats)."""
+        s = self._stats if self._stats is not None else self._fresh(torch.device("cpu"))
+        collected = int(s["collected"].item())
+        return {
+            "mean": float(s["mean"].item()),
+            "var": float(s["var"].item()),
+            "initialized": bool(s["initialized"].item()),
+            "warmup_norms": s["warmup_norms"][: min(collected, self.warmup_steps)].tolist(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        stats = self._fresh(torch.device("cpu"))
+        norms = torch.tensor(state.get("warmup_norms", []), dtype=torch.float64)[: self.warmup_steps]
+        stats["warmup_norms"][: len(norms)] = norms
+        stats["collected"].fill_(len(norms))
+        stats["mean"].fill_(float(state.get("mean", 0.0)))
+        stats["var"].fill_(float(state.get("var", 0.0)))
+        initialized = bool(state.get("initialized", False))
+        if not initialized and len(norms) == self.warmup_steps:
+            # A shorter warm-up than the saved run's: it is over, initialise as the step would have.
+            stats["mean"].fill_(norms.mean().item())
+            stats["var"].fill_((norms - norms.mean()).pow(2).mean().item())
+            initialized = True
+        stats["initialized"].fill_(initialized)
+        self._stats = stats
+
+    def describe(self) -> str:
+        cap = "" if self.max_norm is None else f", max_norm={self.max_norm:g}"
+        return (
+            f"zscore, z_threshold={self.z_threshold:g}, ema_decay={self.ema_decay:g}, "
+            f"warmup_steps={self.warmup_steps}{cap}, {self.clip_option}"
+        )
