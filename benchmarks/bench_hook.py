@@ -52,8 +52,14 @@ def attach(model: Deep, cb: GradientClipping, logger, device: str) -> pl.Trainer
     inputs = torch.randn(4, model.net[0].in_features)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=4)
     trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=1, callbacks=[cb], logger=logger,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_steps=1,
+        callbacks=[cb],
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         default_root_dir=tempfile.mkdtemp(),
     )
     with warnings.catch_warnings():
@@ -140,8 +146,10 @@ def main() -> None:
     base_value = statistics.median(samples["torch clip_grad_value_(foreach)"])
     base_log = statistics.median(samples["logging step: Lightning grad_norm+clip+log"])
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"{n_tensors} gradient tensors, {sum(g.numel() for g in grads) / 1e6:.2f}M elements, device {device_name}, "
-          f"torch {torch.__version__}, median of {args.repeats} x {args.iters} calls")
+    print(
+        f"{n_tensors} gradient tensors, {sum(g.numel() for g in grads) / 1e6:.2f}M elements, device {device_name}, "
+        f"torch {torch.__version__}, median of {args.repeats} x {args.iters} calls"
+    )
     print(f"{'variant':46s} {'ms/step':>9s} {'ratio':>7s} {'host reads':>11s}")
     rows = []
     for name in variants:

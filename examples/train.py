@@ -44,8 +44,14 @@ class ClipCLI(GradientClippingCLI):
         try:
             super().instantiate_classes()
         except ValueError as err:
-            section = next((key for name, key in (("DeepMLP", "model"), ("SyntheticRegressionData", "data"))
-                            if _raised_in(err, name)), "config")
+            section = next(
+                (
+                    key
+                    for name, key in (("DeepMLP", "model"), ("SyntheticRegressionData", "data"))
+                    if _raised_in(err, name)
+                ),
+                "config",
+            )
             fail(f"{section}{named_key(str(err))}: {err}")
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 def main(out: str) -> None:
     import pytorch_lightning as pl
-    import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
     from faults import FaultModel, make_loader
@@ -43,8 +42,15 @@ def main(out: str) -> None:
     cb = GradientClipping(max_norm=0.5, nan_policy="skip", check_inputs=True)
     snaps = Snapshots()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=6, callbacks=[RankFaults(), cb, snaps],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=6,
+        callbacks=[RankFaults(), cb, snaps],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         default_root_dir=out,
     )
     with warnings.catch_warnings():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -11,7 +11,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 def make_loader(
-    n: int = 64, batch_size: int = 8, nan_batches: tuple[int, ...] = (), extra_nan: bool = False, seed: int = 0,
+    n: int = 64,
+    batch_size: int = 8,
+    nan_batches: tuple[int, ...] = (),
+    extra_nan: bool = False,
+    seed: int = 0,
     repeat: bool = False,
 ):
     """Deterministic regression data; NaN put into the inputs of the chosen batch indices.
@@ -42,7 +46,7 @@ class FaultModel(pl.LightningModule):
         lr: float = 0.1,
         nan_loss_at: tuple[int, ...] = (),
         inf_grad_at: tuple[int, ...] = (),
-        scheduler: Optional[str] = None,
+        scheduler: str | None = None,
         loss_scale: float = 1.0,
     ) -> None:
         super().__init__()
@@ -87,7 +91,10 @@ class FaultModel(pl.LightningModule):
             raise ValueError(name)
         if self.scheduler_name is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": make_scheduler(self.scheduler_name, opt), "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": make_scheduler(self.scheduler_name, opt), "interval": "step"},
+        }
 
 
 def make_scheduler(name: str, opt: torch.optim.Optimizer):
@@ -125,12 +132,14 @@ class StepRecorder(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         opt = trainer.optimizers[0]
-        self.steps.append({
-            "global_step": trainer.global_step,
-            "weights_before": [p.detach().clone() for p in pl_module.parameters()],
-            "opt_before": snapshot_optimizer(opt),
-            "group_lr": opt.param_groups[0]["lr"],
-        })
+        self.steps.append(
+            {
+                "global_step": trainer.global_step,
+                "weights_before": [p.detach().clone() for p in pl_module.parameters()],
+                "opt_before": snapshot_optimizer(opt),
+                "group_lr": opt.param_groups[0]["lr"],
+            }
+        )
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # Registered after GradientClipping, so this sees what the optimizer will see.
@@ -144,7 +153,12 @@ class StepRecorder(pl.Callback):
 
 def trainer(tmp_path, callbacks, max_steps: int = 10, **kwargs) -> pl.Trainer:
     return pl.Trainer(
-        max_steps=max_steps, callbacks=callbacks, default_root_dir=str(tmp_path), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=kwargs.pop("enable_checkpointing", False),
-        logger=kwargs.pop("logger", False), **kwargs,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        logger=kwargs.pop("logger", False),
+        **kwargs,
     )

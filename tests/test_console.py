@@ -49,8 +49,10 @@ def _run(args: Sequence[str], cwd: Path) -> Result:
 
 def _run_all(jobs: dict[str, tuple[Sequence[str], Path]]) -> dict[str, Result]:
     """Run several commands at once (the machine has 2 cores; each mostly waits on imports)."""
-    procs = {name: subprocess.Popen([*_command(), *args], cwd=cwd, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for name, (args, cwd) in jobs.items()}
+    procs = {
+        name: subprocess.Popen([*_command(), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, (args, cwd) in jobs.items()
+    }
     results = {}
     try:
         for name, proc in procs.items():
@@ -152,7 +154,7 @@ def _report_rows(stdout: str) -> dict[str, dict[str, str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith("run "))
     header = re.split(r"\s{2,}", lines[start].strip())
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.strip():
             break
         cells = re.split(r"\s{2,}", line.strip())

@@ -16,9 +16,12 @@ SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_ddp_ranks_agree_on_skips(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))
+    }
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
@@ -39,7 +42,9 @@ def test_sharded_total_norm_equals_unsharded_norm(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = Path(__file__).with_name("sharded_norm_script.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(port)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(port)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.manual_seed(0)
     pieces = [torch.randn(101), torch.randn(7, 3).flatten(), torch.randn(1)]

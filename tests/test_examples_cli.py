@@ -35,8 +35,18 @@ class Run:
 
 
 def _start(cwd: Path, config: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
-    cmd = [sys.executable, str(TRAIN), "fit", "--config", str(config),
-           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
+    cmd = [
+        sys.executable,
+        str(TRAIN),
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *extra,
+    ]
     out, err = (cwd / "stdout.txt").open("w"), (cwd / "stderr.txt").open("w")
     return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err), cwd
 
@@ -100,8 +110,16 @@ def test_config_runs_from_another_cwd_and_logs_there(runs: dict[str, Run], name:
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     scalars = _scalars(run)
-    for tag in ("grad_norm/total", "grad_norm/total_clipped", "grad_clip/steps", "grad_clip/nonfinite_steps",
-                "grad_clip/skipped_steps", "grad_clip/lr_scale", "grad_norm_layer/hidden.0", "grad_norm_layer/head"):
+    for tag in (
+        "grad_norm/total",
+        "grad_norm/total_clipped",
+        "grad_clip/steps",
+        "grad_clip/nonfinite_steps",
+        "grad_clip/skipped_steps",
+        "grad_clip/lr_scale",
+        "grad_norm_layer/hidden.0",
+        "grad_norm_layer/head",
+    ):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
     # Logged on Lightning's logging steps (log_every_n_steps: 5 -> steps 4, 9, ...), where the
     # cumulative optimizer-step counter equals the step index + 1.
@@ -179,17 +197,26 @@ GradientClippingCLI(DeepMLP, SyntheticRegressionData)
 
 @pytest.mark.parametrize(
     "init_args,key",
-    [("{max_norm: -1}", "max_norm"), ("{mode: value, min_value: 1.0, max_value: -1.0}", "min_value"),
-     ("{mode: norm, clip_value: 0.5}", "clip_value")],
+    [
+        ("{max_norm: -1}", "max_norm"),
+        ("{mode: value, min_value: 1.0, max_value: -1.0}", "min_value"),
+        ("{mode: norm, clip_value: 0.5}", "clip_value"),
+    ],
 )
 def test_users_own_cli_reports_a_bad_setting_in_one_line(tmp_path, init_args, key):
     # A user's LightningCLI script built on GradientClippingCLI, outside the repo: exit 2, one line, the key.
     (tmp_path / "train.py").write_text(USER_SCRIPT)
     (tmp_path / "c.yaml").write_text(
         "trainer:\n  max_steps: 1\n  callbacks:\n    - class_path: lightning_clip.GradientClipping\n"
-        f"      init_args: {init_args}\n")
-    proc = subprocess.run([sys.executable, "train.py", "fit", "--config", "c.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+        f"      init_args: {init_args}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", "c.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"trainer.callbacks[0].init_args.{key}" in errors[0]

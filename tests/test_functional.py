@@ -39,13 +39,13 @@ def mixed_tensors(seed=0):
     """float32 + float16 + bfloat16 tensors of assorted shapes (0-dim, 1-D, 2-D, 3-D, 4-D)."""
     g = torch.Generator().manual_seed(seed)
     return [
-        torch.randn(3, 4, generator=g),                                     # float32, 2-D
-        (torch.randn(5, generator=g) * 3).to(torch.float16),                # float16, 1-D
-        torch.randn(2, 3, 2, generator=g).to(torch.bfloat16),               # bfloat16, 3-D
-        torch.tensor(-2.5),                                                 # float32, 0-dim
-        (torch.randn(7, generator=g) * 0.01).to(torch.float16),             # float16, small values
-        torch.randn(2, 1, 3, 2, generator=g) * 10,                          # float32, 4-D
-        torch.randn(4, 4, generator=g).to(torch.bfloat16),                  # bfloat16, 2-D
+        torch.randn(3, 4, generator=g),  # float32, 2-D
+        (torch.randn(5, generator=g) * 3).to(torch.float16),  # float16, 1-D
+        torch.randn(2, 3, 2, generator=g).to(torch.bfloat16),  # bfloat16, 3-D
+        torch.tensor(-2.5),  # float32, 0-dim
+        (torch.randn(7, generator=g) * 0.01).to(torch.float16),  # float16, small values
+        torch.randn(2, 1, 3, 2, generator=g) * 10,  # float32, 4-D
+        torch.randn(4, 4, generator=g).to(torch.bfloat16),  # bfloat16, 2-D
     ]
 
 
@@ -296,8 +296,11 @@ def test_clip_grad_norm_skips_parameters_without_gradient_and_accepts_a_single_t
 # ----------------------------------------------------------------------------- clip_by_value_
 def _value_grads():
     g = torch.Generator().manual_seed(8)
-    return [torch.randn(5, 6, generator=g) * 2, (torch.randn(9, generator=g) * 2).to(torch.float16),
-            (torch.randn(3, 3, generator=g) * 2).to(torch.bfloat16)]
+    return [
+        torch.randn(5, 6, generator=g) * 2,
+        (torch.randn(9, generator=g) * 2).to(torch.float16),
+        (torch.randn(3, 3, generator=g) * 2).to(torch.bfloat16),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -341,4 +344,8 @@ def test_empty_tensors_have_norm_zero_for_every_norm_type(norm_type):
     # torch._foreach_norm refuses the inf-norm of an empty tensor; zero-size parameters and empty shards exist.
     tensors = [torch.zeros(0), torch.tensor([3.0, -4.0]), torch.zeros(0, 5)]
     norms = F.grad_norms(tensors, norm_type)
-    assert [float(n) for n in norms] == [0.0, float(torch.linalg.vector_norm(torch.tensor([3.0, -4.0]).double(), norm_type)), 0.0]
+    assert [float(n) for n in norms] == [
+        0.0,
+        float(torch.linalg.vector_norm(torch.tensor([3.0, -4.0]).double(), norm_type)),
+        0.0,
+    ]

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from faults import FaultModel, StepRecorder, make_loader
+
 from lightning_clip import GradientClipping
 from lightning_clip import functional as F
 
@@ -20,8 +20,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def gpu_trainer(tmp_path, callbacks, max_steps=8, **kw):
     return pl.Trainer(
-        accelerator="gpu", devices=1, max_steps=max_steps, callbacks=callbacks, default_root_dir=str(tmp_path),
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, **kw,
+        accelerator="gpu",
+        devices=1,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kw,
     )
 
 
@@ -89,7 +96,8 @@ def test_fp16_on_gpu_skips_nan_step_and_counts_overflows_apart(tmp_path, optimiz
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gpu_trainer(tmp_path, [cb, rec], max_steps=10, precision="16-mixed", logger=False).fit(
-            FaultModel(optimizer=optimizer, nan_loss_at=(6,)), make_loader(n=80))
+            FaultModel(optimizer=optimizer, nan_loss_at=(6,)), make_loader(n=80)
+        )
     s = rec.steps[6]
     assert all(torch.equal(a, b) for a, b in zip(s["weights_before"], s["weights_after"]))
     assert cb.counters["nonfinite_steps"] == 1 and cb.lr_scales == [0.5]
@@ -100,5 +108,6 @@ def test_bf16_on_gpu(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gpu_trainer(tmp_path, [cb], max_steps=6, precision="bf16-mixed", logger=False).fit(
-            FaultModel(optimizer="adamw_fused", nan_loss_at=(2,)), make_loader())
+            FaultModel(optimizer="adamw_fused", nan_loss_at=(2,)), make_loader()
+        )
     assert cb.counters["skipped_steps"] == 1

@@ -62,15 +62,23 @@ class LogNet(pl.LightningModule):
 
 def loader(n=64, batch_size=4):
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g) * 3),
-                      batch_size=batch_size)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g) * 3), batch_size=batch_size
+    )
 
 
 def fit(model, callback, tmp_path, logger=True, max_steps=4, log_every_n_steps=1):
     if logger is True:
         logger = TensorBoardLogger(save_dir=tmp_path, name="tb", version=0)
-    t = trainer(tmp_path, [callback], max_steps=max_steps, log_every_n_steps=log_every_n_steps, logger=logger,
-                accelerator="cpu", devices=1)
+    t = trainer(
+        tmp_path,
+        [callback],
+        max_steps=max_steps,
+        log_every_n_steps=log_every_n_steps,
+        logger=logger,
+        accelerator="cpu",
+        devices=1,
+    )
     t.fit(model, loader())
     return t
 
@@ -150,7 +158,7 @@ def test_mode_none_still_logs_norms(tmp_path):
         raw = norm64(model.unclipped[step], PARAMS, 2.0)
         assert scalars["grad_norm/total"][step] == pytest.approx(raw, rel=1e-5)
         assert scalars["grad_norm/total_clipped"][step] == pytest.approx(raw, rel=1e-5)
-    assert set(t for t in scalars if t.startswith("grad_norm_layer/")) == {f"grad_norm_layer/{n}" for n in LAYERS}
+    assert {t for t in scalars if t.startswith("grad_norm_layer/")} == {f"grad_norm_layer/{n}" for n in LAYERS}
 
 
 # ----------------------------------------------------------------------------- per-layer / per-parameter
@@ -211,8 +219,9 @@ def test_log_norms_none_logs_nothing_from_the_callback(tmp_path):
 @pytest.mark.parametrize("every,max_steps,expected_steps", [(3, 7, [2, 5]), (2, 5, [1, 3])])
 def test_logging_follows_trainer_log_every_n_steps(every, max_steps, expected_steps, tmp_path):
     model = LogNet()
-    trainer = fit(model, GradientClipping(mode="norm", max_norm=0.5), tmp_path, max_steps=max_steps,
-                  log_every_n_steps=every)
+    trainer = fit(
+        model, GradientClipping(mode="norm", max_norm=0.5), tmp_path, max_steps=max_steps, log_every_n_steps=every
+    )
     scalars = read_scalars(trainer)
     assert sorted(scalars["train_loss"]) == expected_steps  # Lightning's own cadence
     for tag in ("grad_norm/total", "grad_norm/total_clipped", "grad_norm_layer/head"):
@@ -279,8 +288,15 @@ def run_counting(tmp_path, every, max_steps, **kwargs):
     logger = CountingLogger(save_dir=tmp_path, name="tb", version=0)
     callback = CountingClip(logger, nan_policy="ignore", **kwargs)
     trainer = pl.Trainer(
-        max_steps=max_steps, log_every_n_steps=every, logger=logger, callbacks=[callback], accelerator="cpu",
-        devices=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        max_steps=max_steps,
+        log_every_n_steps=every,
+        logger=logger,
+        callbacks=[callback],
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         default_root_dir=tmp_path,
     )
     trainer.fit(TwentyParams(), loader())
@@ -309,8 +325,9 @@ PER_TENSOR_TAGS = {
 
 @pytest.mark.parametrize("log_norms", ["layer", "parameter", "total"])
 def test_a_logging_step_makes_exactly_one_host_read_and_one_log_call(log_norms, tmp_path):
-    trainer, callback, logger = run_counting(tmp_path, every=3, max_steps=6, mode="norm", max_norm=0.5,
-                                             log_norms=log_norms)
+    trainer, callback, logger = run_counting(
+        tmp_path, every=3, max_steps=6, mode="norm", max_norm=0.5, log_norms=log_norms
+    )
     expected_tags = {"grad_norm/total", "grad_norm/total_clipped"} | PER_TENSOR_TAGS[log_norms]
     logged_steps = []
     for step, reads, log_calls in callback.per_step:

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from faults import FaultModel, StepRecorder, make_loader, make_scheduler, trainer
+
 from lightning_clip import GradientClipping, StepLRScale
 
 
@@ -74,7 +74,9 @@ def test_applied_lr_is_schedule_times_factor_power_k(tmp_path, scheduler):
     steps, bad, factor = 14, {2, 6}, 0.5
     cb = GradientClipping(mode="none", nan_policy="halve_lr", lr_factor=factor)
     model_cls = PlateauModel if scheduler == "plateau" else FaultModel
-    model = model_cls(optimizer="sgd", lr=0.1, nan_loss_at=tuple(bad), scheduler=None if scheduler == "plateau" else scheduler)
+    model = model_cls(
+        optimizer="sgd", lr=0.1, nan_loss_at=tuple(bad), scheduler=None if scheduler == "plateau" else scheduler
+    )
     rec = run(tmp_path, model, cb, steps)
     scales = expected_scales(steps, bad, factor)
     for t, s in enumerate(rec.steps):
@@ -88,7 +90,9 @@ def test_applied_lr_is_schedule_times_factor_power_k(tmp_path, scheduler):
     else:
         assert min(group_lrs) < 0.1  # the plateau scheduler did reduce on its own
     assert cb.lr_scales == [0.25]
-    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(group_lrs[-1] if scheduler in (None, "plateau") else shadow_schedule(scheduler, 0.1, steps + 1)[-1])
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(
+        group_lrs[-1] if scheduler in (None, "plateau") else shadow_schedule(scheduler, 0.1, steps + 1)[-1]
+    )
 
 
 def test_floor_and_recovery(tmp_path):
@@ -111,8 +115,9 @@ def test_recovery_never_exceeds_one(tmp_path):
 
 class TwoGroups(FaultModel):
     def configure_optimizers(self):
-        opt = torch.optim.SGD([{"params": self.net[0].parameters(), "lr": 0.1},
-                               {"params": self.net[2].parameters(), "lr": 0.01}])
+        opt = torch.optim.SGD(
+            [{"params": self.net[0].parameters(), "lr": 0.1}, {"params": self.net[2].parameters(), "lr": 0.01}]
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda t: 1.0 / (1 + t), lambda t: 0.9**t])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

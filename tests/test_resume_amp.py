@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
+from faults import FaultModel, StepRecorder, make_loader, trainer
 from pytorch_lightning.plugins import MixedPrecision
 
-from faults import FaultModel, StepRecorder, make_loader, trainer
 from lightning_clip import GradientClipping
 
 
@@ -177,5 +177,5 @@ def test_fp16_overflow_steps_do_not_count_towards_lr_recovery(tmp_path):
     overflow_flags = [b["overflows"] > a["overflows"] for a, b in zip(rec.steps, rec.steps[1:])]
     assert sum(overflow_flags) >= 3 and rec.steps[0]["lr_scale"] == 0.5
     recovered_at = next(i for i, s in enumerate(rec.steps) if s["lr_scale"] == 1.0)
-    healthy = [not f for f in overflow_flags[: recovered_at]]
+    healthy = [not f for f in overflow_flags[:recovered_at]]
     assert sum(healthy) == 2 and healthy[-1]  # exactly two non-overflow steps, the last one recovers

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 60.0
 
 
-def _tensorboard() -> Optional[str]:
+def _tensorboard() -> str | None:
     script = Path(sys.executable).parent / "tensorboard"
     return str(script) if script.is_file() else shutil.which("tensorboard")
 
@@ -40,9 +40,19 @@ def _get_json(url: str) -> Any:
 def example_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 steps of the monitor example, logged every 5 steps, in a fresh working directory."""
     cwd = tmp_path_factory.mktemp("tb_example")
-    cmd = [sys.executable, str(REPO / "examples" / "train.py"), "fit",
-           "--config", str(REPO / "examples" / "configs" / "monitor.yaml"), "--trainer.max_steps", "10",
-           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    cmd = [
+        sys.executable,
+        str(REPO / "examples" / "train.py"),
+        "fit",
+        "--config",
+        str(REPO / "examples" / "configs" / "monitor.yaml"),
+        "--trainer.max_steps",
+        "10",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+    ]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd / "lightning_logs"
@@ -55,8 +65,11 @@ def test_tensorboard_serves_the_gradient_norms(example_logs: Path, tmp_path: Pat
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "tensorboard.log").open("w")
-    server = subprocess.Popen([exe, "--logdir", str(example_logs), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [exe, "--logdir", str(example_logs), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         tags: dict[str, Any] = {}
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -71,11 +84,14 @@ def test_tensorboard_serves_the_gradient_norms(example_logs: Path, tmp_path: Pat
                 break
             time.sleep(0.5)
         else:
-            pytest.fail(f"no grad_norm/total after {STARTUP_TIMEOUT:.0f} s; tags: {tags}\n"
-                        f"{(tmp_path / 'tensorboard.log').read_text()}")
+            pytest.fail(
+                f"no grad_norm/total after {STARTUP_TIMEOUT:.0f} s; tags: {tags}\n"
+                f"{(tmp_path / 'tensorboard.log').read_text()}"
+            )
         assert "version_0" in tags
         assert {"grad_norm/total", "grad_norm/total_clipped", "grad_clip/steps", "grad_norm_layer/head"} <= set(
-            tags["version_0"])
+            tags["version_0"]
+        )
         # The series itself: logging steps 4 and 9 of the 10-step run, positive finite norms.
         query = urllib.parse.urlencode({"run": "version_0", "tag": "grad_norm/total"})
         points = _get_json(f"{base}/data/plugin/scalars/scalars?{query}")
