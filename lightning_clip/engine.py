@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ from lightning_clip.rules import ClipRule, GradStep, NormClip
 from lightning_clip.validation import check_choice, check_finite, check_positive
 
 LOG_NORMS = ("layer", "parameter", "total", "none")
+_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
 
 
 @dataclass
@@ -77,6 +79,11 @@ class _Slot:
     seen_call: int = -1
     handles: tuple[Any, ...] = ()
     state_at_step_start: set[int] = field(default_factory=set)
+    # The foreach groups and names of the parameters stepped last time, keyed by their ids and device: the
+    # same parameters step every time, so the Python loops over them run once.
+    layout_key: tuple[Any, ...] = ()
+    groups: list[F.Group] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
 
     def track(self, optimizer: Optimizer) -> None:
         """Watch ``optimizer.step()``: a second engine step inside one call is a re-evaluated closure (LBFGS)."""
@@ -169,6 +176,8 @@ class ClipEngine:
         self.detach()
         if named_parameters is not None:
             self._names = {id(p): name for name, p in named_parameters}
+        for slot in self._slots:
+            slot.layout_key = ()  # names may have changed
         for i, optimizer in enumerate(optimizers):
             self._slot_at(i).track(optimizer)
         del self._slots[max(len(optimizers), 1) :]
@@ -271,6 +280,11 @@ class ClipEngine:
         device = grads[0].device
         counters = slot.counters.to(device)
         reevaluation = slot.reevaluation()
+        key = (tuple(map(id, params)), tuple(map(_DTYPE, grads)), tuple(map(_DEVICE, grads)))
+        if key != slot.layout_key:
+            slot.layout_key, slot.groups = key, F.plan(grads)
+            slot.names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        names = slot.names
         if reevaluation and self.remedy.skips_bad_steps:
             raise ValueError(
                 f"{type(optimizer).__name__} evaluated its closure more than once in one step() and moves the weights "
@@ -283,7 +297,7 @@ class ClipEngine:
             optimizer_idx=opt_idx,
             params=params,
             grads=grads,
-            names=[self._names.get(id(p), f"param{i}") for i, p in enumerate(params)],
+            names=names,
             norms=[],
             bad=counters.false,
             scaler=scaler,
@@ -300,7 +314,7 @@ class ClipEngine:
 
         # --- measure (in true units: fused optimizers under fp16 still hold scaled gradients here)
         inv_scale = scaler._scale.double().reciprocal().float().to(device) if ctx.grads_scaled else None
-        norms = F.grad_norms(grads, self.norm_type)
+        norms = F.grad_norms(grads, self.norm_type, slot.groups)
         total = F.total_norm(norms, self.norm_type, all_reduce=all_reduce).to(device)
         if inv_scale is not None:
             total = total * inv_scale
@@ -334,6 +348,7 @@ class ClipEngine:
                 inv_scale=inv_scale,
                 log=log,
                 update_statistics=not reevaluation,
+                groups=slot.groups,
             )
         )
         clipped = result.clipped & ~bad

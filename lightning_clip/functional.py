@@ -32,13 +32,16 @@ import math
 import types
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "Group",
     "group_by_device_and_dtype",
+    "plan",
     "grad_norms",
     "total_norm",
     "clip_coefficient",
@@ -64,37 +67,65 @@ def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.dev
     return groups
 
 
+@dataclass(frozen=True)
+class Group:
+    """Tensors of one ``(device, dtype)``: the indices a foreach kernel takes (``dense``) and those it does not
+    (``empty``: zero-size; ``sparse``)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    dense: list[int]
+    empty: list[int]
+    sparse: list[int]
+
+
+def plan(tensors: Sequence[Tensor]) -> list[Group]:
+    """The foreach groups of ``tensors``. A caller that steps the same parameters every time (the engine) computes
+    this once and passes it back as ``groups=``, which saves a Python loop over the tensors per call.
+
+    Example::
+
+        >>> [(g.dtype, g.dense) for g in plan([torch.ones(2), torch.ones(3).double(), torch.ones(1)])]
+        [(torch.float32, [0, 2]), (torch.float64, [1])]
+    """
+    out = []
+    for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
+        empty = [i for i in idx if tensors[i].numel() == 0]
+        sparse = [i for i in idx if tensors[i].is_sparse and tensors[i].numel() > 0]
+        dense = [i for i in idx if i not in empty and i not in sparse] if empty or sparse else idx
+        out.append(Group(device, dtype, dense, empty, sparse))
+    return out
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     # Reduced precision (fp16/bf16) sums in float32; float64 keeps float64.
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def grad_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> list[Tensor]:
+def grad_norms(
+    tensors: Sequence[Tensor], norm_type: float = 2.0, groups: Sequence[Group] | None = None
+) -> list[Tensor]:
     """The ``norm_type``-norm of each tensor, as 0-dim tensors on each tensor's device.
 
     Computed with one ``torch._foreach_norm`` per ``(device, dtype)`` group, accumulated in float32
     (float64 for float64 tensors). The result is in the order of ``tensors``. Complex tensors give the norm of
-    their moduli (as torch's ``clip_grad_norm_``); sparse tensors the norm of their dense value.
+    their moduli (as torch's ``clip_grad_norm_``); sparse tensors the norm of their dense value. ``groups``:
+    :func:`plan` of ``tensors``, if the caller has it.
     """
     norm_type = float(norm_type)
     norms: list[Tensor | None] = [None] * len(tensors)
-    for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
+    for g in plan(tensors) if groups is None else groups:
         # Complex tensors: the kernel takes no real accumulation dtype; it returns the real norm of |z| anyway.
-        acc = None if dtype.is_complex else _accumulation_dtype(dtype)
-        dense = []
-        for i in idx:
-            t = tensors[i]
-            if t.numel() == 0:
-                # Empty tensors (zero-size parameters, empty FSDP shards) have norm 0; the inf-norm kernel rejects them.
-                norms[i] = torch.zeros((), device=device, dtype=acc or torch.float32)
-            elif t.is_sparse:
-                # Sparse gradients (Embedding(sparse=True)) repeat indices until coalesced: the norm of the
-                # coalesced values is the norm of the dense gradient. No foreach kernel takes sparse tensors.
-                norms[i] = torch.linalg.vector_norm(t.coalesce()._values(), norm_type, dtype=acc)
-            else:
-                dense.append(i)
-        if dense:
-            for i, n in zip(dense, torch._foreach_norm([tensors[i] for i in dense], norm_type, dtype=acc)):
+        acc = None if g.dtype.is_complex else _accumulation_dtype(g.dtype)
+        for i in g.empty:
+            # Empty tensors (zero-size parameters, empty FSDP shards) have norm 0; the inf-norm kernel rejects them.
+            norms[i] = torch.zeros((), device=g.device, dtype=acc or torch.float32)
+        for i in g.sparse:
+            # Sparse gradients (Embedding(sparse=True)) repeat indices until coalesced: the norm of the
+            # coalesced values is the norm of the dense gradient. No foreach kernel takes sparse tensors.
+            norms[i] = torch.linalg.vector_norm(tensors[i].coalesce()._values(), norm_type, dtype=acc)
+        if g.dense:
+            for i, n in zip(g.dense, torch._foreach_norm([tensors[i] for i in g.dense], norm_type, dtype=acc)):
                 norms[i] = n
     # Every index belongs to exactly one group, so every slot is filled.
     return cast("list[Tensor]", norms)
@@ -148,7 +179,12 @@ def clip_coefficient(total: Tensor, max_norm: float, eps: float = EPS, finite: T
 
 
 def clip_by_norm_(
-    tensors: Sequence[Tensor], max_norm: float, total_norm: Tensor, eps: float = EPS, finite: Tensor | None = None
+    tensors: Sequence[Tensor],
+    max_norm: float,
+    total_norm: Tensor,
+    eps: float = EPS,
+    finite: Tensor | None = None,
+    groups: Sequence[Group] | None = None,
 ) -> Tensor:
     """Scale ``tensors`` in place by :func:`clip_coefficient`; return the coefficient.
 
@@ -156,15 +192,18 @@ def clip_by_norm_(
     bit-identical) instead of branching on a device value.
     """
     coef = clip_coefficient(total_norm, max_norm, eps, finite)
-    scale_(tensors, coef)
+    scale_(tensors, coef, groups)
     return coef
 
 
-def scale_(tensors: Sequence[Tensor], factor: Tensor | float) -> None:
+def scale_(tensors: Sequence[Tensor], factor: Tensor | float, groups: Sequence[Group] | None = None) -> None:
     """Multiply ``tensors`` in place by ``factor`` (a Python number or a 0-dim tensor, kept on the device)."""
-    for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
-        f = factor.to(device=device, dtype=dtype) if isinstance(factor, Tensor) else factor
-        torch._foreach_mul_([tensors[i] for i in idx], f)
+    for g in plan(tensors) if groups is None else groups:
+        f = factor.to(device=g.device, dtype=g.dtype) if isinstance(factor, Tensor) else factor
+        # Foreach kernels take sparse tensors for a multiply; the empty ones need nothing.
+        group = [tensors[i] for i in g.dense + g.sparse]
+        if group:
+            torch._foreach_mul_(group, f)
 
 
 def clip_by_value_(tensors: Sequence[Tensor], min_value: float | None = None, max_value: float | None = None) -> None:

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lightning_clip import functional as F
+
 
 @dataclass
 class GradStep:
@@ -42,6 +44,8 @@ class GradStep:
     log: bool
     # False on a further closure evaluation inside one optimizer step (LBFGS): statistics count steps, not calls.
     update_statistics: bool = True
+    # functional.plan(grads), computed once per optimizer by the engine: pass it on to functional's `groups=`.
+    groups: Sequence[F.Group] | None = None
 
     @property
     def device(self) -> torch.device:

@@ -31,7 +31,7 @@ class NormClip(ClipRule):
         self.max_norm = float(max_norm)
 
     def clip_(self, step: GradStep) -> ClipResult:
-        coef = F.clip_by_norm_(step.grads, self.max_norm, step.total, step.eps, finite=step.finite)
+        coef = F.clip_by_norm_(step.grads, self.max_norm, step.total, step.eps, step.finite, step.groups)
         return ClipResult(coef < 1.0, step.total * coef if step.log else None, self.max_norm)
 
     def describe(self) -> str:
