@@ -9,6 +9,7 @@ of ``lightning.pytorch``, so either Trainer and either ``LightningCLI`` accepts 
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from pytorch_lightning.utilities import rank_zero_warn
@@ -163,6 +164,13 @@ class GradientClipping(CallbackBase):
 
     # ------------------------------------------------------------------ fit set-up and tear-down
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and _is_deepspeed(trainer.strategy):
+            raise MisconfigurationException(
+                "GradientClipping does not run under DeepSpeed: the DeepSpeed engine clips, scales and steps inside "
+                "its own step, after this callback's hook, and Lightning's DeepSpeed plugin makes clipping a no-op. "
+                'Configure it in DeepSpeed instead: `"gradient_clipping": <max_norm>` in the DeepSpeed config (norm '
+                "clipping), and its fp16 `loss_scale` settings, which skip overflowing steps; remove GradientClipping."
+            )
         if stage == "fit" and trainer.gradient_clip_val:
             raise MisconfigurationException(
                 f"`Trainer(gradient_clip_val={trainer.gradient_clip_val!r})` and `GradientClipping` would both clip. "
@@ -197,7 +205,7 @@ class GradientClipping(CallbackBase):
             optimizer,
             log=log,
             scaler=getattr(trainer.precision_plugin, "scaler", None),
-            sharded=_is_sharded(strategy) and trainer.world_size > 1,
+            sharded=_flat_sharded(strategy, trainer.world_size),
             distributed=trainer.world_size > 1,
             # 0 = logging off (Lightning's default): read a sync-free remedy's counters every 50 steps.
             read_every=trainer.log_every_n_steps or 50,
@@ -217,9 +225,24 @@ def _should_log(trainer: Any) -> bool:
     return bool(trainer.global_step % max(trainer.log_every_n_steps, 1) == 0)
 
 
-def _is_sharded(strategy: Any) -> bool:
-    # Sharded strategies hold a slice of every gradient: the norm must be reduced across ranks.
-    return "FSDP" in type(strategy).__name__
+def _is_deepspeed(strategy: Any) -> bool:
+    # Both namespaces define a DeepSpeedStrategy (importable without deepspeed installed).
+    classes = []
+    for module in ("pytorch_lightning.strategies", "lightning.pytorch.strategies"):
+        try:
+            classes.append(getattr(importlib.import_module(module), "DeepSpeedStrategy"))
+        except (ImportError, AttributeError):
+            continue
+    return any(isinstance(strategy, cls) for cls in classes)
+
+
+def _flat_sharded(strategy: Any, world_size: int) -> bool | None:
+    """FSDP1 shards flat gradients: None lets the engine detect it from the parameters; False under NO_SHARD
+    (each rank holds whole gradients). DTensor gradients (FSDP2, tensor parallel) need no hint."""
+    if world_size < 2:
+        return False
+    sharding = getattr(strategy, "sharding_strategy", None)
+    return False if sharding is not None and getattr(sharding, "name", "") == "NO_SHARD" else None
 
 
 __all__ = ["GradientClipping"]

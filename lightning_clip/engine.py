@@ -56,7 +56,7 @@ from torch.optim import Optimizer
 from lightning_clip import functional as F
 from lightning_clip import metrics as M
 from lightning_clip.counters import COUNTERS, StepCounters
-from lightning_clip.detect import BadStepDetector, leaf_parameters
+from lightning_clip.detect import BadStepDetector, agree_any, leaf_parameters
 from lightning_clip.remedies import Ignore, Remedy, Skip
 from lightning_clip.remedies.base import BadStepContext, StepRead
 from lightning_clip.rules import ClipRule, GradStep, NormClip
@@ -84,6 +84,7 @@ class _Slot:
     layout_key: tuple[Any, ...] = ()
     groups: list[F.Group] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    dtensor: bool = False
 
     def track(self, optimizer: Optimizer) -> None:
         """Watch ``optimizer.step()``: a second engine step inside one call is a re-evaluated closure (LBFGS)."""
@@ -230,7 +231,7 @@ class ClipEngine:
         *,
         log: bool = False,
         scaler: Any = None,
-        sharded: bool = False,
+        sharded: bool | None = None,
         distributed: bool = False,
         read_every: int = 50,
         global_step: int | None = None,
@@ -241,7 +242,9 @@ class ClipEngine:
         Args:
             log: return the metrics of this step (costs the one host transfer).
             scaler: the ``GradScaler`` under fp16 (its overflows are told apart from divergence).
-            sharded: each rank holds a shard of every gradient: the norm is all-reduced.
+            sharded: each rank holds a flat shard of every gradient (FSDP1): the norm is all-reduced over the
+                world. None: detected from the parameters (FSDP1 marks them). DTensor gradients (FSDP2, tensor
+                parallel) are always reduced over their own mesh dims, whatever this says.
             distributed: several ranks take this step together: the loss/input flags are agreed.
             read_every: a sync-free remedy reads its counters at least every this many steps.
             global_step, epoch: where the run is, for messages (default: this optimizer's step count).
@@ -258,7 +261,7 @@ class ClipEngine:
         optimizer: Optimizer,
         log: bool,
         scaler: Any,
-        sharded: bool,
+        sharded: bool | None,
         distributed: bool,
         read_every: int,
         global_step: int | None,
@@ -267,6 +270,8 @@ class ClipEngine:
         opt_idx = self._index_of(optimizer)
         slot = self._slots[opt_idx]
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if sharded is None:
+            sharded = distributed and any(getattr(p, "_fsdp_flattened", False) for p in params)
         all_reduce = F.distributed_all_reduce() if sharded else None
         if not params:
             # Every parameter frozen or unused: nothing to clip. A rank still joins the collectives below,
@@ -280,11 +285,16 @@ class ClipEngine:
         device = grads[0].device
         counters = slot.counters.to(device)
         reevaluation = slot.reevaluation()
-        key = (tuple(map(id, params)), tuple(map(_DTYPE, grads)), tuple(map(_DEVICE, grads)))
+        key = (tuple(map(id, params)), tuple(map(type, grads)), tuple(map(_DTYPE, grads)), tuple(map(_DEVICE, grads)))
         if key != slot.layout_key:
-            slot.layout_key, slot.groups = key, F.plan(grads)
             slot.names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+            slot.dtensor = any(spec is not None for spec in F.local_shards(grads, slot.names)[1])
+            slot.layout_key, slot.groups = key, F.plan(F.local_shards(grads)[0] if slot.dtensor else grads)
         names = slot.names
+        specs: list[F.ShardSpec | None] = []
+        if slot.dtensor:
+            # DTensor gradients (FSDP2, tensor parallel): the math runs on the local shards, in place.
+            grads, specs = F.local_shards(grads, names)
         if reevaluation and self.remedy.skips_bad_steps:
             raise ValueError(
                 f"{type(optimizer).__name__} evaluated its closure more than once in one step() and moves the weights "
@@ -315,7 +325,11 @@ class ClipEngine:
         # --- measure (in true units: fused optimizers under fp16 still hold scaled gradients here)
         inv_scale = scaler._scale.double().reciprocal().float().to(device) if ctx.grads_scaled else None
         norms = F.grad_norms(grads, self.norm_type, slot.groups)
-        total = F.total_norm(norms, self.norm_type, all_reduce=all_reduce).to(device)
+        if slot.dtensor:
+            norms, total = F.reduce_sharded_norms(norms, specs, self.norm_type)
+            total = total.to(device)
+        else:
+            total = F.total_norm(norms, self.norm_type, all_reduce=all_reduce).to(device)
         if inv_scale is not None:
             total = total * inv_scale
         finite = torch.isfinite(total)
@@ -352,6 +366,9 @@ class ClipEngine:
             )
         )
         clipped = result.clipped & ~bad
+        if slot.dtensor or all_reduce is not None:
+            # Element-wise rules (value, AGC) see only this rank's shard: every rank must count the same step.
+            clipped = agree_any(clipped)
         if not reevaluation:  # counters count optimizer steps, not closure evaluations
             counters.update(clipped, bad, overflow)
 

@@ -33,7 +33,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -50,6 +50,9 @@ __all__ = [
     "scale_",
     "clip_grad_norm_",
     "distributed_all_reduce",
+    "ShardSpec",
+    "local_shards",
+    "reduce_sharded_norms",
 ]
 
 # Same default as torch.nn.utils.clip_grad_norm_: keeps max_norm / (total + eps) finite for a zero gradient.
@@ -217,6 +220,88 @@ def clip_by_value_(tensors: Sequence[Tensor], min_value: float | None = None, ma
             torch._foreach_clamp_min_(group, min_value)
         if max_value is not None:
             torch._foreach_clamp_max_(group, max_value)
+
+
+# ----------------------------------------------------------------------------- sharded gradients (DTensor)
+@dataclass(frozen=True)
+class ShardSpec:
+    """Where the rest of a sharded tensor lives: the mesh and the mesh dims it is sharded over.
+
+    The norm of the whole tensor needs the local p-th powers summed (max for inf) over exactly these dims;
+    over replicated dims every rank already holds the same values and nothing is reduced.
+    """
+
+    mesh: Any  # torch.distributed.DeviceMesh
+    dims: tuple[int, ...]
+
+
+def local_shards(
+    tensors: Sequence[Tensor], names: Sequence[str] | None = None
+) -> tuple[list[Tensor], list[ShardSpec | None]]:
+    """The local tensor of each DTensor in ``tensors`` (plain tensors as they are) and its :class:`ShardSpec`.
+
+    The math then runs on local tensors, without DTensor dispatch; in-place changes to a local tensor are
+    changes to the DTensor. A ``Partial`` placement (a pending sum) has no local norm and is refused, naming
+    the tensor (``names``).
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed support
+        return list(tensors), [None] * len(tensors)
+    local: list[Tensor] = []
+    specs: list[ShardSpec | None] = []
+    for i, t in enumerate(tensors):
+        if not isinstance(t, DTensor):
+            local.append(t)
+            specs.append(None)
+            continue
+        if any(p.is_partial() for p in t.placements):
+            name = names[i] if names is not None else f"tensor {i}"
+            raise ValueError(
+                f"the gradient of `{name}` is a DTensor with a Partial placement {tuple(t.placements)}: its norm "
+                "needs the pending reduction first; reduce it (redistribute to Shard/Replicate) before the step."
+            )
+        local.append(t._local_tensor)
+        specs.append(ShardSpec(t.device_mesh, tuple(d for d, p in enumerate(t.placements) if p.is_shard())))
+    return local, specs
+
+
+def reduce_sharded_norms(
+    local_norms: Sequence[Tensor], specs: Sequence[ShardSpec | None], norm_type: float = 2.0
+) -> tuple[list[Tensor], Tensor]:
+    """Whole-tensor norms and the total norm from the norms of local shards.
+
+    Tensors with the same :class:`ShardSpec` are reduced together: one all-reduce per mesh dim they are sharded
+    over, of the vector of their local p-th powers (maxima for inf), so each element counts once, replicated
+    copies are not counted again, and tensors on different meshes are never stacked together. Stays on the
+    device (collectives, no host read). Every rank must call this with the same specs, in the same order.
+
+    Returns ``(norms, total)``: the norm of each whole tensor, in the order given, and of all of them together.
+    """
+    import torch.distributed as dist
+
+    norm_type = float(norm_type)
+    inf = math.isinf(norm_type)
+    by_spec: dict[ShardSpec | None, list[int]] = {}
+    for i, spec in enumerate(specs):
+        by_spec.setdefault(spec if spec is None or spec.dims else None, []).append(i)
+    device = local_norms[0].device
+    whole: list[Tensor | None] = [None] * len(local_norms)
+    parts = []
+    for spec, idx in by_spec.items():
+        values = torch.stack([local_norms[i].to(device=device, dtype=torch.float64) for i in idx])
+        if not inf:
+            values = values.pow(norm_type)
+        op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
+        if spec is not None:
+            for dim in spec.dims:
+                dist.all_reduce(values, op=op, group=spec.mesh.get_group(dim))
+        parts.append(values.max() if inf else values.sum())
+        roots = values if inf else values.pow(1.0 / norm_type)
+        for j, i in enumerate(idx):
+            whole[i] = roots[j].to(torch.float32)
+    total = torch.stack(parts).max() if inf else torch.stack(parts).sum().pow(1.0 / norm_type)
+    return cast("list[Tensor]", whole), total.to(torch.float32)
 
 
 def distributed_all_reduce(group: object | None = None) -> Callable[[Tensor, str], Tensor]:
