@@ -230,7 +230,7 @@ def _is_deepspeed(strategy: Any) -> bool:
     classes = []
     for module in ("pytorch_lightning.strategies", "lightning.pytorch.strategies"):
         try:
-            classes.append(getattr(importlib.import_module(module), "DeepSpeedStrategy"))
+            classes.append(importlib.import_module(module).DeepSpeedStrategy)
         except (ImportError, AttributeError):
             continue
     return any(isinstance(strategy, cls) for cls in classes)
