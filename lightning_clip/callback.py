@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from lightning_clip import functional as F
 from lightning_clip._namespaces import CallbackBase
+from lightning_clip.detect import SpikeDetector
 from lightning_clip.engine import ClipEngine
 from lightning_clip.remedies import build_remedy
 from lightning_clip.rules import ClipRule, build_rule
@@ -57,6 +58,11 @@ class GradientClipping(CallbackBase):
             key depends on ``mode`` and ``name`` only, so tuning ``max_norm`` between runs keeps the state.
         rule: a clip rule object instead of ``mode`` and its flat arguments (in YAML: a ``class_path``), for
             rules with options of their own.
+        skip_spikes: skip (not clip) a step whose total norm exceeds the mean + ``skip_spikes`` standard
+            deviations of the last ``spike_window`` healthy norms (OLMo-core's skip-step rule), through the same
+            sync-free skip as NaN steps; counted in ``grad_clip/spike_skips``. Needs ``nan_policy`` ``"skip"``
+            or ``"halve_lr"`` (a spike does not lower the LR). None: off.
+        spike_window: how many recent healthy norms ``skip_spikes`` compares with (the first 20 only collect).
 
     Logged on logging steps (``Trainer(log_every_n_steps)``) to every logger of the Trainer:
     ``grad_norm/total`` (before clipping), ``grad_norm/total_clipped`` (after), ``grad_norm_layer/<name>``
@@ -95,6 +101,8 @@ class GradientClipping(CallbackBase):
         eps: float = F.EPS,
         name: str | None = None,
         rule: ClipRule | None = None,
+        skip_spikes: float | None = None,
+        spike_window: int = 128,
     ) -> None:
         super().__init__()
         # Checked whatever the mode and policy: a bad default-carrying setting is a mistake even where unread.
@@ -116,8 +124,15 @@ class GradientClipping(CallbackBase):
             lr_factor=lr_factor,
             max_consecutive_nonfinite=max_consecutive_nonfinite,
         )
+        spikes = None if skip_spikes is None else SpikeDetector(skip_spikes, spike_window, min(20, spike_window))
         self.engine = ClipEngine(
-            rule, remedy, norm_type=norm_type, eps=eps, check_inputs=check_inputs, log_norms=log_norms
+            rule,
+            remedy,
+            norm_type=norm_type,
+            eps=eps,
+            check_inputs=check_inputs,
+            log_norms=log_norms,
+            spike_skip=spikes,
         )
         self.engine.warn = lambda message: rank_zero_warn(message, category=RuntimeWarning)
         self.mode = rule.mode

@@ -12,7 +12,7 @@ Example::
     >>> c.update(clipped=torch.tensor(True), bad=torch.tensor(False), overflow=torch.tensor(False))
     >>> c.update(clipped=torch.tensor(False), bad=torch.tensor(True), overflow=torch.tensor(False))
     >>> c.totals()
-    {'steps': 2, 'clipped_steps': 1, 'nonfinite_steps': 1, 'amp_overflows': 0, 'nonfinite_streak': 1}
+    {'steps': 2, 'clipped_steps': 1, 'nonfinite_steps': 1, 'amp_overflows': 0, 'spike_skips': 0, 'nonfinite_streak': 1}
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-COUNTERS = ("clipped_steps", "nonfinite_steps", "amp_overflows")
+COUNTERS = ("clipped_steps", "nonfinite_steps", "amp_overflows", "spike_skips")
 
 
 class StepCounters:
@@ -56,10 +56,10 @@ class StepCounters:
             self.counts, self.streak, self.false = (t.to(device) for t in (self.counts, self.streak, self.false))
         return self
 
-    def update(self, clipped: Tensor, bad: Tensor, overflow: Tensor) -> None:
+    def update(self, clipped: Tensor, bad: Tensor, overflow: Tensor, spike: Tensor | None = None) -> None:
         """Count one optimizer step from device flags, with no host read."""
         self.steps += 1
-        self.counts.add_(torch.stack([clipped, bad, overflow]))
+        self.counts.add_(torch.stack([clipped, bad, overflow, bad & False if spike is None else spike]))
         self.streak.add_(1).mul_(bad)  # reset to 0 by a good step
 
     def from_values(self, values: list[float]) -> dict[str, int]:

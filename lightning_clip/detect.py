@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -132,3 +133,76 @@ class BadStepDetector:
         optimizers' parameters belonged to this step, whether or not it had gradients."""
         self._losses = [(bad, owners) for bad, owners in self._losses if owners is not None and owners]
         self._window_done = True
+
+
+class SpikeDetector:
+    r"""Flag a step whose total norm is an extreme outlier, so the remedy skips it instead of clipping it.
+
+    OLMo-core's skip-step rule: a norm :math:`x` is a spike when :math:`x > \mu + k\sigma`, with :math:`\mu,
+    \sigma` the mean and standard deviation of the last ``window`` healthy norms (once ``warmup`` of them are
+    known). The history is a ring buffer on the device; neither a bad (NaN/Inf) step nor a spike enters it, so
+    one explosion cannot widen :math:`\sigma` and let the next one through. No host read; ``state_dict`` keeps
+    the history across resume.
+
+    Example::
+
+        >>> import torch
+        >>> d = SpikeDetector(k=4.0, window=8, warmup=4)
+        >>> [bool(d.flag(torch.tensor(x), torch.tensor(False))) for x in [1.0, 1.2, 0.9, 1.1, 1.0, 30.0, 1.05]]
+        [False, False, False, False, False, True, False]
+    """
+
+    def __init__(self, k: float = 6.0, window: int = 128, warmup: int = 20) -> None:
+        from lightning_clip.validation import check_count, check_positive
+
+        check_positive("skip_spikes", k)
+        check_count("spike_window", window, allow_none=False)
+        check_count("warmup", warmup, allow_none=False)
+        if warmup > window:
+            raise ValueError(f"`warmup` ({warmup}) must be <= `spike_window` ({window}).")
+        self.k, self.window, self.warmup = float(k), window, warmup
+        self._history: Tensor | None = None  # float64[window], NaN where empty
+        self._pos: Tensor | None = None
+        self._count: Tensor | None = None
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        if self._history is None or self._pos is None or self._count is None:
+            dtype = torch.float64 if device.type == "cpu" else torch.float32
+            self._history = torch.full((self.window,), math.nan, dtype=dtype, device=device)
+            self._pos = torch.zeros((), dtype=torch.long, device=device)
+            self._count = torch.zeros((), dtype=torch.long, device=device)
+        elif self._history.device != device:
+            self._history, self._pos, self._count = (t.to(device) for t in (self._history, self._pos, self._count))
+        return self._history, self._pos, self._count
+
+    def flag(self, total: Tensor, bad: Tensor) -> Tensor:
+        """0-dim bool: is ``total`` a spike? Records it (on the device) when it is healthy and not a spike."""
+        history, pos, count = self._on(total.device)
+        x = total.to(history.dtype)
+        mean = torch.nanmean(history)
+        var = (torch.nanmean(history * history) - mean * mean).clamp(min=0.0)
+        ready = count >= self.warmup
+        healthy = torch.isfinite(x) & ~bad
+        spike = ready & healthy & (x > mean + self.k * var.sqrt())
+        keep = healthy & ~spike
+        history.index_copy_(0, pos.reshape(1), torch.where(keep, x, history[pos]).reshape(1))
+        pos.copy_(torch.where(keep, (pos + 1) % self.window, pos))
+        count.add_(keep.long())
+        return spike
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._history is None:
+            return {}
+        return {"history": self._history.cpu(), "pos": int(self._pos), "count": int(self._count)}  # type: ignore[arg-type]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        history = torch.as_tensor(state["history"])
+        if history.numel() != self.window:
+            raise ValueError(
+                f"the checkpoint's spike history has {history.numel()} entries; spike_window={self.window}."
+            )
+        self._history = history.clone()
+        self._pos = torch.tensor(int(state["pos"]))
+        self._count = torch.tensor(int(state["count"]))

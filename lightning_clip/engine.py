@@ -56,7 +56,7 @@ from torch.optim import Optimizer
 from lightning_clip import functional as F
 from lightning_clip import metrics as M
 from lightning_clip.counters import COUNTERS, StepCounters
-from lightning_clip.detect import BadStepDetector, agree_any, leaf_parameters
+from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
 from lightning_clip.remedies import Ignore, Remedy, Skip
 from lightning_clip.remedies.base import BadStepContext, StepRead
 from lightning_clip.rules import ClipRule, GradStep, NormClip
@@ -73,6 +73,7 @@ class _Slot:
     optimizer: Optimizer | None
     counters: StepCounters
     rule: ClipRule
+    spikes: SpikeDetector | None = None
     # Closure evaluations: optimizer.step() calls counted by its hooks; the call the engine last saw.
     step_calls: int = 0
     in_step: bool = False
@@ -129,6 +130,8 @@ class ClipEngine:
         eps: added to the total norm before dividing (as in ``torch.nn.utils.clip_grad_norm_``).
         check_inputs: check each batch passed to :meth:`observe_batch` for NaN/Inf.
         log_norms: ``"layer"``, ``"parameter"``, ``"total"`` or ``"none"``: what :meth:`step` returns when logging.
+        spike_skip: a :class:`~lightning_clip.detect.SpikeDetector`: skip (not clip) a step whose total norm is an
+            extreme outlier, through the remedy's skip (needs ``Skip`` or ``HalveLR``); counted in ``spike_skips``.
 
     In a loop: :meth:`attach` the optimizers once, then per optimizer step call :meth:`observe_loss` (and
     :meth:`observe_batch`) for each micro-batch, :meth:`step` after the last backward and before
@@ -144,6 +147,7 @@ class ClipEngine:
         eps: float = F.EPS,
         check_inputs: bool = False,
         log_norms: str = "layer",
+        spike_skip: SpikeDetector | None = None,
     ) -> None:
         check_positive("norm_type", norm_type, allow_inf=True)
         check_finite("eps", eps)
@@ -158,6 +162,13 @@ class ClipEngine:
             raise ValueError(f"`rule` must be a lightning_clip.rules.ClipRule, got {self.rule!r}.")
         if not isinstance(self.remedy, Remedy):
             raise ValueError(f"`remedy` must be a lightning_clip.remedies.Remedy, got {self.remedy!r}.")
+        if spike_skip is not None and not isinstance(self.remedy, Skip):
+            raise ValueError(
+                f"skipping spikes (`skip_spikes`) needs nan_policy 'skip' or 'halve_lr', which skip steps; got "
+                f"nan_policy={self.remedy.policy!r}."
+            )
+        self.spike_skip = spike_skip
+        self.spike_top_k = 3  # layers named when a logged step holds a spike
         self.norm_type = float(norm_type)
         self.eps = float(eps)
         self.log_norms = log_norms
@@ -194,7 +205,7 @@ class ClipEngine:
 
     def _slot_at(self, i: int) -> _Slot:
         while len(self._slots) <= i:
-            self._slots.append(_Slot(None, StepCounters(), copy.deepcopy(self.rule)))
+            self._slots.append(_Slot(None, StepCounters(), copy.deepcopy(self.rule), copy.deepcopy(self.spike_skip)))
         return self._slots[i]
 
     def _index_of(self, optimizer: Optimizer) -> int:
@@ -365,18 +376,23 @@ class ClipEngine:
                 groups=slot.groups,
             )
         )
-        clipped = result.clipped & ~bad
+        # An extreme outlier is skipped rather than clipped (skip_spikes); the total is the same on every rank.
+        spike = counters.false
+        if slot.spikes is not None and not reevaluation:
+            spike = slot.spikes.flag(total, bad | overflow)
+        ctx.skip = bad | spike
+        clipped = result.clipped & ~ctx.skip
         if slot.dtensor or all_reduce is not None:
             # Element-wise rules (value, AGC) see only this rank's shard: every rank must count the same step.
             clipped = agree_any(clipped)
         if not reevaluation:  # counters count optimizer steps, not closure evaluations
-            counters.update(clipped, bad, overflow)
+            counters.update(clipped, bad, overflow, spike)
 
         # --- remedy: device part, then the host part only when it (or logging) needs the values
         self.remedy.on_device(ctx)
         if not (self.remedy.needs_read(ctx) or log):
             return {}
-        head = [bad, counters.streak, overflow]
+        head = [bad, counters.streak, overflow, ctx.skip]
         layer_names: list[str] = []
         layer_norms: list[Tensor] = []
         if log:
@@ -394,15 +410,16 @@ class ClipEngine:
         ).tolist()
         n_head = len(head)
         counts = counters.from_values(values[n_head : n_head + len(COUNTERS)])
-        counts["skipped_steps"] = counts["nonfinite_steps"] if self.remedy.skips_bad_steps else 0
-        self.remedy.on_host(ctx, StepRead(bool(values[0]), int(values[1]), bool(values[2]), counts))
+        counts["skipped_steps"] = self._skipped(counts)
+        read = StepRead(bool(values[0]), int(values[1]), bool(values[2]), counts, skip=bool(values[3]))
+        self.remedy.on_host(ctx, read)
         if not log:
             return {}
         step_values = {
-            "total": values[3],
-            "total_clipped": values[4],
-            "clipped": values[5],
-            "threshold": None if math.isnan(values[6]) else values[6],
+            "total": values[4],
+            "total_clipped": values[5],
+            "clipped": values[6],
+            "threshold": None if math.isnan(values[7]) else values[7],
             "max_norm": getattr(slot.rule, "max_norm", None),
             "lr_scale": self._lr_scale(slot),
         }
@@ -411,7 +428,33 @@ class ClipEngine:
             if self.log_norms in ("total", "none")
             else (M.LAYER_GROUP if self.log_norms == "layer" else M.PARAM_GROUP)
         )
-        return M.step_metrics(opt_idx, step_values, counts, group, layer_names, values[n_head + len(COUNTERS) :])
+        layer_values = values[n_head + len(COUNTERS) :]
+        out = M.step_metrics(opt_idx, step_values, counts, group, layer_names, layer_values)
+        spiked = (read.skip and not read.bad) or (slot.rule.reports_spikes and step_values["clipped"] > 0)
+        if spiked and layer_values:
+            share = self._attribute_spike(ctx, read, step_values, layer_names, layer_values)
+            out[M.tag(M.TOP_LAYER_SHARE, opt_idx)] = share
+        return out
+
+    def _attribute_spike(
+        self, ctx: BadStepContext, read: StepRead, values: dict[str, Any], names: Sequence[str], norms: Sequence[float]
+    ) -> float:
+        """Name the layers that carried a spike (host values of this logging step: no extra read); return the
+        top layer's share of the squared norm."""
+        ranked = sorted(zip(names, norms), key=lambda pair: -pair[1] if math.isfinite(pair[1]) else math.inf)
+        squares = sum(n * n for _, n in ranked if math.isfinite(n)) or 1.0
+        top = ranked[: self.spike_top_k]
+        listed = ", ".join(f"{name} ({norm:.3g}, {100 * norm * norm / squares:.0f}%)" for name, norm in top)
+        action = "skipped" if read.skip else "clipped"
+        threshold = values["threshold"]
+        self.warn(
+            f"Gradient spike {action} at global step {ctx.global_step} (optimizer {ctx.optimizer_idx}): total norm "
+            f"{values['total']:.4g}"
+            + (f", threshold {threshold:.4g}" if threshold is not None else "")
+            + f". Largest {'layers' if self.log_norms == 'layer' else 'parameters'} (norm, share of the squared "
+            f"norm): {listed}."
+        )
+        return top[0][1] ** 2 / squares if top and math.isfinite(top[0][1]) else math.nan
 
     def _layer_norms(
         self, names: Sequence[str], norms: Sequence[Tensor], inv_scale: Tensor | None, device: torch.device
@@ -433,7 +476,14 @@ class ClipEngine:
         """Counters, LR scale and rule statistics of every optimizer (host values)."""
         return {
             "version": 2,
-            "optimizers": [{**slot.counters.state_dict(), "rule": slot.rule.state_dict()} for slot in self._slots],
+            "optimizers": [
+                {
+                    **slot.counters.state_dict(),
+                    "rule": slot.rule.state_dict(),
+                    "spikes": slot.spikes.state_dict() if slot.spikes is not None else {},
+                }
+                for slot in self._slots
+            ],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -447,6 +497,8 @@ class ClipEngine:
                 slot.counters.lr_scale, slot.counters.healthy_steps = 1.0, 0
             if state.get("rule"):
                 slot.rule.load_state_dict(state["rule"])
+            if state.get("spikes") and slot.spikes is not None:
+                slot.spikes.load_state_dict(state["spikes"])
 
     def _lr_scale(self, slot: _Slot) -> float:
         return slot.counters.lr_scale if self.remedy.keeps_lr_scale() else 1.0
@@ -464,14 +516,18 @@ class ClipEngine:
             for k, v in slot.counters.totals().items():
                 if k in out:
                     out[k] += v
-        out["skipped_steps"] = out["nonfinite_steps"] if self.remedy.skips_bad_steps else 0
+        out["skipped_steps"] = self._skipped(out)
         return out
 
     def counters_of(self, optimizer_idx: int) -> dict[str, int]:
         """Counts of one optimizer, with its current run of bad steps (``nonfinite_streak``)."""
         out = self._slots[optimizer_idx].counters.totals()
-        out["skipped_steps"] = out["nonfinite_steps"] if self.remedy.skips_bad_steps else 0
+        out["skipped_steps"] = self._skipped(out)
         return out
+
+    def _skipped(self, counts: dict[str, int]) -> int:
+        # Skipped steps: bad ones and spikes, under a remedy that skips.
+        return counts["nonfinite_steps"] + counts["spike_skips"] if self.remedy.skips_bad_steps else 0
 
     def rule_of(self, optimizer_idx: int) -> ClipRule:
         """The rule (with its statistics) of one optimizer."""

@@ -31,10 +31,12 @@ CLIPPED_STEPS = "grad_clip/clipped_steps"
 NONFINITE_STEPS = "grad_clip/nonfinite_steps"
 SKIPPED_STEPS = "grad_clip/skipped_steps"
 AMP_OVERFLOWS = "grad_clip/amp_overflows"
+SPIKE_SKIPS = "grad_clip/spike_skips"
 LR_SCALE = "grad_clip/lr_scale"
 MAX_NORM = "grad_clip/max_norm"
 THRESHOLD = "grad_clip/threshold"
 CLIPPED = "grad_clip/clipped"
+TOP_LAYER_SHARE = "grad_clip/top_layer_share"  # logged on spike steps: the largest layer's share of the norm^2
 
 # counter name (as in ``GradientClipping.counters``) -> tag
 COUNTER_TAGS = {
@@ -43,6 +45,7 @@ COUNTER_TAGS = {
     "nonfinite_steps": NONFINITE_STEPS,
     "skipped_steps": SKIPPED_STEPS,
     "amp_overflows": AMP_OVERFLOWS,
+    "spike_skips": SPIKE_SKIPS,
 }
 
 _TOTAL_RE = re.compile(rf"^{re.escape(TOTAL)}(?:_opt(\d+))?$")

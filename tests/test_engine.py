@@ -113,6 +113,7 @@ def test_logging_step_makes_one_host_read_and_returns_float64_reference_norms_pe
         M.NONFINITE_STEPS: 0.0,
         M.SKIPPED_STEPS: 0.0,
         M.AMP_OVERFLOWS: 0.0,
+        M.SPIKE_SKIPS: 0.0,
         **{
             M.norm_tag(M.LAYER_GROUP, layer, 0): ref_norm([before[n] for n in names], p)
             for layer, names in layers.items()
@@ -182,6 +183,7 @@ def test_two_optimizers_keep_independent_counters_and_the_second_logs_with_the_o
         "clipped_steps": 2,
         "nonfinite_steps": 0,
         "amp_overflows": 0,
+        "spike_skips": 0,
         "nonfinite_streak": 0,
         "skipped_steps": 0,
     }
@@ -190,6 +192,7 @@ def test_two_optimizers_keep_independent_counters_and_the_second_logs_with_the_o
         "clipped_steps": 0,
         "nonfinite_steps": 1,
         "amp_overflows": 0,
+        "spike_skips": 0,
         "nonfinite_streak": 1,
         "skipped_steps": 1,
     }
@@ -317,10 +320,12 @@ def test_state_dict_round_trips_counters_and_lr_scale_per_optimizer():
                 "clipped_steps": 2,
                 "nonfinite_steps": 1,
                 "amp_overflows": 0,
+                "spike_skips": 0,
                 "nonfinite_streak": 0,
                 "lr_scale": 0.5,
                 "healthy_steps": 1,
                 "rule": {},
+                "spikes": {},
             }
         ],
     }

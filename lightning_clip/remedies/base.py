@@ -47,6 +47,12 @@ class BadStepContext:
     # ids of the parameters that had optimizer state when ``optimizer.step()`` began, when this step runs inside
     # it (a closure); None when the update has not begun (plain loops, fp16)
     state_before: set[int] | None = None
+    # bad, or a spike the engine was told to skip (skip_spikes): the step to skip. None: ``bad``.
+    skip: Tensor | None = None
+
+    @property
+    def skip_flag(self) -> Tensor:
+        return self.bad if self.skip is None else self.skip
 
     @property
     def grads_scaled(self) -> bool:
@@ -62,6 +68,7 @@ class StepRead:
     streak: int  # consecutive bad steps of this optimizer, this one included
     overflow: bool  # a GradScaler overflow (fp16), not divergence
     counts: dict[str, int]
+    skip: bool = False  # bad, or a spike to skip (skip_spikes)
 
 
 class Remedy:

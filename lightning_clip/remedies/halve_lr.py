@@ -92,6 +92,8 @@ class HalveLR(Skip):
             hook.arm()
         if read.bad:
             self._bad_step(step, read)
+        elif read.skip:  # a spike (skip_spikes): skipped, the LR kept, and not a healthy step
+            self._skip(step)
         elif not read.overflow:  # a GradScaler-skipped step is not healthy
             self._healthy(step)
 

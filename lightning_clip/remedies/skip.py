@@ -104,19 +104,21 @@ class Skip(Remedy):
             return
         if step.scaler is None:
             # torch's fused Adam/AdamW/SGD skip the whole update (and undo the step count) when found_inf == 1.
-            step.optimizer.found_inf = step.bad.to(torch.float32)  # type: ignore[attr-defined]
+            step.optimizer.found_inf = step.skip_flag.to(torch.float32)  # type: ignore[attr-defined]
             if not any(opt is step.optimizer for opt in self._found_inf_set):
                 self._found_inf_set.append(step.optimizer)
         else:
             # GradScaler overwrites found_inf in scaler.step(); it skips on non-finite gradients, so make the
             # gradients non-finite when the step is bad for another reason (loss or input).
-            F.scale_(step.grads, torch.where(step.bad, float("nan"), 1.0))
+            F.scale_(step.grads, torch.where(step.skip_flag, float("nan"), 1.0))
 
     def on_host(self, step: BadStepContext, read: StepRead) -> None:
         if self._on_device(step):
             self._report_device_skips(step, read)
         elif read.bad:
             self._bad_step(step, read)
+        elif read.skip:  # a spike (skip_spikes): skipped without a diagnosis, counted in spike_skips
+            self._skip(step)
 
     # --- bad steps on the host path
     action: ClassVar[str] = "step skipped"

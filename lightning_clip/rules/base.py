@@ -72,6 +72,8 @@ class ClipRule:
 
     mode: ClassVar[str] = ""
     options: ClassVar[tuple[str, ...]] = ()
+    # A rule whose clipping marks an outlier (z-score, percentile): the engine names the layers that carried it.
+    reports_spikes: ClassVar[bool] = False
 
     @classmethod
     def from_options(cls, **options: Any) -> ClipRule:

@@ -54,6 +54,7 @@ class PercentileClip(ClipRule):
     """
 
     mode: ClassVar[str] = "percentile"
+    reports_spikes: ClassVar[bool] = True
 
     def __init__(self, percentile: float = 10.0, history_size: int = 1000, warmup_steps: int = 25) -> None:
         check_in_range("percentile", percentile, 0.0, 100.0, low_open=False, high_open=False)

@@ -69,6 +69,7 @@ class ZScoreClip(ClipRule):
     """
 
     mode: ClassVar[str] = "zscore"
+    reports_spikes: ClassVar[bool] = True
 
     def __init__(
         self,
