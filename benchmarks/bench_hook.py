@@ -7,7 +7,10 @@ each timed as the median over --repeats rounds of --iters calls:
 * the hook, norm mode, ``nan_policy="ignore"`` (no host read) and ``"skip"`` (one scalar read);
 * torch ``clip_grad_value_(foreach=True)`` vs the hook in value mode;
 * a logging step: the hook with per-layer norms to a TensorBoardLogger, vs Lightning's
-  ``utilities.grad_norm`` + ``clip_grad_norm_`` + ``logger.log_metrics``.
+  ``utilities.grad_norm`` + ``clip_grad_norm_`` + ``logger.log_metrics``;
+* the adaptive modes ``agc``, ``zscore``, ``percentile`` (``nan_policy="ignore"``, default options), timed after
+  --adaptive-warmup steps so their statistics are active; besides the ratio to torch they show the ratio to the
+  norm-mode hook (``vs hook norm``).
 
 Usage::
 
@@ -33,6 +36,7 @@ from pytorch_lightning.utilities import grad_norm
 
 from lightning_clip import GradientClipping
 from lightning_clip.host_reads import count_host_reads
+from lightning_clip.rules import PercentileClip, ZScoreClip
 
 
 class Deep(pl.LightningModule):
@@ -87,6 +91,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--adaptive-warmup", type=int, default=30, help="hook calls before timing the adaptive modes (> their warm-up)"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -95,6 +102,10 @@ def main() -> None:
         "norm_ignore": GradientClipping(max_norm=1.0, nan_policy="ignore", log_norms="none"),
         "norm_skip": GradientClipping(max_norm=1.0, nan_policy="skip", log_norms="none"),
         "value_ignore": GradientClipping(mode="value", clip_value=1e-3, nan_policy="ignore", log_norms="none"),
+        # The adaptive modes with their default options.
+        "agc_ignore": GradientClipping(mode="agc", nan_policy="ignore", log_norms="none"),
+        "zscore_ignore": GradientClipping(mode="zscore", nan_policy="ignore", log_norms="none"),
+        "percentile_ignore": GradientClipping(mode="percentile", nan_policy="ignore", log_norms="none"),
     }
     trainers = {name: attach(model, cb, False, args.device) for name, cb in setups.items()}
     log_dir = tempfile.mkdtemp()
@@ -128,7 +139,28 @@ def main() -> None:
         "hook value, nan_policy=ignore": hook("value_ignore", trainers["value_ignore"], setups["value_ignore"]),
         "logging step: Lightning grad_norm+clip+log": lightning_logging_step,
         "logging step: hook (per-layer norms)": hook("log", log_trainer, log_cb),
+        "hook agc, nan_policy=ignore": hook("agc_ignore", trainers["agc_ignore"], setups["agc_ignore"]),
+        "hook zscore, nan_policy=ignore": hook("zscore_ignore", trainers["zscore_ignore"], setups["zscore_ignore"]),
+        "hook percentile, nan_policy=ignore": hook(
+            "percentile_ignore", trainers["percentile_ignore"], setups["percentile_ignore"]
+        ),
     }
+    adaptive = ("hook agc, nan_policy=ignore", "hook zscore, nan_policy=ignore", "hook percentile, nan_policy=ignore")
+    # The adaptive rules' statistics warm up first (zscore, percentile: 25 healthy steps by default), so the
+    # timed calls are the steady state: the EMA / percentile threshold is computed and applied.
+    for name in adaptive:
+        for _ in range(args.adaptive_warmup):
+            variants[name]()
+    for key in ("zscore_ignore", "percentile_ignore"):
+        rule = setups[key].engine.rule_of(0)
+        state = rule.state_dict()  # host reads: outside the timed calls
+        if isinstance(rule, ZScoreClip):
+            active = bool(state["initialized"])
+        else:
+            assert isinstance(rule, PercentileClip)
+            active = state["count"] >= rule.warmup_steps
+        if not active:
+            raise SystemExit(f"{key}: statistics not active after {args.adaptive_warmup} warm-up calls")
     # Logging-step variants: make the hook's trainer log on every call (no loop active -> should_update_logs).
     for fn in variants.values():  # warm-up
         fn()
@@ -150,13 +182,19 @@ def main() -> None:
         f"{n_tensors} gradient tensors, {sum(g.numel() for g in grads) / 1e6:.2f}M elements, device {device_name}, "
         f"torch {torch.__version__}, median of {args.repeats} x {args.iters} calls"
     )
+    base_hook_norm = statistics.median(samples["hook norm, nan_policy=ignore"])
     print(f"{'variant':46s} {'ms/step':>9s} {'ratio':>7s} {'host reads':>11s}")
     rows = []
     for name in variants:
         ms = statistics.median(samples[name])
         base = base_log if name.startswith("logging") else base_value if "value" in name else base_norm
-        rows.append({"variant": name, "ms": ms, "ratio": ms / base, "host_reads": reads[name]})
-        print(f"{name:46s} {ms:9.3f} {ms / base:7.2f} {reads[name]:11d}")
+        row = {"variant": name, "ms": ms, "ratio": ms / base, "host_reads": reads[name]}
+        line = f"{name:46s} {ms:9.3f} {ms / base:7.2f} {reads[name]:11d}"
+        if name in adaptive:  # the adaptive modes: also against the norm-mode hook
+            row["ratio_to_hook_norm"] = ms / base_hook_norm
+            line += f"  {ms / base_hook_norm:5.2f} vs hook norm"
+        rows.append(row)
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             result = {"device": device_name, "tensors": n_tensors, "torch": torch.__version__, "rows": rows}
