@@ -83,3 +83,20 @@ def check_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
 def check_optional_str(name: str, value: Any | None) -> None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"`{name}` must be a string or None, got {value!r}.")
+
+
+def check_read(kind: str, choice: str, reads: Iterable[str], settings: dict[str, Any] | None) -> dict[str, Any]:
+    """Refuse a setting (not None) that the chosen ``kind`` (``mode``/``nan_policy``) would silently ignore.
+
+    ``reads``: the option names the choice reads. Returns the settings that are set.
+    """
+    reads = tuple(reads)
+    given = {k: v for k, v in (settings or {}).items() if v is not None}
+    ignored = {k: v for k, v in given.items() if k not in reads}
+    if ignored:
+        listed = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
+        raise ValueError(
+            f"`{next(iter(ignored))}` does not apply to {kind}={choice!r} (it reads {', '.join(reads) or 'no option'});"
+            f" got {listed}."
+        )
+    return given

@@ -22,7 +22,7 @@ from lightning_clip.remedies.halve_lr import HalveLR
 from lightning_clip.remedies.ignore import Ignore
 from lightning_clip.remedies.raise_error import RaiseError
 from lightning_clip.remedies.skip import Skip
-from lightning_clip.validation import check_choice
+from lightning_clip.validation import check_choice, check_read
 
 __all__ = [
     "REMEDIES",
@@ -47,11 +47,5 @@ def build_remedy(nan_policy: str, strict: dict[str, Any] | None = None, **option
     """
     check_choice("nan_policy", nan_policy, REMEDIES)
     cls = REMEDIES[nan_policy]
-    strict = strict or {}
-    ignored = {k: v for k, v in strict.items() if v is not None and k not in cls.options}
-    if ignored:
-        settings = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
-        raise ValueError(
-            f"`{next(iter(ignored))}` does not apply to nan_policy={nan_policy!r} (only to 'halve_lr'); got {settings}."
-        )
-    return cls.from_options(**{**options, **{k: v for k, v in strict.items() if v is not None}})
+    strict = check_read("nan_policy", nan_policy, cls.options, strict)
+    return cls.from_options(**{**options, **strict})

@@ -25,7 +25,7 @@ from lightning_clip.rules.norm import NormClip
 from lightning_clip.rules.percentile import PercentileClip
 from lightning_clip.rules.value import ValueClip
 from lightning_clip.rules.zscore import ZScoreClip
-from lightning_clip.validation import check_choice
+from lightning_clip.validation import check_choice, check_read
 
 __all__ = [
     "RULES",
@@ -54,12 +54,5 @@ def build_rule(mode: str, strict: dict[str, Any] | None = None, **options: Any) 
     """
     check_choice("mode", mode, RULES)
     cls = RULES[mode]
-    strict = strict or {}
-    ignored = {k: v for k, v in strict.items() if v is not None and k not in cls.options}
-    if ignored:
-        settings = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
-        raise ValueError(
-            f"`{next(iter(ignored))}` does not apply to mode={mode!r} "
-            f"(it reads {', '.join(cls.options) or 'no option'}); got {settings}."
-        )
+    strict = check_read("mode", mode, cls.options, strict)
     return cls.from_options(**options, **strict)
