@@ -186,6 +186,13 @@ class GradientClipping(CallbackBase):
                 'Configure it in DeepSpeed instead: `"gradient_clipping": <max_norm>` in the DeepSpeed config (norm '
                 "clipping), and its fp16 `loss_scale` settings, which skip overflowing steps; remove GradientClipping."
             )
+        sharding = getattr(getattr(trainer.strategy, "sharding_strategy", None), "name", "")
+        if stage == "fit" and "HYBRID" in sharding:
+            raise MisconfigurationException(
+                f"GradientClipping does not support FSDP1 sharding_strategy={sharding}: the norm would have to be "
+                "reduced over the shard group only. Use FSDP2 hybrid sharding (ModelParallelStrategy with a 2-D "
+                "mesh), which it supports, or ClipEngine.step(optimizer, sharded=<the shard process group>)."
+            )
         if stage == "fit" and trainer.gradient_clip_val:
             raise MisconfigurationException(
                 f"`Trainer(gradient_clip_val={trainer.gradient_clip_val!r})` and `GradientClipping` would both clip. "

@@ -242,7 +242,7 @@ class ClipEngine:
         *,
         log: bool = False,
         scaler: Any = None,
-        sharded: bool | None = None,
+        sharded: bool | Any | None = None,
         distributed: bool = False,
         read_every: int = 50,
         global_step: int | None = None,
@@ -254,8 +254,9 @@ class ClipEngine:
             log: return the metrics of this step (costs the one host transfer).
             scaler: the ``GradScaler`` under fp16 (its overflows are told apart from divergence).
             sharded: each rank holds a flat shard of every gradient (FSDP1): the norm is all-reduced over the
-                world. None: detected from the parameters (FSDP1 marks them). DTensor gradients (FSDP2, tensor
-                parallel) are always reduced over their own mesh dims, whatever this says.
+                world, or over this process group (FSDP1 HYBRID_SHARD: the shard group). None: detected from the
+                parameters (FSDP1 marks them; pass False for NO_SHARD, whose parameters are marked too). DTensor
+                gradients (FSDP2, tensor parallel) are always reduced over their own mesh dims.
             distributed: several ranks take this step together: the loss/input flags are agreed.
             read_every: a sync-free remedy reads its counters at least every this many steps.
             global_step, epoch: where the run is, for messages (default: this optimizer's step count).
@@ -272,7 +273,7 @@ class ClipEngine:
         optimizer: Optimizer,
         log: bool,
         scaler: Any,
-        sharded: bool | None,
+        sharded: bool | Any | None,
         distributed: bool,
         read_every: int,
         global_step: int | None,
@@ -282,15 +283,23 @@ class ClipEngine:
         slot = self._slots[opt_idx]
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if sharded is None:
-            sharded = distributed and any(getattr(p, "_fsdp_flattened", False) for p in params)
-        all_reduce = F.distributed_all_reduce() if sharded else None
+            # From every parameter, not only those with a gradient: a rank whose shard holds no gradient must
+            # still take part in the same collectives as the others.
+            sharded = distributed and any(
+                getattr(p, "_fsdp_flattened", False) for group in optimizer.param_groups for p in group["params"]
+            )
+        group = sharded if sharded is not None and not isinstance(sharded, bool) else None
+        all_reduce = F.distributed_all_reduce(group) if sharded is not None and sharded is not False else None
         if not params:
-            # Every parameter frozen or unused: nothing to clip. A rank still joins the collectives below,
-            # or the other ranks would hang in theirs.
+            # Every parameter frozen or unused: nothing to clip. A rank still joins the collectives the others
+            # make (norm, loss/input flag, clipped flag), in the same order, or they would hang in theirs.
+            device = _device_of(optimizer)
             if all_reduce is not None:
                 F.total_norm([], self.norm_type, all_reduce=all_reduce)
             if distributed and self.detector.active:
-                self.detector.flag(_device_of(optimizer), agree=True)
+                self.detector.flag(device, agree=True)
+            if all_reduce is not None:
+                agree_any(torch.zeros((), dtype=torch.bool, device=device))
             return {}
         grads: list[Tensor] = [p.grad for p in params]
         device = grads[0].device
@@ -374,6 +383,8 @@ class ClipEngine:
                 log=log,
                 update_statistics=not reevaluation,
                 groups=slot.groups,
+                reduce_total=self._reducer(slot, specs, all_reduce),
+                sharded=slot.dtensor or all_reduce is not None,
             )
         )
         # An extreme outlier is skipped rather than clipped (skip_spikes); the total is the same on every rank.
@@ -455,6 +466,20 @@ class ClipEngine:
             f"norm): {listed}."
         )
         return top[0][1] ** 2 / squares if top and math.isfinite(top[0][1]) else math.nan
+
+    def _reducer(
+        self, slot: _Slot, specs: list[F.ShardSpec | None], all_reduce: Callable[[Tensor, str], Tensor] | None
+    ) -> Callable[[Sequence[Tensor]], Tensor] | None:
+        """How a rule gets the total norm of sharded gradients (the same collectives as the measured norm)."""
+        if slot.dtensor:
+            return lambda tensors: F.reduce_sharded_norms(
+                F.grad_norms(tensors, self.norm_type, slot.groups), specs, self.norm_type
+            )[1]
+        if all_reduce is not None:
+            return lambda tensors: F.total_norm(
+                F.grad_norms(tensors, self.norm_type, slot.groups), self.norm_type, all_reduce=all_reduce
+            )
+        return None
 
     def _layer_norms(
         self, names: Sequence[str], norms: Sequence[Tensor], inv_scale: Tensor | None, device: torch.device

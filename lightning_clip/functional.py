@@ -262,7 +262,9 @@ def local_shards(
                 "needs the pending reduction first; reduce it (redistribute to Shard/Replicate) before the step."
             )
         local.append(t._local_tensor)
-        specs.append(ShardSpec(t.device_mesh, tuple(d for d, p in enumerate(t.placements) if p.is_shard())))
+        # Every non-replicated dim holds other parts of the tensor: Shard, and FSDP2's _StridedShard under tensor
+        # parallelism (whose is_shard() is False in torch 2.13).
+        specs.append(ShardSpec(t.device_mesh, tuple(d for d, p in enumerate(t.placements) if not p.is_replicate())))
     return local, specs
 
 
@@ -293,6 +295,8 @@ def reduce_sharded_norms(
         if not inf:
             values = values.pow(norm_type)
         op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
+        if inf and spec is not None and spec.dims:
+            values = _nan_to_inf(values)
         if spec is not None:
             for dim in spec.dims:
                 dist.all_reduce(values, op=op, group=spec.mesh.get_group(dim))
@@ -313,11 +317,16 @@ def distributed_all_reduce(group: object | None = None) -> Callable[[Tensor, str
     import torch.distributed as dist
 
     def reduce(t: Tensor, op: str) -> Tensor:
-        t = t.clone()
+        t = _nan_to_inf(t) if op == "max" else t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
         return t
 
     return reduce
+
+
+def _nan_to_inf(t: Tensor) -> Tensor:
+    # An all-reduce MAX may drop a NaN from another rank (gloo does): as +inf it survives, still non-finite.
+    return torch.where(torch.isnan(t), math.inf, t)
 
 
 def clip_grad_norm_(

@@ -634,3 +634,27 @@ def test_no_device_sync_on_cuda_warm_up_and_nan_steps_included(mode):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert engine.counters["clipped_steps"] >= 1  # the spike, at least
+
+
+def test_agc_refuses_sharded_gradients_instead_of_clipping_by_partial_unit_norms():
+    from lightning_clip.rules import GradStep
+
+    w = torch.nn.Parameter(torch.ones(3, 4))
+    g = torch.full((3, 4), 5.0)
+    step = GradStep(
+        params=[w],
+        grads=[g],
+        names=["w"],
+        norms=[g.norm()],
+        total=g.norm(),
+        finite=torch.tensor(True),
+        bad=torch.tensor(False),
+        norm_type=2.0,
+        eps=1e-6,
+        inv_scale=None,
+        log=False,
+        sharded=True,
+    )
+    with pytest.raises(ValueError, match=r"agc.*sharded"):
+        AdaptiveGradClip().clip_(step)
+    assert torch.equal(g, torch.full((3, 4), 5.0))  # nothing clipped by a partial norm

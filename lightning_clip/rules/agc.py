@@ -100,6 +100,14 @@ class AdaptiveGradClip(ClipRule):
         return self._selection[1]
 
     def clip_(self, step: GradStep) -> ClipResult:
+        if step.sharded:
+            # Unit-wise norms need whole rows of each gradient and weight, which flat (FSDP1) or column (tensor
+            # parallel) shards split across ranks; measuring them on shards would clip by partial norms.
+            raise ValueError(
+                "mode='agc' does not support sharded gradients (FSDP, tensor parallel) yet: its unit-wise norms "
+                "need whole rows of every weight. Use mode='norm', 'zscore' or 'percentile', whose norms are reduced "
+                "across ranks."
+            )
         idx = self._selected(step.names)
         for i in idx:
             if step.grads[i].is_sparse:
@@ -133,7 +141,7 @@ class AdaptiveGradClip(ClipRule):
         clipped = torch.stack(flags).any() if flags else step.bad & False
         after = None
         if step.log:  # the norm after clipping costs another pass: logging steps only
-            after = F.total_norm(F.grad_norms(step.grads, step.norm_type), step.norm_type).to(step.device)
+            after = step.norm_of(step.grads)
             if step.inv_scale is not None:
                 after = after * step.inv_scale
         return ClipResult(clipped, after, self.clip_factor)

@@ -11,7 +11,7 @@ The engine makes one copy of the rule per optimizer, so statistics are per optim
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,6 +46,17 @@ class GradStep:
     update_statistics: bool = True
     # functional.plan(grads), computed once per optimizer by the engine: pass it on to functional's `groups=`.
     groups: Sequence[F.Group] | None = None
+    # Sharded gradients: the engine's reduction of a total norm across ranks (None: the gradients are whole).
+    reduce_total: Callable[[Sequence[Tensor]], Tensor] | None = None
+    # True when this rank holds shards of the gradients (FSDP, tensor parallel): only the measured norms are global.
+    sharded: bool = False
+
+    def norm_of(self, tensors: Sequence[Tensor]) -> Tensor:
+        """The total ``norm_type``-norm of ``tensors`` laid out like ``grads`` (e.g. the gradients after
+        clipping), over every shard when the gradients are sharded, on the device."""
+        if self.reduce_total is not None:
+            return self.reduce_total(tensors)
+        return F.total_norm(F.grad_norms(tensors, self.norm_type, self.groups), self.norm_type).to(self.device)
 
     @property
     def device(self) -> torch.device:

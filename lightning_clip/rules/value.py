@@ -109,7 +109,7 @@ class ValueClip(ClipRule):
         F.clip_by_value_(grads, self.min_value, self.max_value)
         after = None
         if step.log:  # the norm after clamping costs another pass: logging steps only
-            after = F.total_norm(F.grad_norms(grads, step.norm_type), step.norm_type).to(step.device)
+            after = step.norm_of(step.grads)
         if inv_scale is not None:
             # Back to scaled units. Clamping made +-Inf finite: put NaN back on an overflowed step, or
             # GradScaler (which checks inside the fused step) would apply it instead of skipping it.
