@@ -365,6 +365,25 @@ def test_deepspeed_is_refused_at_setup_naming_the_deepspeed_setting(namespace, t
     assert type(raised.value).__name__ == "MisconfigurationException"
 
 
+@pytest.mark.parametrize("sharding", ["HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"])
+def test_fsdp1_hybrid_sharding_is_refused_at_setup(sharding, tmp_path):
+    # The norm would need the shard group only; Lightning's FSDPStrategy needs a GPU, so the strategy object is
+    # built without its __init__ (which refuses the CPU) and given the sharding strategy the callback reads.
+    import pytorch_lightning as pl
+    from pytorch_lightning.strategies import FSDPStrategy
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from lightning_clip import GradientClipping
+
+    strategy = object.__new__(FSDPStrategy)
+    strategy.sharding_strategy = ShardingStrategy[sharding]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
+    trainer._accelerator_connector.strategy = strategy
+    with pytest.raises(Exception, match=f"sharding_strategy={sharding}.*shard group") as raised:
+        GradientClipping().setup(trainer, pl.LightningModule(), "fit")
+    assert type(raised.value).__name__ == "MisconfigurationException"
+
+
 def test_lightning_fsdp1_strategy_refuses_the_cpu():
     # why the callback under Lightning's FSDPStrategy is untested here; FSDP1 itself runs on CPU (plain loop above)
     import pytorch_lightning as pl
