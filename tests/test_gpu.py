@@ -39,12 +39,15 @@ class SyncChecked(GradientClipping):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         logs = bool(trainer.loggers) and trainer._logger_connector.should_update_logs
-        torch.cuda.set_sync_debug_mode(0 if logs else "error")
+        # A fused optimizer's first step, before it has state, is decided on the host (documented: one read).
+        first_fused = self.nan_policy == "skip" and not optimizer.state
+        allowed = logs or first_fused
+        torch.cuda.set_sync_debug_mode(0 if allowed else "error")
         try:
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        self.checked += 0 if logs else 1
+        self.checked += 0 if allowed else 1
 
 
 @pytest.mark.parametrize(
