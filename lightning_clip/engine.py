@@ -344,28 +344,45 @@ class ClipEngine:
 
         # --- measure (in true units: fused optimizers under fp16 still hold scaled gradients here)
         inv_scale = scaler._scale.double().reciprocal().float().to(device) if ctx.grads_scaled else None
-        norms = F.grad_norms(grads, self.norm_type, slot.groups)
-        if slot.dtensor:
-            norms, total = F.reduce_sharded_norms(norms, specs, self.norm_type)
-            total = total.to(device)
-        else:
-            total = F.total_norm(norms, self.norm_type, all_reduce=all_reduce).to(device)
-        if inv_scale is not None:
-            total = total * inv_scale
-        finite = torch.isfinite(total)
+        # A rule that reads every element anyway (value mode) also tells whether they are finite; when nothing
+        # needs the p-norm this step (no logging, no spike history, whole unscaled gradients) it is not measured.
+        lazy = (
+            slot.rule.measures_finite
+            and not log
+            and slot.spikes is None
+            and not slot.dtensor
+            and all_reduce is None
+            and inv_scale is None
+        )
+        norms: list[Tensor] = []
+        total = finite = None
+        if not lazy:
+            norms = F.grad_norms(grads, self.norm_type, slot.groups)
+            if slot.dtensor:
+                norms, total = F.reduce_sharded_norms(norms, specs, self.norm_type)
+                total = total.to(device)
+            else:
+                total = F.total_norm(norms, self.norm_type, all_reduce=all_reduce).to(device)
+            if inv_scale is not None:
+                total = total * inv_scale
+            finite = torch.isfinite(total)
 
-        # --- detect
+        # --- detect (the loss and input evidence; the gradient's own check needs `finite`)
         data_bad = None
         if self.detector.active:
             data_bad = self.detector.flag(device, agree=distributed, params={id(p) for p in params})
-        overflow = counters.false
-        if scaler is not None and not isinstance(self.remedy, Ignore):
-            # fp16: non-finite gradients with a finite loss are GradScaler overflows, not divergence.
-            bad = data_bad if data_bad is not None else counters.false
-            overflow = ~finite & ~bad
-        else:
-            bad = ~finite if data_bad is None else ~finite | data_bad
-        ctx.bad, ctx.norms = bad, norms
+        fp16 = scaler is not None and not isinstance(self.remedy, Ignore)
+
+        def bad_and_overflow(finite: Tensor) -> tuple[Tensor, Tensor]:
+            if fp16:
+                # fp16: non-finite gradients with a finite loss are GradScaler overflows, not divergence.
+                bad = data_bad if data_bad is not None else counters.false
+                return bad, ~finite & ~bad
+            return (~finite if data_bad is None else ~finite | data_bad), counters.false
+
+        bad = overflow = counters.false
+        if finite is not None:
+            bad, overflow = bad_and_overflow(finite)
 
         # --- clip, count
         result = slot.rule.clip_(
@@ -374,8 +391,9 @@ class ClipEngine:
                 grads=grads,
                 names=ctx.names,
                 norms=norms,
-                total=total,
-                finite=finite,
+                total=total if total is not None else torch.full((), math.nan, device=device),
+                finite=finite if finite is not None else counters.false,
+                finite_measured=finite is not None,
                 bad=bad,
                 norm_type=self.norm_type,
                 eps=self.eps,
@@ -387,6 +405,14 @@ class ClipEngine:
                 sharded=slot.dtensor or all_reduce is not None,
             )
         )
+        if finite is None:  # measured by the rule, before it clamped (clamping turns +-Inf finite)
+            if result.finite is None or result.tensor_norms is None:
+                raise RuntimeError(f"{slot.rule!r} measures finiteness but returned none")
+            finite, norms = result.finite, list(result.tensor_norms)
+            bad, overflow = bad_and_overflow(finite)
+            total = torch.full((), math.nan, device=device)
+        assert total is not None and finite is not None  # for the type checker: set on both paths
+        ctx.bad, ctx.norms = bad, norms
         # An extreme outlier is skipped rather than clipped (skip_spikes); the total is the same on every rank.
         spike = counters.false
         if slot.spikes is not None and not reevaluation:

@@ -336,3 +336,34 @@ def test_state_dict_round_trips_counters_and_lr_scale_per_optimizer():
     other_policy.load_state_dict(state)
     assert other_policy.lr_scales == [1.0]  # no scale is applied under skip, so none is kept
     assert other_policy.counters["nonfinite_steps"] == 1
+
+
+# ----------------------------------------------------------------------------- value mode measures finiteness itself
+@pytest.mark.parametrize(
+    "bounds", [dict(clip_value=0.01), dict(min_value=-0.01, max_value=0.02)], ids=["symmetric", "asymmetric"]
+)
+def test_value_mode_without_the_norm_pass_still_skips_an_inf_that_clamping_would_hide(bounds):
+    # On non-logging steps value mode skips the p-norm pass: the NaN/Inf check comes from its own range pass,
+    # taken before clamping (which would turn +-Inf into the bound).
+    from lightning_clip.rules import ValueClip
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = engine_for(model, opt, ValueClip(**bounds), Skip())
+    messages: list[str] = []
+    engine.warn = messages.append
+    for step in range(3):
+        backward(model, engine, step)
+        if step == 1:
+            next(iter(model.parameters())).grad[0, 0] = float("-inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        with count_host_reads() as reads:
+            engine.step(opt, log=False)
+        opt.step()
+        opt.zero_grad()
+        moved = not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert moved is (step != 1), step
+        assert reads.count == (1 if step != 1 else reads.count)  # Skip's one read; a warned bad step reads more
+    assert engine.counters["nonfinite_steps"] == 1 and engine.counters["clipped_steps"] == 2
+    first = next(iter(model.named_parameters()))[0]
+    assert first in messages[0] and "1 of" in messages[0]  # the diagnosis names the parameter with the Inf

@@ -46,6 +46,9 @@ class GradStep:
     update_statistics: bool = True
     # functional.plan(grads), computed once per optimizer by the engine: pass it on to functional's `groups=`.
     groups: Sequence[F.Group] | None = None
+    # False when the engine skipped the norm this step (rules with ``measures_finite`` only): ``total`` is NaN,
+    # ``finite`` and ``bad`` are placeholders, and the rule reports ``ClipResult.finite`` itself.
+    finite_measured: bool = True
     # Sharded gradients: the engine's reduction of a total norm across ranks (None: the gradients are whole).
     reduce_total: Callable[[Sequence[Tensor]], Tensor] | None = None
     # True when this rank holds shards of the gradients (FSDP, tensor parallel): only the measured norms are global.
@@ -71,6 +74,10 @@ class ClipResult:
     clipped: Tensor
     total_after: Tensor | None = None
     threshold: Tensor | float | None = None
+    # Rules with ``measures_finite``, when ``step.finite_measured`` is False: whether every element was finite before
+    # clipping, and a per-tensor norm whose finiteness is the tensor's (e.g. max |x|), aligned with ``grads``.
+    finite: Tensor | None = None
+    tensor_norms: Sequence[Tensor] | None = None
 
 
 class ClipRule:
@@ -85,6 +92,9 @@ class ClipRule:
     options: ClassVar[tuple[str, ...]] = ()
     # A rule whose clipping marks an outlier (z-score, percentile): the engine names the layers that carried it.
     reports_spikes: ClassVar[bool] = False
+    # A rule that reads every element anyway and can report finiteness: on steps where nothing else needs the
+    # p-norm, the engine skips measuring it (``finite_measured=False``); the rule returns ``ClipResult.finite``.
+    measures_finite: ClassVar[bool] = False
 
     @classmethod
     def from_options(cls, **options: Any) -> ClipRule:

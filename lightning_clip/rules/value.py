@@ -15,39 +15,62 @@ from lightning_clip.validation import check_finite, check_positive
 
 
 def out_of_range(tensors: Sequence[Tensor], min_value: float | None, max_value: float | None) -> Tensor:
-    """0-dim bool on the device: does any element lie outside ``[min_value, max_value]``? No host read, no copy.
+    """0-dim bool on the device: does any element lie outside ``[min_value, max_value]``? (See
+    :func:`range_and_magnitudes`.)"""
+    return range_and_magnitudes(tensors, min_value, max_value)[0]
 
-    Compared in each tensor's own dtype, as the clamp does (a bfloat16 element equal to ``bfloat16(max_value)``
-    is not clamped, so it is not out of range). One read pass over the gradients: on a GPU a foreach inf-norm
-    (symmetric range) or a foreach max plus a per-tensor min; on the CPU a per-tensor ``aminmax``, since the
-    CPU's inf-norm kernel is several times slower than a max. A NaN makes its tensor's answer False: the step
-    is bad anyway, and the engine ignores the flag of a bad step.
+
+def range_and_magnitudes(
+    tensors: Sequence[Tensor],
+    min_value: float | None,
+    max_value: float | None,
+    groups: Sequence[F.Group] | None = None,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Range and NaN/Inf check in one read pass, no host read, no copy.
+
+    Returns, on the device: does any element lie outside ``[min_value, max_value]``; is every element finite; and,
+    aligned with ``tensors``, each tensor's largest magnitude ``max |x|`` (finite exactly when the tensor is: the
+    diagnosis names the parameters from it). Compared in each tensor's own dtype, as the clamp does (a bfloat16
+    element equal to ``bfloat16(max_value)`` is not clamped, so it is not out of range). On a GPU a foreach
+    inf-norm (symmetric range) or a foreach max plus a per-tensor min; on the CPU a per-tensor ``aminmax``, since
+    the CPU's inf-norm kernel is several times slower than a max. A NaN makes its tensor's range answer False
+    (its magnitude is NaN): the step is bad anyway, and the engine ignores the flag of a bad step.
     """
     device = tensors[0].device
     symmetric = min_value is not None and max_value is not None and min_value == -max_value
     flags: list[Tensor] = []
-    for (group_device, _), idx in F.group_by_device_and_dtype(tensors).items():
-        group = [tensors[i] for i in idx if tensors[i].numel() > 0]
-        if not group:
+    finite: list[Tensor] = []
+    magnitudes: list[Tensor | None] = [None] * len(tensors)
+    for g in F.plan(tensors) if groups is None else groups:
+        for i in g.empty:
+            magnitudes[i] = torch.zeros((), device=g.device)
+        if not g.dense:
             continue
-        if group_device.type == "cpu":
-            lows, highs = zip(*(torch.aminmax(t) for t in group))
-            if max_value is not None:
-                flags.append((torch.stack(highs) > max_value).any().to(device))
-            if min_value is not None:
-                flags.append((torch.stack(lows) < min_value).any().to(device))
-        elif symmetric and max_value is not None:
-            # max |x| is exact in the tensor's dtype: no accumulation dtype, unlike a norm.
-            flags.append((torch.stack(torch._foreach_norm(group, math.inf)) > max_value).any().to(device))
-        else:
-            if max_value is not None:
-                flags.append((torch.stack(torch._foreach_max(group)) > max_value).any().to(device))
-            if min_value is not None:
+        group = [tensors[i] for i in g.dense]
+        if g.device.type == "cpu" or not symmetric:
+            if g.device.type == "cpu":
+                lows, highs = (torch.stack(v) for v in zip(*(torch.aminmax(t) for t in group)))
+            else:
                 # torch has no foreach min; amin per tensor still reads each element once, with no copy.
-                flags.append((torch.stack([t.amin() for t in group]) < min_value).any().to(device))
-    if not flags:
-        return torch.zeros((), dtype=torch.bool, device=device)
-    return torch.stack(flags).any()
+                highs = torch.stack(torch._foreach_max(group))
+                lows = torch.stack([t.amin() for t in group])
+            if max_value is not None:
+                flags.append((highs > max_value).any().to(device))
+            if min_value is not None:
+                flags.append((lows < min_value).any().to(device))
+            largest = torch.maximum(lows.abs(), highs.abs())  # NaN propagates, +-inf gives inf
+        else:
+            # max |x| is exact in the tensor's dtype: no accumulation dtype, unlike a norm.
+            largest = torch.stack(torch._foreach_norm(group, math.inf))
+            if max_value is not None:
+                flags.append((largest > max_value).any().to(device))
+        finite.append(torch.isfinite(largest).all().to(device))
+        for i, m in zip(g.dense, largest.unbind()):
+            magnitudes[i] = m
+    false = torch.zeros((), dtype=torch.bool, device=device)
+    flag = torch.stack(flags).any() if flags else false
+    all_finite = torch.stack(finite).all() if finite else ~false
+    return flag, all_finite, [m for m in magnitudes if m is not None]
 
 
 class ValueClip(ClipRule):
@@ -64,6 +87,7 @@ class ValueClip(ClipRule):
     """
 
     mode: ClassVar[str] = "value"
+    measures_finite: ClassVar[bool] = True
     options: ClassVar[tuple[str, ...]] = ("clip_value", "min_value", "max_value")
 
     def __init__(
@@ -105,8 +129,10 @@ class ValueClip(ClipRule):
         if inv_scale is not None:
             # Scaled fp16 gradients: clamp in true units. The scale is a power of two: the round trip is exact.
             F.scale_(grads, inv_scale)
-        clipped = out_of_range(grads, self.min_value, self.max_value)
-        F.clip_by_value_(grads, self.min_value, self.max_value)
+        clipped, all_finite, magnitudes = range_and_magnitudes(grads, self.min_value, self.max_value, step.groups)
+        # When the engine did not measure the norm, this pass (before clamping turns +-Inf finite) tells NaN/Inf.
+        finite = None if step.finite_measured else all_finite
+        F.clip_by_value_(grads, self.min_value, self.max_value, step.groups)
         after = None
         if step.log:  # the norm after clamping costs another pass: logging steps only
             after = step.norm_of(step.grads)
@@ -115,7 +141,7 @@ class ValueClip(ClipRule):
             # GradScaler (which checks inside the fused step) would apply it instead of skipping it.
             F.scale_(grads, torch.where(step.finite, inv_scale.reciprocal(), float("nan")))
         threshold = self.max_value if self.max_value is not None else self.min_value
-        return ClipResult(clipped, after, threshold)
+        return ClipResult(clipped, after, threshold, finite, magnitudes if finite is not None else None)
 
     def describe(self) -> str:
         low = "-inf" if self.min_value is None else f"{self.min_value:g}"
