@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +38,11 @@ from typing import TYPE_CHECKING, Union
 if TYPE_CHECKING:  # imported for real in load_runs(): only the report command needs TensorBoard's reader
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_clip import metrics as M
+
 __all__ = ["ReportError", "RunReport", "find_run_dirs", "load_runs", "format_table", "plot", "percentile"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-# `grad_norm/total` for optimizer 0, `grad_norm/total_opt<i>` for optimizer i > 0.
-_TOTAL_TAG = re.compile(r"^grad_norm/total(?:_opt(\d+))?$")
 
 
 class ReportError(Exception):
@@ -199,11 +197,11 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
         acc.Reload()
         tags = set(acc.Tags().get("scalars", []))
         for tag in sorted(tags):
-            match = _TOTAL_TAG.match(tag)
-            if not match:
+            # The tag names are the callback's (lightning_clip.metrics): grad_norm/total[_opt<i>].
+            opt = M.parse_total(tag)
+            if opt is None:
                 continue
-            opt = int(match.group(1) or 0)
-            suffix = f"_opt{opt}" if opt else ""
+            suffix = M.suffix(opt)
 
             get = functools.partial(_optional_scalars, acc, tags, suffix)
             total = _scalars(acc, tag)
@@ -219,16 +217,17 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
                     max=max(finite) if finite else math.nan,
                     nonfinite_logged=len(total) - len(finite),
                     first_nonfinite_step=first_bad,
-                    steps=_as_int(_last(get("grad_clip/steps"))),
-                    clipped_steps=_as_int(_last(get("grad_clip/clipped_steps"))),
-                    nonfinite_steps=_as_int(_last(get("grad_clip/nonfinite_steps"))),
-                    skipped_steps=_as_int(_last(get("grad_clip/skipped_steps"))),
-                    lr_scale=_last(get("grad_clip/lr_scale")),
+                    steps=_as_int(_last(get(M.STEPS))),
+                    clipped_steps=_as_int(_last(get(M.CLIPPED_STEPS))),
+                    nonfinite_steps=_as_int(_last(get(M.NONFINITE_STEPS))),
+                    skipped_steps=_as_int(_last(get(M.SKIPPED_STEPS))),
+                    lr_scale=_last(get(M.LR_SCALE)),
                     series={
                         "total": total,
-                        "total_clipped": get("grad_norm/total_clipped"),
-                        "max_norm": get("grad_clip/max_norm"),
-                        "skipped_steps": get("grad_clip/skipped_steps"),
+                        "total_clipped": get(M.TOTAL_CLIPPED),
+                        # the clip threshold: max_norm in norm mode, the rule's threshold in the adaptive modes
+                        "max_norm": get(M.MAX_NORM) or get(M.THRESHOLD),
+                        "skipped_steps": get(M.SKIPPED_STEPS),
                     },
                 )
             )
