@@ -39,7 +39,15 @@ V1_STATE = {
         }
     ],
 }
-SAVED_COUNTERS = {"steps": 4, "clipped_steps": 2, "nonfinite_steps": 1, "amp_overflows": 0, "skipped_steps": 1}
+# What 0.1.0 saved, as the current counters report it (spike_skips did not exist in 0.1.0: it loads as 0).
+SAVED_COUNTERS = {
+    "steps": 4,
+    "clipped_steps": 2,
+    "nonfinite_steps": 1,
+    "amp_overflows": 0,
+    "spike_skips": 0,
+    "skipped_steps": 1,
+}
 
 
 def _generator():
@@ -108,7 +116,8 @@ def test_a_0_1_0_checkpoint_resumes_with_its_lr_scale_and_counters(tmp_path):
     assert state["version"] == 2
     resumed = dict(state["optimizers"][0])
     assert resumed.pop("clipped_steps") >= 2
-    expected = {**V1_STATE["optimizers"][0], "steps": 6, "healthy_steps": 4, "rule": {}}
+    # 0.1.0's entries, plus what later versions added (spike_skips, rule and spike-history state)
+    expected = {**V1_STATE["optimizers"][0], "steps": 6, "healthy_steps": 4, "spike_skips": 0, "rule": {}, "spikes": {}}
     del expected["clipped_steps"]
     assert resumed == expected
 
@@ -119,7 +128,8 @@ def test_clip_engine_loads_the_literal_version_1_dict():
     assert engine.lr_scales == [0.5]
     assert engine.counters == SAVED_COUNTERS
     assert engine.counters_of(0)["nonfinite_streak"] == 0
-    assert engine.state_dict() == {"version": 2, "optimizers": [{**V1_STATE["optimizers"][0], "rule": {}}]}
+    added = {"spike_skips": 0, "rule": {}, "spikes": {}}  # entries 0.1.0 did not have
+    assert engine.state_dict() == {"version": 2, "optimizers": [{**V1_STATE["optimizers"][0], **added}]}
 
     # and the restored scale is applied by a plain loop's next update
     w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
