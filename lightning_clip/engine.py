@@ -44,6 +44,9 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import os
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -173,7 +176,7 @@ class ClipEngine:
         self.eps = float(eps)
         self.log_norms = log_norms
         self.detector = BadStepDetector(check_inputs, check_loss=not isinstance(self.remedy, Ignore))
-        self.warn: Callable[[str], None] = lambda m: warnings.warn(m, RuntimeWarning, stacklevel=4)
+        self.warn: Callable[[str], None] = warn_at_caller
         self._slots: list[_Slot] = []
         self._names: dict[int, str] = {}
 
@@ -297,7 +300,9 @@ class ClipEngine:
             if all_reduce is not None:
                 F.total_norm([], self.norm_type, all_reduce=all_reduce)
             if distributed and self.detector.active:
-                self.detector.flag(device, agree=True)
+                # Only this optimizer's losses: those owed to another optimizer stay for its step.
+                mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
+                self.detector.flag(device, agree=True, params=mine)
             if all_reduce is not None:
                 agree_any(torch.zeros((), dtype=torch.bool, device=device))
             return {}
@@ -583,6 +588,16 @@ class ClipEngine:
     def rule_of(self, optimizer_idx: int) -> ClipRule:
         """The rule (with its statistics) of one optimizer."""
         return self._slots[optimizer_idx].rule
+
+
+def warn_at_caller(message: str) -> None:
+    """A RuntimeWarning attributed to the first frame outside this package (the user's ``engine.step`` line)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def _device_of(optimizer: Optimizer) -> torch.device:
