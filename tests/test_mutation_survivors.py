@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import time
 import warnings
 
@@ -21,7 +22,7 @@ import lightning_clip
 from lightning_clip import ClipEngine, NonFiniteGradientError
 from lightning_clip import metrics as M
 from lightning_clip.counters import COUNTERS, StepCounters
-from lightning_clip.detect import BadStepDetector, leaf_parameters
+from lightning_clip.detect import BadStepDetector, SpikeDetector, leaf_parameters
 from lightning_clip.host_reads import count_host_reads
 from lightning_clip.lr_scale import StepLRScale
 from lightning_clip.remedies import HalveLR, Ignore, RaiseError, Skip
@@ -640,6 +641,132 @@ def test_leaf_parameters_walks_a_deep_residual_graph_once_per_node():
     assert time.perf_counter() - start < 2.0
 
 
+def feed(detector, norms):
+    return [bool(detector.flag(torch.tensor(x, dtype=torch.float64), torch.tensor(False))) for x in norms]
+
+
+def test_spike_detector_defaults_warm_up_on_twenty_healthy_norms_and_flag_beyond_six_sigma():
+    assert SpikeDetector().state_dict() == {}  # nothing seen: nothing to checkpoint
+    early = SpikeDetector()
+    assert feed(early, [1.0, 3.0] * 9 + [1.0, 100.0]) == [False] * 20  # 19 known: still warming up
+    detector = SpikeDetector()
+    assert feed(detector, [1.0, 3.0] * 10) == [False] * 20  # mean 2, standard deviation 1
+    assert feed(detector, [8.5, 7.5]) == [True, False]  # 2 + 6 sigma = 8: a spike is not recorded
+    state = detector.state_dict()
+    assert (state["history"].numel(), state["pos"], state["count"]) == (128, 21, 21)
+
+
+def test_spike_detector_keeps_its_history_in_float64_on_the_cpu():
+    # Norms near 1e6 with a spread of 1: float32 cannot hold their squares, float64 can.
+    quiet, loud = SpikeDetector(warmup=4, window=8), SpikeDetector(warmup=4, window=8)
+    history = [1e6 + 1, 1e6 - 1] * 2
+    assert feed(quiet, [*history, 1e6 + 3]) == [False] * 5
+    assert feed(loud, [*history, 1e6 + 10]) == [False] * 4 + [True]
+
+
+@pytest.mark.parametrize("kwargs", [dict(warmup=0), dict(warmup=None), dict(window=4, warmup=5)])
+def test_spike_detector_refuses_a_warmup_it_cannot_reach(kwargs):
+    with pytest.raises(ValueError, match="`warmup`"):
+        SpikeDetector(**kwargs)
+
+
+def test_spike_detector_accepts_a_warmup_equal_to_its_window():
+    assert SpikeDetector(window=8, warmup=8).warmup == 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(k=0.0), "`skip_spikes`"),
+        (dict(window=0), "`spike_window`"),
+        (dict(window=4, warmup=5), r"^`warmup` \(5\) must be <= `spike_window` \(4\)\.$"),
+    ],
+)
+def test_spike_detector_errors_name_the_callback_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpikeDetector(**kwargs)
+
+
+def test_a_norm_exactly_k_sigma_above_the_mean_is_not_a_spike():
+    detector = SpikeDetector()
+    feed(detector, [1.0, 3.0] * 10)
+    assert feed(detector, [8.5, 8.0]) == [True, False]  # 8.0 == 2 + 6 * 1: recorded
+    assert detector.state_dict()["count"] == 21
+
+
+def test_counters_updated_without_a_spike_flag_count_no_spike_skip():
+    counters = StepCounters()
+    counters.update(torch.tensor(False), torch.tensor(True), torch.tensor(False))
+    counters.update(torch.tensor(False), torch.tensor(False), torch.tensor(False))
+    assert pick(counters.totals(), "nonfinite_steps", "spike_skips") == {"nonfinite_steps": 1, "spike_skips": 0}
+
+
+def spike_engine(model, opt, rule=None, **kw):
+    detector = SpikeDetector(k=4.0, window=8, warmup=4)
+    return make_engine(model, opt, rule if rule is not None else NormClip(1e6), Skip(), spike_skip=detector, **kw)
+
+
+def test_a_nan_loss_step_with_finite_gradients_stays_out_of_the_spike_history():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = spike_engine(model, opt)
+    train_step(model, opt, engine)
+    train_step(model, opt, engine, seed=1, offset=NAN)
+    assert engine.state_dict()["optimizers"][0]["spikes"]["count"] == 1
+
+
+def test_the_spike_history_resumes_with_the_engine_and_a_state_without_one_loads():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = spike_engine(model, opt)
+    for seed in range(3):
+        train_step(model, opt, engine, seed=seed)
+    saved = engine.state_dict()["optimizers"][0]["spikes"]
+    resumed = spike_engine(model, opt)
+    resumed.load_state_dict(engine.state_dict())
+    again = resumed.state_dict()["optimizers"][0]["spikes"]
+    assert (again["pos"], again["count"]) == (saved["pos"], saved["count"]) == (3, 3)
+    assert torch.equal(again["history"].nan_to_num(-1.0), saved["history"].nan_to_num(-1.0))  # NaN: empty
+    fresh = spike_engine(model, opt)
+    fresh.load_state_dict({"version": 2, "optimizers": [{"steps": 3}]})  # a state from before spike skipping
+    assert fresh.state_dict()["optimizers"][0]["spikes"] == {}
+    plain = make_engine(model, opt, NormClip(1e6), Skip())
+    plain.load_state_dict(engine.state_dict())  # a spike history with nothing to restore it into
+    assert plain.counters_of(0)["steps"] == 3
+
+
+@pytest.mark.parametrize(
+    ("layers", "monitor_only", "log_norms"),
+    [(5, False, "layer"), (5, True, "parameter"), (1, False, "parameter")],
+    ids=["five_layers", "five_parameters_no_threshold", "one_parameter"],
+)
+def test_a_logged_spike_warning_names_the_three_largest_layers_with_their_share(layers, monitor_only, log_norms):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2, bias=False) for _ in range(layers)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    engine = spike_engine(model, opt, NoClip() if monitor_only else None, log_norms=log_norms)
+    for _ in range(4):  # a flat history: anything above it is a spike
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.1)
+        engine.step(opt)
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.full_like(p, 0.1 * (i + 2) ** 3)
+    out = engine.step(opt, log=True)
+    group = M.LAYER_GROUP if log_norms == "layer" else M.PARAM_GROUP
+    norms = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith(group + "/")}
+    ranked = sorted(norms.items(), key=lambda kv: -kv[1])
+    squares = sum(v * v for v in norms.values())
+    listed = ", ".join(f"{n} ({v:.3g}, {100 * v * v / squares:.0f}%)" for n, v in ranked[:3])
+    threshold = "" if monitor_only else ", threshold 1e+06"
+    what = "layers" if log_norms == "layer" else "parameters"
+    assert engine.warnings == [
+        f"Gradient spike skipped at global step 4 (optimizer 0): total norm {out[M.TOTAL]:.4g}{threshold}. "
+        f"Largest {what} (norm, share of the squared norm): {listed}."
+    ]
+    assert out[M.TOP_LAYER_SHARE] == pytest.approx(ranked[0][1] ** 2 / squares)
+    assert out[M.SKIPPED_STEPS] == 1.0
+
+
 # ----------------------------------------------------------------------------- closures (LBFGS)
 def lbfgs_run(remedy, max_iter, nan_at=None):
     torch.manual_seed(0)
@@ -1132,10 +1259,10 @@ def test_a_plain_loop_warning_points_at_the_callers_engine_step_line():
         warnings.simplefilter("always")
         engine.step(opt)
     (warning,) = caught
-    # The caller's line (this file); under a mutation tool the call may pass through its trampoline: the point is
-    # that the warning is not attributed to a line inside the package.
     package = os.path.dirname(os.path.abspath(lightning_clip.__file__))
     assert not os.path.abspath(warning.filename).startswith(package + os.sep), warning.filename
+    if "mutmut" not in sys.modules:  # under mutmut the call goes through its trampoline, outside the package
+        assert warning.filename == __file__
 
 
 def test_the_rule_given_to_the_engine_keeps_no_statistics_of_any_optimizer():
