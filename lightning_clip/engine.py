@@ -299,10 +299,11 @@ class ClipEngine:
             device = _device_of(optimizer)
             if all_reduce is not None:
                 F.total_norm([], self.norm_type, all_reduce=all_reduce)
-            if distributed and self.detector.active:
-                # Only this optimizer's losses: those owed to another optimizer stay for its step.
+            if self.detector.active:
+                # Consume this optimizer's losses (those owed to another stay for its step), so a NaN loss of a
+                # step without gradients does not spoil this optimizer's next step; ranks agree when distributed.
                 mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
-                self.detector.flag(device, agree=True, params=mine)
+                self.detector.flag(device, agree=distributed, params=mine)
             if all_reduce is not None:
                 agree_any(torch.zeros((), dtype=torch.bool, device=device))
             return {}

@@ -555,6 +555,26 @@ def test_a_step_of_an_optimizer_without_gradients_leaves_the_loss_owed_to_anothe
     assert engine.counters_of(1)["nonfinite_steps"] == 1
 
 
+@pytest.mark.parametrize(
+    "distributed",
+    [False, True],
+)
+def test_a_nan_loss_of_an_optimizer_whose_step_had_no_gradients_does_not_spoil_its_next_step(distributed):
+    model = mlp()
+    opt0 = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    opt1 = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    engine = ClipEngine(NormClip(1e6), Skip())
+    engine.attach([opt0, opt1], model.named_parameters())
+    engine.warn = lambda message: None
+    engine.observe_loss(model[0](batch(0)[0]).sum() * NAN)  # observed, never back-propagated
+    for opt in (opt0, opt1):
+        assert engine.step(opt, distributed=distributed) == {}
+    backward(model, engine, seed=1)  # the next window: a clean loss
+    for opt in (opt0, opt1):
+        engine.step(opt, distributed=distributed)
+    assert engine.counters_of(0)["nonfinite_steps"] == 0
+
+
 def test_distributed_steps_in_a_single_process_still_check_the_loss():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -679,6 +699,7 @@ def test_spike_detector_accepts_a_warmup_equal_to_its_window():
     [
         (dict(k=0.0), "`skip_spikes`"),
         (dict(window=0), "`spike_window`"),
+        (dict(window=None), "`spike_window`"),
         (dict(window=4, warmup=5), r"^`warmup` \(5\) must be <= `spike_window` \(4\)\.$"),
     ],
 )
