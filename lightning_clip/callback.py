@@ -134,7 +134,7 @@ class GradientClipping(CallbackBase):
             log_norms=log_norms,
             spike_skip=spikes,
         )
-        self.engine.warn = lambda message: rank_zero_warn(message, category=RuntimeWarning)
+        self.engine.warn = _warn
         self.mode = rule.mode
         self.max_norm = float(max_norm)
         self.norm_type = self.engine.norm_type
@@ -203,6 +203,10 @@ class GradientClipping(CallbackBase):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.engine.attach(trainer.optimizers, pl_module.named_parameters())
 
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # The sync-free path reads its counters only every so often: a run that ends first is reported here.
+        self.engine.finish(trainer.global_step, trainer.current_epoch)
+
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.engine.detach()
 
@@ -211,16 +215,25 @@ class GradientClipping(CallbackBase):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self.engine.remedy.restore_lr()  # an interrupted step must not leave the scaled LR behind
+        self.engine.finish(trainer.global_step, trainer.current_epoch, failed=True)
 
     # ------------------------------------------------------------------ per micro-batch
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._follow_optimizers(trainer, pl_module)
         self.engine.observe_batch(batch, batch_idx)
+
+    def _follow_optimizers(self, trainer: Any, pl_module: Any) -> None:
+        # Optimizers re-created during fit (strategy.setup_optimizers at an epoch start) take over their slots
+        # by position: counters, LR scale and statistics carry on. Before the step begins, so its hooks see it.
+        if not self.engine.attached_to(trainer.optimizers):
+            self.engine.attach(trainer.optimizers, pl_module.named_parameters())
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         self.engine.observe_loss(loss)
 
     # ------------------------------------------------------------------ the step
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
+        self._follow_optimizers(trainer, pl_module)  # re-created inside training_step: late, but not lost
         log = bool(trainer.loggers) and self.log_norms != "none" and _should_log(trainer)
         strategy = trainer.strategy
         metrics = self.engine.step(
@@ -238,6 +251,11 @@ class GradientClipping(CallbackBase):
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+
+
+def _warn(message: str) -> None:
+    # A module-level function, not a lambda: the callback must pickle (ddp_spawn, torch.save of a Trainer).
+    rank_zero_warn(message, category=RuntimeWarning)
 
 
 def _should_log(trainer: Any) -> bool:

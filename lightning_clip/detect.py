@@ -18,12 +18,12 @@ Example::
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_clip.history import NormHistory
 from lightning_clip.inputs import describe_nonfinite, nonfinite_flag
 
 
@@ -161,48 +161,25 @@ class SpikeDetector:
         if warmup > window:
             raise ValueError(f"`warmup` ({warmup}) must be <= `spike_window` ({window}).")
         self.k, self.window, self.warmup = float(k), window, warmup
-        self._history: Tensor | None = None  # float64[window], NaN where empty
-        self._pos: Tensor | None = None
-        self._count: Tensor | None = None
-
-    def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        if self._history is None or self._pos is None or self._count is None:
-            dtype = torch.float64 if device.type == "cpu" else torch.float32
-            self._history = torch.full((self.window,), math.nan, dtype=dtype, device=device)
-            self._pos = torch.zeros((), dtype=torch.long, device=device)
-            self._count = torch.zeros((), dtype=torch.long, device=device)
-        elif self._history.device != device:
-            self._history, self._pos, self._count = (t.to(device) for t in (self._history, self._pos, self._count))
-        return self._history, self._pos, self._count
+        self.history = NormHistory(window)
 
     def flag(self, total: Tensor, bad: Tensor) -> Tensor:
         """0-dim bool: is ``total`` a spike? Records it (on the device) when it is healthy and not a spike."""
-        history, pos, count = self._on(total.device)
-        x = total.to(history.dtype)
-        mean = torch.nanmean(history)
-        var = (torch.nanmean(history * history) - mean * mean).clamp(min=0.0)
-        ready = count >= self.warmup
+        device = total.device
+        h = self.history.on(device, torch.float64 if device.type == "cpu" else torch.float32)
+        x = total.to(h.values.dtype)
+        mean = torch.nanmean(h.values)
+        var = (torch.nanmean(h.values * h.values) - mean * mean).clamp(min=0.0)
+        ready = h.count >= self.warmup
         healthy = torch.isfinite(x) & ~bad
         spike = ready & healthy & (x > mean + self.k * var.sqrt())
-        keep = healthy & ~spike
-        history.index_copy_(0, pos.reshape(1), torch.where(keep, x, history[pos]).reshape(1))
-        pos.copy_(torch.where(keep, (pos + 1) % self.window, pos))
-        count.add_(keep.long())
+        h.record(x, healthy & ~spike)
         return spike
 
     def state_dict(self) -> dict[str, Any]:
-        if self._history is None:
-            return {}
-        return {"history": self._history.cpu(), "pos": int(self._pos), "count": int(self._count)}  # type: ignore[arg-type]
+        return self.history.export() if int(self.history.count) else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        history = torch.as_tensor(state["history"])
-        if history.numel() != self.window:
-            raise ValueError(
-                f"the checkpoint's spike history has {history.numel()} entries; spike_window={self.window}."
-            )
-        self._history = history.clone()
-        self._pos = torch.tensor(int(state["pos"]))
-        self._count = torch.tensor(int(state["count"]))
+        """Restore :meth:`state_dict`; a checkpoint taken with another ``spike_window`` keeps its newest norms."""
+        if state:
+            self.history.restore(state)

@@ -61,7 +61,7 @@ from lightning_clip import metrics as M
 from lightning_clip.counters import COUNTERS, StepCounters
 from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
 from lightning_clip.remedies import Ignore, Remedy, Skip
-from lightning_clip.remedies.base import BadStepContext, StepRead
+from lightning_clip.remedies.base import BadStepContext, RunEnd, StepRead
 from lightning_clip.rules import ClipRule, GradStep, NormClip
 from lightning_clip.validation import check_choice, check_finite, check_positive
 
@@ -94,17 +94,17 @@ class _Slot:
         """Watch ``optimizer.step()``: a second engine step inside one call is a re-evaluated closure (LBFGS)."""
         self.untrack()
         self.optimizer = optimizer
+        # Bound methods, not closures: the callback must pickle (ddp_spawn, torch.save of a Trainer) mid-fit too.
+        self.handles = (optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post))
 
-        def pre(*_: Any) -> None:
-            self.step_calls += 1
-            self.in_step = True
-            # Closure optimizers (LBFGS) create state before they evaluate the closure that decides a skip.
-            self.state_at_step_start = {id(p) for p in optimizer.state}
+    def _pre(self, optimizer: Optimizer, *_: Any) -> None:
+        self.step_calls += 1
+        self.in_step = True
+        # Closure optimizers (LBFGS) create state before they evaluate the closure that decides a skip.
+        self.state_at_step_start = {id(p) for p in optimizer.state}
 
-        def post(*_: Any) -> None:
-            self.in_step = False
-
-        self.handles = (optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post))
+    def _post(self, *_: Any) -> None:
+        self.in_step = False
 
     def untrack(self) -> None:
         for handle in self.handles:
@@ -200,6 +200,23 @@ class ClipEngine:
             if slot.optimizer is not None:
                 self.remedy.attach(i, slot.optimizer, slot.counters)
 
+    def attached_to(self, optimizers: Sequence[Optimizer]) -> bool:
+        """Whether the slots are bound to exactly ``optimizers``, in this order (else :meth:`attach` them)."""
+        bound = [slot.optimizer for slot in self._slots if slot.optimizer is not None]
+        return len(bound) == len(optimizers) and all(map(_same_optimizer, bound, optimizers))
+
+    def finish(self, global_step: int | None = None, epoch: int = 0, failed: bool = False) -> None:
+        """Training is over: read the counters once and let the remedy report what the sync-free path has not
+        (a fused optimizer's skips since the last read: a warning, or ``NonFiniteGradientError`` when the run
+        ended on ``max_consecutive_nonfinite`` bad steps or more). ``failed``: an exception ended it; warn only.
+        Call it after the last step of a plain loop; the callback calls it at the end of ``fit``."""
+        for i, slot in enumerate(self._slots):
+            if slot.optimizer is None or slot.counters.steps == 0:
+                continue
+            counts = slot.counters.totals()
+            step = counts["steps"] if global_step is None else global_step
+            self.remedy.finish(RunEnd(i, slot.counters, counts, step, epoch, failed, self.warn))
+
     def detach(self) -> None:
         """Remove every hook from the optimizers (LR scaling, step tracking) and restore their LR."""
         self.remedy.detach()
@@ -215,8 +232,15 @@ class ClipEngine:
         for i, slot in enumerate(self._slots):
             if slot.optimizer is not None and _same_optimizer(slot.optimizer, optimizer):
                 return i
-        # An optimizer never attached (a plain loop that skipped attach): bind it now, in order of first use.
-        free = next((i for i, s in enumerate(self._slots) if s.optimizer is None), len(self._slots))
+        # An optimizer re-created for the same parameters takes over the slot (counters, LR scale, statistics) of
+        # the one it replaces; one never attached (a plain loop that skipped attach) is bound in order of first use.
+        params = _param_ids(optimizer)
+        free = next(
+            (i for i, s in enumerate(self._slots) if s.optimizer is not None and _param_ids(s.optimizer) == params),
+            None,
+        )
+        if free is None:
+            free = next((i for i, s in enumerate(self._slots) if s.optimizer is None), len(self._slots))
         slot = self._slot_at(free)
         slot.track(optimizer)
         self.remedy.attach(free, optimizer, slot.counters)
@@ -599,6 +623,10 @@ def warn_at_caller(message: str) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+def _param_ids(optimizer: Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def _device_of(optimizer: Optimizer) -> torch.device:

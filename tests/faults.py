@@ -7,6 +7,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers.logger import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -162,3 +163,44 @@ def trainer(tmp_path, callbacks, max_steps: int = 10, **kwargs) -> pl.Trainer:
         logger=kwargs.pop("logger", False),
         **kwargs,
     )
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def applied_lr(step: dict) -> float:
+    """The LR plain SGD applied in one recorded step: ``w_after = w_before - lr * grad``."""
+    num = den = 0.0
+    for before, after, g in zip(step["weights_before"], step["weights_after"], step["grads"]):
+        if g is None:
+            continue
+        g64 = g.double()
+        num += float(((before.double() - after.double()) * g64).sum())
+        den += float((g64 * g64).sum())
+    return num / den
+
+
+class RecordingLogger(Logger):
+    """Keeps every ``log_metrics`` call in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def series(self, tag: str) -> list[float]:
+        return [m[tag] for _, m in self.records if tag in m]

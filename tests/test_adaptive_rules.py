@@ -432,7 +432,8 @@ def adaptive(mode: str):
 
 
 def stats_of(rule) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in rule._stats.items()}
+    stats = rule._stats if isinstance(rule, ZScoreClip) else dict(rule.norms.named_buffers())
+    return {k: v.clone() for k, v in stats.items()}
 
 
 def same_stats(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -13,9 +13,17 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from faults import FaultModel, StepRecorder, make_loader, states_equal, trainer
+from faults import (
+    FaultModel,
+    RecordingLogger,
+    StepRecorder,
+    all_finite,
+    applied_lr,
+    make_loader,
+    states_equal,
+    trainer,
+)
 from pytorch_lightning.callbacks import OnExceptionCheckpoint
-from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -40,22 +48,6 @@ def fit(tmp_path, callbacks, model, loader=None, max_steps=6, ckpt_path=None, **
 def fit_recorded(tmp_path, cb, model, loader=None, max_steps=6, **kwargs) -> tuple[pl.Trainer, StepRecorder]:
     rec = StepRecorder()  # after the callback: sees the gradients the optimizer gets
     return fit(tmp_path, [cb, rec], model, loader, max_steps, **kwargs), rec
-
-
-def all_finite(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
-
-
-def applied_lr(step: dict) -> float:
-    """The LR plain SGD applied in one recorded step: ``w_after = w_before - lr * grad``."""
-    num = den = 0.0
-    for before, after, g in zip(step["weights_before"], step["weights_after"], step["grads"]):
-        if g is None:
-            continue
-        g64 = g.double()
-        num += float(((before.double() - after.double()) * g64).sum())
-        den += float((g64 * g64).sum())
-    return num / den
 
 
 def moved(step: dict) -> bool:
@@ -86,31 +78,6 @@ class NormProbe(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.after.append(norm64(p.grad for p in pl_module.parameters()))
-
-
-class RecordingLogger(Logger):
-    """Keeps every ``log_metrics`` call in memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def series(self, tag: str) -> list[float]:
-        return [m[tag] for _, m in self.records if tag in m]
 
 
 class TinyLinear(pl.LightningModule):
@@ -209,9 +176,15 @@ def test_item2_crash_checkpoint_stores_the_schedulers_lr_and_resume_applies_the_
     """halve_lr, NaN at step 1, a crash inside training_step at step 4 saved by OnExceptionCheckpoint: 0.1.0 saved
     the halved LR (0.05 for a base of 0.1) and the resumed run applied 0.025."""
     ckpt_dir = tmp_path / "ckpt"
-    crash = trainer(tmp_path, [GradientClipping(max_norm=1e6, nan_policy="halve_lr"),
-                               OnExceptionCheckpoint(dirpath=str(ckpt_dir), filename="crash")],
-                    max_steps=10, enable_checkpointing=True)
+    crash = trainer(
+        tmp_path,
+        [
+            GradientClipping(max_norm=1e6, nan_policy="halve_lr"),
+            OnExceptionCheckpoint(dirpath=str(ckpt_dir), filename="crash"),
+        ],
+        max_steps=10,
+        enable_checkpointing=True,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="boom"):
@@ -375,8 +348,15 @@ def test_item7a_sparse_embedding_gradients_are_clipped_like_their_dense_view(tmp
 
     # Against float64 references: the logged norm is the dense view's, the clipped total is max_norm.
     probe, logger = NormProbe(), RecordingLogger()
-    fit(tmp_path, [GradientClipping(max_norm=1e-3), probe], SparseEmbedding(), id_loader(), max_steps=4,
-        logger=logger, log_every_n_steps=1)
+    fit(
+        tmp_path,
+        [GradientClipping(max_norm=1e-3), probe],
+        SparseEmbedding(),
+        id_loader(),
+        max_steps=4,
+        logger=logger,
+        log_every_n_steps=1,
+    )
     assert logger.series("grad_norm/total") == pytest.approx(probe.before, rel=1e-5)
     assert all(b > 1e-3 for b in probe.before)
     assert probe.after == pytest.approx([1e-3] * 4, rel=1e-4)
@@ -430,8 +410,14 @@ class ComplexModel(pl.LightningModule):
 def test_item7b_complex_parameters_are_clipped_by_the_norm_of_their_magnitudes(tmp_path):
     """0.1.0 failed with `linalg.vector_norm: dtype should be complex`; torch's clip_grad_norm_ handles them."""
     probe, logger = NormProbe(), RecordingLogger()
-    fit(tmp_path, [GradientClipping(max_norm=1e-3), probe], ComplexModel(), max_steps=4, logger=logger,
-        log_every_n_steps=1)
+    fit(
+        tmp_path,
+        [GradientClipping(max_norm=1e-3), probe],
+        ComplexModel(),
+        max_steps=4,
+        logger=logger,
+        log_every_n_steps=1,
+    )
     assert all(b > 1e-3 for b in probe.before)
     assert logger.series("grad_norm/total") == pytest.approx(probe.before, rel=1e-5)
     assert probe.after == pytest.approx([1e-3] * 4, rel=1e-4)
@@ -516,8 +502,9 @@ def test_item7c_nonfinite_flag_reads_sparse_values_without_host_reads():
 
 
 # ----------------------------------------------------------------------------- item 8
-@pytest.mark.parametrize("kwargs", [{"nan_policy": "halve_lr", "min_lr_scale": True}, {"eps": True}],
-                         ids=["min_lr_scale=True", "eps=True"])
+@pytest.mark.parametrize(
+    "kwargs", [{"nan_policy": "halve_lr", "min_lr_scale": True}, {"eps": True}], ids=["min_lr_scale=True", "eps=True"]
+)
 def test_item8_booleans_are_not_numbers(kwargs):
     """0.1.0 accepted True as 1.0."""
     with pytest.raises(ValueError, match=f"`{next(k for k in kwargs if k != 'nan_policy')}`"):
@@ -756,4 +743,3 @@ def test_item12_check_inputs_looks_into_dict_batches(tmp_path):
         t.fit(DictModel(), DataLoader(DictBatches(nan_rows=(8 * 2 + 3,)), batch_size=8))
     assert cb.counters["steps"] == 5 and cb.counters["skipped_steps"] == 1
     assert any('batch 2: batch["extra"] at position (3, 1)' in str(w.message) for w in caught)
-

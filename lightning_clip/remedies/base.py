@@ -106,6 +106,22 @@ class Remedy:
     def on_host(self, step: BadStepContext, read: StepRead) -> None:
         """Act on the values read back (only called when :meth:`needs_read` or the step logs)."""
 
+    def finish(self, end: RunEnd) -> None:
+        """Training is over (``end.failed``: by an exception): report what the sync-free path has not read yet."""
+
+
+@dataclass
+class RunEnd:
+    """One optimizer's counters at the end of training, read back once, for :meth:`Remedy.finish`."""
+
+    optimizer_idx: int
+    counters: StepCounters
+    counts: dict[str, int]  # the totals, with ``nonfinite_streak``
+    global_step: int
+    epoch: int
+    failed: bool  # an exception ended training: report, never raise
+    warn: Callable[[str], None]
+
 
 # ----------------------------------------------------------------------------- shared actions
 class StateGuard:

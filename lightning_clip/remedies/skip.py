@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch.optim import Optimizer
 
 from lightning_clip import functional as F
+from lightning_clip.counters import StepCounters
 from lightning_clip.diagnosis import describe
 from lightning_clip.errors import NonFiniteGradientError
 from lightning_clip.remedies.base import (
     BadStepContext,
     Remedy,
+    RunEnd,
     StateGuard,
     StepRead,
     diagnose,
@@ -114,7 +117,9 @@ class Skip(Remedy):
 
     def on_host(self, step: BadStepContext, read: StepRead) -> None:
         if self._on_device(step):
-            self._report_device_skips(step, read)
+            self._report_device_skips(
+                step.counters, read.counts["nonfinite_steps"], read.streak, step.global_step, step.epoch, step.warn
+            )
         elif read.bad:
             self._bad_step(step, read)
         elif read.skip:  # a spike (skip_spikes): skipped without a diagnosis, counted in spike_skips
@@ -127,6 +132,7 @@ class Skip(Remedy):
         """Hook for :class:`~lightning_clip.remedies.HalveLR`."""
 
     def _bad_step(self, step: BadStepContext, read: StepRead) -> None:
+        step.counters.reported_nonfinite = read.counts["nonfinite_steps"]  # the host path reports as it goes
         self._lower_lr(step)
         limit = self.max_consecutive_nonfinite
         stop = limit is not None and read.streak >= limit
@@ -152,22 +158,42 @@ class Skip(Remedy):
     def detach_lr(self, step: BadStepContext) -> None:
         """Before raising: leave the optimizer's LR as the scheduler set it."""
 
-    def _report_device_skips(self, step: BadStepContext, read: StepRead) -> None:
+    def finish(self, end: RunEnd) -> None:
+        # Skips made on the device since the last read: a run that ends first must still warn or raise.
+        self._report_device_skips(
+            end.counters,
+            end.counts["nonfinite_steps"],
+            end.counts["nonfinite_streak"],
+            end.global_step,
+            end.epoch,
+            end.warn,
+            may_raise=not end.failed,
+        )
+
+    def _report_device_skips(
+        self,
+        counters: StepCounters,
+        total: int,
+        streak: int,
+        global_step: int,
+        epoch: int,
+        warn: Callable[[str], None],
+        may_raise: bool = True,
+    ) -> None:
         """Fused path: the skips happened on the device; warn or raise now that the counters are on the host."""
-        counters, total = step.counters, read.counts["nonfinite_steps"]
         new = total - counters.reported_nonfinite
         if new <= 0:
             return
         counters.reported_nonfinite = total
         limit = self.max_consecutive_nonfinite
-        if limit is not None and read.streak >= limit:
+        if may_raise and limit is not None and streak >= limit:
             raise_device = (
-                f"{read.streak} consecutive steps with non-finite gradients (max_consecutive_nonfinite={limit}); "
+                f"{streak} consecutive steps with non-finite gradients (max_consecutive_nonfinite={limit}); "
                 f"all were skipped on the device (fused optimizer), weights are finite. Global step "
-                f"{step.global_step}, epoch {step.epoch}."
+                f"{global_step}, epoch {epoch}."
             )
-            raise NonFiniteGradientError(raise_device, step.global_step, [], read.streak)
-        step.warn(
+            raise NonFiniteGradientError(raise_device, global_step, [], streak)
+        warn(
             f"{new} step(s) with non-finite gradients were skipped on the device (fused optimizer) up to global "
-            f"step {step.global_step}; {total} in total, {read.streak} in a row now."
+            f"step {global_step}; {total} in total, {streak} in a row now."
         )

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip import functional as F
+from lightning_clip.history import NormHistory
 from lightning_clip.rules.base import ClipResult, ClipRule, GradStep
 from lightning_clip.validation import check_count, check_in_range
 
@@ -63,49 +64,27 @@ class PercentileClip(ClipRule):
         self.percentile = float(percentile)
         self.history_size = history_size
         self.warmup_steps = warmup_steps
-        # Device tensors, made on the first step (or by load_state_dict, on the CPU until then): ``history`` is
-        # NaN where empty (nanquantile skips it), ``pos`` the next slot, ``count`` the healthy norms ever seen.
-        self._stats: dict[str, Tensor] | None = None
-
-    def _fresh(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-        return {
-            "history": torch.full((self.history_size,), math.nan, dtype=dtype, device=device),
-            "pos": torch.zeros((), dtype=torch.long, device=device),
-            "count": torch.zeros((), dtype=torch.long, device=device),
-        }
-
-    def _stats_on(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-        if self._stats is None:
-            # The norms' own dtype (float32; float64 for a float64 model), as AutoClip's history.
-            self._stats = self._fresh(device, dtype)
-        elif self._stats["history"].device != device:  # loaded on the CPU: one host-to-device copy, no read
-            self._stats = {k: v.to(device) for k, v in self._stats.items()}
-        return self._stats
+        # On the device from the first step, in the norms' own dtype (float32; float64 for a float64 model), as
+        # AutoClip's history; NaN where empty (nanquantile skips it).
+        self.norms = NormHistory(history_size)
 
     @property
     def history(self) -> Tensor | None:
-        """The recorded norms in ring order, NaN where empty (device tensor; None before a step)."""
-        return None if self._stats is None else self._stats["history"]
+        """The recorded norms in ring order, NaN where empty (device tensor; None before a norm is recorded)."""
+        return self.norms.values if int(self.norms.count) or self.norms.values.device.type != "cpu" else None
 
     def clip_(self, step: GradStep) -> ClipResult:
-        s = self._stats_on(step.device, step.total.dtype)
-        history = s["history"]
+        h = self.norms.on(step.device, step.total.dtype)
         healthy = step.finite & ~step.bad
         if not step.update_statistics:  # a re-evaluated closure: this step is already counted
             healthy = healthy & False
         # Quantile of the filled slots only: the empty ones are NaN. NaN while empty (masked below).
-        threshold = torch.nanquantile(history, self.percentile / 100.0).to(step.total.dtype)
-        active = s["count"] >= self.warmup_steps
+        threshold = torch.nanquantile(h.values, self.percentile / 100.0).to(step.total.dtype)
+        active = h.count >= self.warmup_steps
         # torch.clip_grad_norm_'s coefficient, as AutoClip applies it; exactly 1 in warm-up and on NaN/Inf steps.
         coef = torch.where(active & step.finite, (threshold / (step.total + step.eps)).clamp(max=1.0), 1.0)
         F.scale_(step.grads, coef)
-
-        # Record the norm before clipping; a bad step rewrites the slot with its old value and does not advance.
-        slot = s["pos"].reshape(1)
-        x = step.total.to(history.dtype)
-        history.index_copy_(0, slot, torch.where(healthy, x, history.index_select(0, slot)))
-        s["pos"] = torch.where(healthy, (s["pos"] + 1) % self.history_size, s["pos"])
-        s["count"] = s["count"] + healthy.long()
+        h.record(step.total, healthy)  # the norm before clipping; a bad step leaves the history as it was
 
         after = step.total * coef if step.log else None
         return ClipResult(coef < 1.0, after, torch.where(active, threshold, math.nan))
@@ -113,21 +92,10 @@ class PercentileClip(ClipRule):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """``history``: the recorded norms, oldest first (a CPU tensor); ``count``: healthy norms ever seen."""
-        if self._stats is None:
-            return {"history": torch.zeros(0), "count": 0}
-        history, pos = self._stats["history"].cpu(), int(self._stats["pos"].item())
-        ordered = torch.cat([history[pos:], history[:pos]])  # oldest first
-        return {"history": ordered[~ordered.isnan()].clone(), "count": int(self._stats["count"].item())}
+        return self.norms.export()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = torch.as_tensor(state.get("history", []))
-        saved = saved.to(saved.dtype if saved.is_floating_point() else torch.float32)
-        kept = saved[-self.history_size :] if len(saved) else saved  # the newest, if the buffer shrank
-        stats = self._fresh(torch.device("cpu"), kept.dtype)
-        stats["history"][: len(kept)] = kept
-        stats["pos"].fill_(len(kept) % self.history_size)
-        stats["count"].fill_(int(state.get("count", len(kept))))
-        self._stats = stats
+        self.norms.restore(state)  # the newest norms, if the buffer shrank
 
     def describe(self) -> str:
         return (

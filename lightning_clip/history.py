@@ -1,0 +1,92 @@
+"""A ring buffer of recent healthy norms on the device, shared by the statistics that look back over a window.
+
+:class:`NormHistory` keeps the last ``size`` values recorded, NaN where empty (so ``nanmean``/``nanquantile``
+see only what is there), and records a value only where a device flag allows it: no host read on the hot path.
+It is an ``nn.Module`` whose buffers carry it between devices, through ``copy.deepcopy`` and pickling.
+Its :meth:`~NormHistory.state_dict` is portable: the recorded values oldest first, so a checkpoint resumes under
+another ``size`` (the newest values are kept when it shrinks).
+
+Example::
+
+    >>> import torch
+    >>> h = NormHistory(3)
+    >>> for x, keep in [(1.0, True), (9.0, False), (2.0, True), (3.0, True), (4.0, True)]:
+    ...     h.record(torch.tensor(x), torch.tensor(keep))
+    >>> h.export()
+    {'history': tensor([2., 3., 4.], dtype=torch.float64), 'count': 4}
+    >>> g = NormHistory(5)
+    >>> g.restore(h.export())
+    >>> g.values.tolist(), int(g.count)
+    ([2.0, 3.0, 4.0, nan, nan], 4)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class NormHistory(nn.Module):
+    """The last ``size`` recorded values, in a ring buffer on the device (NaN where empty).
+
+    ``count`` is the number of values ever recorded (a warm-up reads it); ``pos`` the slot written next.
+    """
+
+    values: Tensor
+    pos: Tensor
+    count: Tensor
+
+    def __init__(self, size: int, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("values", torch.full((size,), math.nan, dtype=dtype))
+        self.register_buffer("pos", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def on(self, device: torch.device, dtype: torch.dtype | None = None) -> NormHistory:
+        """Move the buffers to ``device`` (and the values to ``dtype``): a no-op once they are there."""
+        if self.values.device != device or (dtype is not None and self.values.dtype != dtype):
+            self.to(device)
+            if dtype is not None:
+                self.values = self.values.to(dtype)
+        return self
+
+    def record(self, x: Tensor, keep: Tensor) -> None:
+        """Append ``x`` (0-dim) where ``keep`` (0-dim bool) is True; else leave everything as it was. No host read."""
+        slot = self.pos.reshape(1)
+        new = torch.where(keep, x.to(self.values.dtype), self.values.index_select(0, slot))
+        self.values.index_copy_(0, slot, new.reshape(1))
+        self.pos.copy_(torch.where(keep, (self.pos + 1) % self.size, self.pos))
+        self.count.add_(keep.long())
+
+    def ordered(self) -> Tensor:
+        """The recorded values, oldest first (a host read)."""
+        values, pos = self.values.cpu(), int(self.pos)
+        ordered = torch.cat([values[pos:], values[:pos]])
+        return ordered[~ordered.isnan()].clone()
+
+    def export(self) -> dict[str, Any]:
+        """Portable state: ``history`` (oldest first, CPU) and ``count``."""
+        return {"history": self.ordered(), "count": int(self.count)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load :meth:`export`, of any ``size``, or the ring layout of lightning-clip 0.2.0.dev0 (``history``
+        with NaN where empty, ``pos``, ``count``). Keeps the newest values when the saved ones do not fit."""
+        saved = torch.as_tensor(state.get("history", []))
+        saved = saved.to(saved.dtype if saved.is_floating_point() else torch.float64)
+        if "pos" in state and len(saved):  # the ring itself: put it oldest first, drop the empty slots
+            pos = int(state["pos"]) % len(saved)
+            saved = torch.cat([saved[pos:], saved[:pos]])
+            saved = saved[~saved.isnan()]
+        kept = saved[-self.size :] if len(saved) else saved
+        device = self.values.device
+        self.values = torch.full((self.size,), math.nan, dtype=self.values.dtype, device=device)
+        self.values[: len(kept)] = kept.to(self.values.dtype)
+        self.pos = torch.tensor(len(kept) % self.size, device=device)
+        self.count = torch.tensor(int(state.get("count", len(kept))), device=device)
+
+
+__all__ = ["NormHistory"]

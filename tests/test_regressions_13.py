@@ -1,0 +1,212 @@
+"""Regression tests for the defects found by using 0.2.0.dev0 as Lightning users do (issue 13).
+
+Each test is named after its defect number and fails on the 0.2.0.dev0 code. Real Trainer, CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from faults import FaultModel, RecordingLogger, StepRecorder, all_finite, applied_lr, make_loader, trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_clip import ClipEngine, GradientClipping, NonFiniteGradientError
+from lightning_clip.detect import SpikeDetector
+from lightning_clip.remedies import Skip
+from lightning_clip.rules import NormClip, PercentileClip
+
+NAN = float("nan")
+
+
+def fit(t: pl.Trainer, model: pl.LightningModule, loader=None, **kwargs) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, loader if loader is not None else make_loader(n=160), **kwargs)
+
+
+# ----------------------------------------------------------------------------- 1: pickling
+CONFIGS = {
+    "default": {},
+    "value": dict(mode="value", min_value=-0.5, max_value=1.0),
+    "monitor": dict(mode="none", name="monitor"),
+    "agc": dict(mode="agc"),
+    "zscore": dict(mode="zscore"),
+    "percentile": dict(mode="percentile"),
+    "halve_lr": dict(nan_policy="halve_lr", lr_recovery_steps=5),
+    "raise": dict(nan_policy="raise"),
+    "ignore": dict(nan_policy="ignore"),
+    "spikes": dict(skip_spikes=3.0, spike_window=16),
+    "rule": dict(rule=PercentileClip(percentile=50.0, history_size=8, warmup_steps=2)),
+    "inputs": dict(check_inputs=True, log_norms="total"),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=list(CONFIGS))
+def test_1_every_configuration_pickles_and_deepcopies(config):
+    cb = GradientClipping(**config)
+    for clone in (pickle.loads(pickle.dumps(cb)), copy.deepcopy(cb)):
+        assert type(clone) is GradientClipping and clone.state_key == cb.state_key
+        assert repr(clone.engine.rule) == repr(cb.engine.rule)
+        assert type(clone.engine.remedy) is type(cb.engine.remedy)
+
+
+class PickleMidFit(pl.Callback):
+    """Pickles the GradientClipping instance after every step, hooks installed, as torch.save(trainer) would."""
+
+    def __init__(self, target: GradientClipping) -> None:
+        self.target = target
+        self.copies: list[bytes] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.copies.append(pickle.dumps(self.target))
+
+
+@pytest.mark.parametrize("config", [CONFIGS["halve_lr"], CONFIGS["spikes"], CONFIGS["percentile"]])
+def test_1_the_callback_pickles_in_the_middle_of_fit_with_its_state(tmp_path, config):
+    cb = GradientClipping(**config)
+    probe = PickleMidFit(cb)
+    fit(trainer(tmp_path, [cb, probe], max_steps=6), FaultModel(nan_loss_at=(2,)))
+    clone = pickle.loads(probe.copies[-1])
+    assert clone.counters == cb.counters and clone.counters["steps"] == 6
+    assert clone.state_dict()["optimizers"][0]["rule"].keys() == cb.state_dict()["optimizers"][0]["rule"].keys()
+
+
+def test_1_ddp_spawn_runs_with_two_cpu_processes_and_skips_the_nan_step(tmp_path):
+    """The real launcher: the Trainer and its callbacks are pickled into two spawned processes (gloo)."""
+    cb = GradientClipping(nan_policy="skip")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    t = pl.Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_steps=5,
+        callbacks=[cb, ckpt],
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = FaultModel(nan_loss_at=(2,))
+    fit(t, model, make_loader(n=160))
+    assert all_finite(model)  # the weights come back from rank 0
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][cb.state_key]
+    counts = state["optimizers"][0]
+    assert (counts["steps"], counts["nonfinite_steps"]) == (5, 1)
+
+
+# ----------------------------------------------------------------------------- 2: re-created optimizers
+class SwitchesOptimizers(FaultModel):
+    """Re-creates its optimizer at the start of epoch 1, the usual Lightning way."""
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 1:
+            self.trainer.strategy.setup_optimizers(self.trainer)
+
+
+def test_2_a_recreated_optimizer_takes_over_its_slot(tmp_path):
+    cb = GradientClipping(nan_policy="halve_lr")
+    logger, rec = RecordingLogger(), StepRecorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    t = trainer(tmp_path, [cb, rec, ckpt], max_steps=8, logger=logger, log_every_n_steps=1, enable_checkpointing=True)
+    model = SwitchesOptimizers(nan_loss_at=(2,))
+    fit(t, model, make_loader(n=32))  # 4 steps per epoch
+    assert not any("_opt1" in tag for _, metrics in logger.records for tag in metrics)
+    assert cb.counters["steps"] == 8 and cb.counters["nonfinite_steps"] == 1
+    assert len(cb.state_dict()["optimizers"]) == 1 and cb.lr_scales == [0.5]
+    # The halved LR still applies after the switch (steps 4..7 run on the new optimizer).
+    for step in rec.steps[3:]:
+        assert applied_lr(step) == pytest.approx(0.05, rel=1e-4)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][cb.state_key]
+    assert len(saved["optimizers"]) == 1 and saved["optimizers"][0]["lr_scale"] == 0.5
+
+
+def test_2_a_plain_loop_optimizer_recreated_for_the_same_parameters_keeps_its_slot():
+    model = torch.nn.Linear(4, 1)
+    engine = ClipEngine(NormClip(1.0), Skip())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach([opt], model.named_parameters())
+    for step in range(4):
+        if step == 2:
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)  # re-created, never attached
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        metrics = engine.step(opt, log=True)
+        opt.step()
+        opt.zero_grad()
+    assert "grad_norm/total" in metrics and not any("_opt1" in tag for tag in metrics)
+    assert engine.counters["steps"] == 4 and len(engine.state_dict()["optimizers"]) == 1
+
+
+# ----------------------------------------------------------------------------- 3: re-tuned spike_window
+@pytest.mark.parametrize("new_window", [8, 64])
+def test_3_resuming_with_another_spike_window_keeps_the_newest_norms_and_the_counters(tmp_path, new_window):
+    cb = GradientClipping(skip_spikes=3.0, spike_window=32, nan_policy="halve_lr")
+    t = trainer(tmp_path, [cb], max_steps=30, enable_checkpointing=True)
+    fit(t, FaultModel(nan_loss_at=(3,)))
+    saved = t.checkpoint_callback.best_model_path or str(tmp_path / "last.ckpt")
+    t.save_checkpoint(saved)
+    old = cb.state_dict()["optimizers"][0]
+    retuned = GradientClipping(skip_spikes=3.0, spike_window=new_window, nan_policy="halve_lr")
+    t2 = trainer(tmp_path, [retuned], max_steps=31)
+    fit(t2, FaultModel(), ckpt_path=saved)
+    new = retuned.state_dict()["optimizers"][0]
+    assert new["steps"] == 31 and new["nonfinite_steps"] == 1 and new["lr_scale"] == 0.5
+    # The norms recorded before the resume are the oldest of the resized history; one step has run since.
+    before, after = old["spikes"]["history"], new["spikes"]["history"]
+    assert new["spikes"]["count"] == old["spikes"]["count"] + 1
+    if len(before) < new_window:
+        assert torch.equal(after[:-1], before)
+    else:  # the newest new_window norms were kept; the step after the resume pushed out the oldest
+        assert torch.equal(after[:-1], before[-new_window + 1 :])
+
+
+def test_3_the_detector_loads_the_ring_layout_of_0_2_0_dev0():
+    ring = torch.full((8,), NAN, dtype=torch.float64)
+    ring[:] = torch.tensor([5.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0])  # a full ring; pos 1 is written next
+    detector = SpikeDetector(k=3.0, window=4, warmup=2)
+    detector.load_state_dict({"history": ring, "pos": 1, "count": 40})
+    # Oldest first the ring reads 1, 2, 3, 4, 6, 7, 8, 5: a window of 4 keeps the newest four.
+    assert detector.state_dict()["history"].tolist() == [6.0, 7.0, 8.0, 5.0]
+    assert detector.state_dict()["count"] == 40
+
+
+# ----------------------------------------------------------------------------- 5: fused streak at fit end
+def test_5_a_fused_streak_that_outlasts_the_run_raises_at_fit_end(tmp_path):
+    cb = GradientClipping(nan_policy="skip", max_consecutive_nonfinite=5)
+    model = FaultModel(optimizer="adamw_fused", nan_loss_at=tuple(range(3, 20)))
+    t = trainer(tmp_path, [cb], max_steps=20, logger=RecordingLogger(), log_every_n_steps=50)
+    with pytest.raises(NonFiniteGradientError, match="skipped on the device") as info:
+        fit(t, model)
+    assert info.value.consecutive == 17
+    assert all_finite(model)
+
+
+def test_5_fused_skips_the_run_never_read_are_warned_about_at_fit_end(tmp_path):
+    cb = GradientClipping(nan_policy="skip", max_consecutive_nonfinite=None)
+    model = FaultModel(optimizer="adamw_fused", nan_loss_at=(3, 4))
+    t = trainer(tmp_path, [cb], max_steps=20, logger=RecordingLogger(), log_every_n_steps=50)
+    with pytest.warns(RuntimeWarning, match=r"2 step\(s\) with non-finite gradients were skipped on the device"):
+        t.fit(model, make_loader(n=160))
+    assert cb.counters["skipped_steps"] == 2
+
+
+def test_5_a_plain_loop_calls_finish_and_gets_the_same_error():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    engine = ClipEngine(NormClip(1.0), Skip(max_consecutive_nonfinite=3))
+    engine.attach([opt], model.named_parameters())
+    for step in range(8):
+        loss = model(torch.randn(8, 4)).pow(2).mean() * (NAN if step >= 2 else 1.0)
+        engine.observe_loss(loss)
+        loss.backward()
+        engine.step(opt, read_every=100)
+        opt.step()
+        opt.zero_grad()
+    with pytest.raises(NonFiniteGradientError, match="6 consecutive"):
+        engine.finish()
+    engine.finish()  # reported once: a second call has nothing new
