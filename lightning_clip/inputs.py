@@ -4,7 +4,8 @@
 floating-point tensor by its path (``batch["x"]``, ``batch[0]``). :func:`nonfinite_flag` folds them
 into one 0-dim bool on the device with no host read; :func:`describe_nonfinite` runs only once a
 step is known to be bad and says where the first bad element is. Sparse tensors are checked through
-their stored values and located in their own coordinates.
+their stored values and located in their own coordinates; nested tensors (jagged or strided) through their
+packed values, located as ``(component, *position)``.
 
 Example::
 
@@ -48,6 +49,8 @@ _COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.spars
 def _stored_values(t: Tensor) -> Tensor:
     """The elements ``t`` stores: ``t`` itself when dense; the values of a sparse tensor (COO as stored, not
     coalesced: a NaN/Inf among duplicate entries is still NaN/Inf in their sum)."""
+    if t.is_nested:  # jagged or strided nested tensor: its packed buffer
+        return t.values()
     if t.layout == torch.sparse_coo:
         return t._values()
     if t.layout in _COMPRESSED:
@@ -69,6 +72,12 @@ def nonfinite_flag(batch: Any) -> Tensor | None:
 
 def _first_nonfinite(t: Tensor) -> tuple[int, tuple[int, ...]]:
     """How many elements of ``t`` are NaN/Inf, and the position of the first (host reads)."""
+    if t.is_nested:  # position: (component, *position inside it)
+        count, first = 0, ()
+        for i, component in enumerate(t.unbind()):
+            n, where = _first_nonfinite(component)
+            count, first = count + n, first or ((i, *where) if n else ())
+        return count, first
     if t.layout == torch.strided:
         bad = ~torch.isfinite(t)
         count = int(bad.sum())
@@ -89,7 +98,8 @@ def describe_nonfinite(batch: Any, limit: int = 3) -> list[str]:
     for path, t in floating_tensors(batch):
         count, first = _first_nonfinite(t)
         if count:
-            found.append(f"{path} at position {first} ({count} of {t.numel()} elements NaN/Inf)")
+            size = _stored_values(t).numel() if t.is_nested else t.numel()
+            found.append(f"{path} at position {first} ({count} of {size} elements NaN/Inf)")
             if len(found) >= limit:
                 break
     return found

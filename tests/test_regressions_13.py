@@ -210,3 +210,66 @@ def test_5_a_plain_loop_calls_finish_and_gets_the_same_error():
     with pytest.raises(NonFiniteGradientError, match="6 consecutive"):
         engine.finish()
     engine.finish()  # reported once: a second call has nothing new
+
+
+# ----------------------------------------------------------------------------- 4: nested-tensor batches
+class NestedBatches(torch.utils.data.Dataset):
+    """Whole batches of variable-length sequences as one nested tensor; NaN in batch ``nan_at``."""
+
+    def __init__(self, layout: torch.layout, nan_at: int | None = None, n: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.batches = []
+        for i in range(n):
+            seqs = [torch.randn(length, 4, generator=g) for length in (2, 3, 5)]
+            if i == nan_at:
+                seqs[1][2, 3] = NAN
+            self.batches.append((torch.nested.nested_tensor(seqs, layout=layout), torch.randn(3, 1, generator=g)))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+class PoolsSequences(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        pooled = torch.stack([seq.mean(0) for seq in x.unbind()])
+        return torch.nn.functional.mse_loss(self.lin(pooled), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def nested_loader(layout, nan_at=None):
+    return torch.utils.data.DataLoader(NestedBatches(layout, nan_at), batch_size=None)
+
+
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided], ids=["jagged", "strided"])
+def test_4_clean_nested_batches_train_under_check_inputs(tmp_path, layout):
+    cb = GradientClipping(check_inputs=True)
+    model = PoolsSequences()
+    fit(trainer(tmp_path, [cb], max_steps=8), model, nested_loader(layout))
+    assert cb.counters["steps"] == 8 and cb.counters["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided], ids=["jagged", "strided"])
+def test_4_a_dirty_nested_batch_is_skipped_with_its_position(tmp_path, layout):
+    cb = GradientClipping(check_inputs=True, nan_policy="skip")
+    model = PoolsSequences()
+    t = trainer(tmp_path, [cb], max_steps=8)
+    with pytest.warns(RuntimeWarning, match=r"batch 3: batch\[0\] at position \(1, 2, 3\) \(1 of 40 elements"):
+        t.fit(model, nested_loader(layout, nan_at=3))
+    assert cb.counters["skipped_steps"] == 1 and all_finite(model)
+
+
+def test_4_a_dirty_nested_batch_under_raise_stops_with_the_diagnosis(tmp_path):
+    cb = GradientClipping(check_inputs=True, nan_policy="raise")
+    with pytest.raises(NonFiniteGradientError, match=r"batch\[0\] at position \(1, 2, 3\)"):
+        fit(trainer(tmp_path, [cb], max_steps=8), PoolsSequences(), nested_loader(torch.jagged, nan_at=3))
