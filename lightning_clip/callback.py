@@ -18,12 +18,96 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import functional as F
+from lightning_clip import metrics as M
 from lightning_clip._namespaces import CallbackBase
 from lightning_clip.detect import SpikeDetector
 from lightning_clip.engine import ClipEngine
-from lightning_clip.remedies import build_remedy
+from lightning_clip.remedies import Remedy, build_remedy
 from lightning_clip.rules import ClipRule, build_rule
-from lightning_clip.validation import check_count, check_in_range, check_optional_str, check_positive
+from lightning_clip.validation import check_count, check_in_range, check_positive
+
+
+class _Setting:
+    """A constructor argument as an attribute: reads give the value in force; assignments are checked and reach
+    the unit that uses it (``unit``), or are refused with the reason (``fixed``)."""
+
+    def __init__(self, unit: str | None = None, fixed: str | None = None) -> None:
+        self.unit, self.fixed = unit, fixed
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        if self.name in ("min_value", "max_value"):  # as the rule holds them (clip_value sets both)
+            return getattr(obj.engine.rule, self.name, None)
+        if self.name == "mode":
+            return obj.engine.rule.mode
+        return obj._settings[self.name]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if self.unit is None:
+            raise AttributeError(
+                f"`{self.name}` cannot be changed after GradientClipping is built ({self.fixed}); build a new "
+                f"GradientClipping({self.name}={value!r}, ...) instead."
+            )
+        obj._retune(self.name, value, self.unit)
+
+
+_FLOATS = (
+    "max_norm",
+    "norm_type",
+    "clip_value",
+    "min_value",
+    "max_value",
+    "lr_factor",
+    "min_lr_scale",
+    "eps",
+    "skip_spikes",
+)
+_INTS = ("lr_recovery_steps", "max_consecutive_nonfinite", "spike_window")
+
+
+def _plain(settings: dict[str, Any]) -> dict[str, Any]:
+    """Checked numbers (numpy scalars included) as Python floats and ints; None stays None."""
+    out = {k: float(v) for k, v in settings.items() if k in _FLOATS and v is not None}
+    out.update({k: int(v) for k, v in settings.items() if k in _INTS and v is not None})
+    return out
+
+
+def _build_rule(settings: dict[str, Any]) -> ClipRule:
+    """The rule named by ``mode`` from the flat arguments; a bound that the mode would ignore is refused."""
+    value_args = {k: settings[k] for k in ("clip_value", "min_value", "max_value")}
+    check_positive("max_norm", settings["max_norm"])  # checked whatever the mode: it carries a default
+    rule = build_rule(settings["mode"], strict=value_args, max_norm=settings["max_norm"])
+    if settings["max_norm"] != 1.0 and "max_norm" not in rule.options:
+        # max_norm carries a default, so only a changed value shows it was set for nothing.
+        raise ValueError(
+            f"`max_norm` does not apply to mode={settings['mode']!r}; got max_norm={settings['max_norm']!r}."
+        )
+    return rule
+
+
+def _check_rule_object(rule: ClipRule, settings: dict[str, Any]) -> ClipRule:
+    check_positive("max_norm", settings["max_norm"])
+    value_args = {k: settings[k] for k in ("clip_value", "min_value", "max_value")}
+    mode = settings["mode"]
+    if mode not in ("norm", getattr(rule, "mode", None)) or any(v is not None for v in value_args.values()):
+        raise ValueError(f"`rule` ({rule!r}) replaces `mode` and its bounds; got mode={mode!r} with {value_args}.")
+    return rule
+
+
+def _build_remedy(settings: dict[str, Any]) -> Remedy:
+    """The remedy named by ``nan_policy``; a setting the policy would ignore is refused."""
+    check_in_range("lr_factor", settings["lr_factor"], 0.0, 1.0)  # checked whatever the policy: it has a default
+    check_count("max_consecutive_nonfinite", settings["max_consecutive_nonfinite"])
+    return build_remedy(
+        settings["nan_policy"],
+        strict={"min_lr_scale": settings["min_lr_scale"], "lr_recovery_steps": settings["lr_recovery_steps"]},
+        lr_factor=settings["lr_factor"],
+        max_consecutive_nonfinite=settings["max_consecutive_nonfinite"],
+    )
 
 
 class GradientClipping(CallbackBase):
@@ -105,51 +189,63 @@ class GradientClipping(CallbackBase):
         spike_window: int = 128,
     ) -> None:
         super().__init__()
-        # Checked whatever the mode and policy: a bad default-carrying setting is a mistake even where unread.
-        check_positive("max_norm", max_norm)
-        check_in_range("lr_factor", lr_factor, 0.0, 1.0)
-        check_count("max_consecutive_nonfinite", max_consecutive_nonfinite)
-        check_optional_str("name", name)
-        value_args = {"clip_value": clip_value, "min_value": min_value, "max_value": max_value}
-        if rule is None:
-            rule = build_rule(mode, strict=value_args, max_norm=max_norm)
-            if max_norm != 1.0 and "max_norm" not in rule.options:
-                # max_norm carries a default, so only a changed value shows it was set for nothing.
-                raise ValueError(f"`max_norm` does not apply to mode={mode!r}; got max_norm={max_norm!r}.")
-        elif mode not in ("norm", getattr(rule, "mode", None)) or any(v is not None for v in value_args.values()):
-            raise ValueError(f"`rule` ({rule!r}) replaces `mode` and its bounds; got mode={mode!r} with {value_args}.")
-        remedy = build_remedy(
-            nan_policy,
-            strict={"min_lr_scale": min_lr_scale, "lr_recovery_steps": lr_recovery_steps},
-            lr_factor=lr_factor,
-            max_consecutive_nonfinite=max_consecutive_nonfinite,
-        )
+        check_count("spike_window", spike_window, allow_none=False)  # checked also while skip_spikes is off
+        M.check_instance_name(name)
+        settings = dict(locals())
+        del settings["self"], settings["__class__"]
+        self.__dict__["_settings"] = settings  # read and written through the _Setting descriptors below
+        rule = _build_rule(settings) if rule is None else _check_rule_object(rule, settings)
         spikes = None if skip_spikes is None else SpikeDetector(skip_spikes, spike_window, min(20, spike_window))
         self.engine = ClipEngine(
             rule,
-            remedy,
+            _build_remedy(settings),
             norm_type=norm_type,
             eps=eps,
             check_inputs=check_inputs,
             log_norms=log_norms,
             spike_skip=spikes,
+            name=name,
         )
         self.engine.warn = _warn
-        self.mode = rule.mode
-        self.max_norm = float(max_norm)
-        self.norm_type = self.engine.norm_type
-        self.min_value = getattr(rule, "min_value", None)
-        self.max_value = getattr(rule, "max_value", None)
-        self.clip_value = clip_value
-        self.nan_policy = nan_policy
-        self.lr_factor = float(lr_factor)
-        self.min_lr_scale = min_lr_scale
-        self.lr_recovery_steps = lr_recovery_steps
-        self.max_consecutive_nonfinite = max_consecutive_nonfinite
-        self.check_inputs = check_inputs
-        self.log_norms = log_norms
-        self.eps = self.engine.eps
-        self.name = name
+        settings.update(_plain(settings))  # checked by now: numpy scalars become Python numbers
+
+    # ------------------------------------------------------------------ settings, live after construction
+    # Assigning one (``clip.max_norm = 0.01``) is checked as in __init__ and takes effect from the next step;
+    # those that decide the checkpoint key, the tags or which units run are fixed (a clear error, never ignored).
+    _settings: dict[str, Any]
+    mode = _Setting(fixed="it picks the clip rule and the checkpoint key")
+    nan_policy = _Setting(fixed="it picks the remedy")
+    name = _Setting(fixed="it is part of the checkpoint key and of every tag")
+    rule = _Setting(fixed="it is the clip rule itself")
+    skip_spikes = _Setting(fixed="it decides whether spike statistics are kept")
+    spike_window = _Setting(fixed="it sizes the spike history")
+    max_norm = _Setting(unit="rule")
+    clip_value = _Setting(unit="rule")
+    min_value = _Setting(unit="rule")
+    max_value = _Setting(unit="rule")
+    lr_factor = _Setting(unit="remedy")
+    min_lr_scale = _Setting(unit="remedy")
+    lr_recovery_steps = _Setting(unit="remedy")
+    max_consecutive_nonfinite = _Setting(unit="remedy")
+    norm_type = _Setting(unit="engine")
+    eps = _Setting(unit="engine")
+    log_norms = _Setting(unit="engine")
+    check_inputs = _Setting(unit="engine")
+
+    def _retune(self, setting: str, value: Any, unit: str) -> None:
+        settings = {**self._settings, setting: value}
+        if unit == "engine":
+            self.engine.configure(**{setting: value})
+        elif unit == "remedy":
+            self.engine.retune(remedy=_build_remedy(settings))
+        elif self._settings["rule"] is not None:
+            raise ValueError(
+                f"`{setting}` does not apply: this GradientClipping was built with rule={self._settings['rule']!r}; "
+                "build a new GradientClipping with the rule you want."
+            )
+        else:
+            self.engine.retune(rule=_build_rule(settings))
+        self._settings.update(_plain({setting: value}))
 
     # ------------------------------------------------------------------ state
     @property
@@ -193,6 +289,15 @@ class GradientClipping(CallbackBase):
                 "reduced over the shard group only. Use FSDP2 hybrid sharding (ModelParallelStrategy with a 2-D "
                 "mesh), which it supports, or ClipEngine.step(optimizer, sharded=<the shard process group>)."
             )
+        if stage == "fit" and trainer.loggers and self.log_norms != "none":
+            for other in trainer.callbacks:
+                clash = isinstance(other, GradientClipping) and other.log_norms != "none" and other.name == self.name
+                if clash and other is not self:
+                    raise MisconfigurationException(
+                        f"Two GradientClipping callbacks (mode={self.mode!r} and mode={other.mode!r}) would log "
+                        f"the same tags (name={self.name!r}): give each a distinct `name` (its tags get the "
+                        "suffix /<name>), or log_norms='none' to one of them."
+                    )
         if stage == "fit" and trainer.gradient_clip_val:
             raise MisconfigurationException(
                 f"`Trainer(gradient_clip_val={trainer.gradient_clip_val!r})` and `GradientClipping` would both clip. "

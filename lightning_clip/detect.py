@@ -160,8 +160,8 @@ class SpikeDetector:
         check_count("warmup", warmup, allow_none=False)
         if warmup > window:
             raise ValueError(f"`warmup` ({warmup}) must be <= `spike_window` ({window}).")
-        self.k, self.window, self.warmup = float(k), window, warmup
-        self.history = NormHistory(window)
+        self.k, self.window, self.warmup = float(k), int(window), int(warmup)
+        self.history = NormHistory(self.window)
 
     def flag(self, total: Tensor, bad: Tensor) -> Tensor:
         """0-dim bool: is ``total`` a spike? Records it (on the device) when it is healthy and not a spike."""

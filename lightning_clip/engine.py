@@ -66,7 +66,8 @@ from lightning_clip.rules import ClipRule, GradStep, NormClip
 from lightning_clip.validation import check_choice, check_finite, check_positive
 
 LOG_NORMS = ("layer", "parameter", "total", "none")
-_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+_UNSET: Any = object()  # configure(): a setting not passed
+_DTYPE, _DEVICE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("layout")
 
 
 @dataclass
@@ -135,6 +136,7 @@ class ClipEngine:
         log_norms: ``"layer"``, ``"parameter"``, ``"total"`` or ``"none"``: what :meth:`step` returns when logging.
         spike_skip: a :class:`~lightning_clip.detect.SpikeDetector`: skip (not clip) a step whose total norm is an
             extreme outlier, through the remedy's skip (needs ``Skip`` or ``HalveLR``); counted in ``spike_skips``.
+        name: tells this engine's metrics apart from another's: every tag gets the suffix ``/<name>``.
 
     In a loop: :meth:`attach` the optimizers once, then per optimizer step call :meth:`observe_loss` (and
     :meth:`observe_batch`) for each micro-batch, :meth:`step` after the last backward and before
@@ -151,14 +153,9 @@ class ClipEngine:
         check_inputs: bool = False,
         log_norms: str = "layer",
         spike_skip: SpikeDetector | None = None,
+        name: str | None = None,
     ) -> None:
-        check_positive("norm_type", norm_type, allow_inf=True)
-        check_finite("eps", eps)
-        if eps < 0:
-            raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
-        check_choice("log_norms", log_norms, LOG_NORMS)
-        if not isinstance(check_inputs, bool):
-            raise ValueError(f"`check_inputs` must be True or False, got {check_inputs!r}.")
+        M.check_instance_name(name)
         self.rule = rule if rule is not None else NormClip()
         self.remedy = remedy if remedy is not None else Skip()
         if not isinstance(self.rule, ClipRule):
@@ -172,13 +169,53 @@ class ClipEngine:
             )
         self.spike_skip = spike_skip
         self.spike_top_k = 3  # layers named when a logged step holds a spike
-        self.norm_type = float(norm_type)
-        self.eps = float(eps)
-        self.log_norms = log_norms
+        self.name = name  # tags get the suffix /<name>
         self.detector = BadStepDetector(check_inputs, check_loss=not isinstance(self.remedy, Ignore))
+        self.configure(norm_type=norm_type, eps=eps, log_norms=log_norms, check_inputs=check_inputs)
         self.warn: Callable[[str], None] = warn_at_caller
         self._slots: list[_Slot] = []
         self._names: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ settings
+    def configure(
+        self,
+        *,
+        norm_type: Any = _UNSET,
+        eps: Any = _UNSET,
+        log_norms: Any = _UNSET,
+        check_inputs: Any = _UNSET,
+    ) -> None:
+        """Set the engine's own settings (those passed), checked as in the constructor; from the next step on."""
+        if norm_type is not _UNSET:
+            check_positive("norm_type", norm_type, allow_inf=True)
+            self.norm_type = float(norm_type)
+        if eps is not _UNSET:
+            check_finite("eps", eps)
+            if eps < 0:
+                raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
+            self.eps = float(eps)
+        if log_norms is not _UNSET:
+            check_choice("log_norms", log_norms, LOG_NORMS)
+            self.log_norms = log_norms
+        if check_inputs is not _UNSET:
+            if not isinstance(check_inputs, bool):
+                raise ValueError(f"`check_inputs` must be True or False, got {check_inputs!r}.")
+            self.detector.check_inputs = check_inputs
+
+    def retune(self, rule: ClipRule | None = None, remedy: Remedy | None = None) -> None:
+        """Take the settings (:attr:`~ClipRule.options`) of a freshly built, hence checked, ``rule`` or ``remedy``
+        of the same kind into the rule of every optimizer or into the remedy; statistics and state stay."""
+        for new, targets in (
+            (rule, [self.rule, *(slot.rule for slot in self._slots)]),
+            (remedy, [self.remedy]),
+        ):
+            if new is None:
+                continue
+            if type(new) is not type(targets[0]):
+                raise ValueError(f"cannot retune {targets[0]!r} from a {type(new).__name__}: build a new engine.")
+            for target in targets:
+                for option in new.options:
+                    setattr(target, option, getattr(new, option))
 
     # ------------------------------------------------------------------ set-up
     def attach(
@@ -335,7 +372,13 @@ class ClipEngine:
         device = grads[0].device
         counters = slot.counters.to(device)
         reevaluation = slot.reevaluation()
-        key = (tuple(map(id, params)), tuple(map(type, grads)), tuple(map(_DTYPE, grads)), tuple(map(_DEVICE, grads)))
+        key = (
+            tuple(map(id, params)),
+            tuple(map(type, grads)),
+            tuple(map(_DTYPE, grads)),
+            tuple(map(_DEVICE, grads)),
+            tuple(map(_LAYOUT, grads)),  # a gradient may turn sparse (or back) between steps
+        )
         if key != slot.layout_key:
             slot.names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
             slot.dtensor = any(spec is not None for spec in F.local_shards(grads, slot.names)[1])
@@ -496,11 +539,11 @@ class ClipEngine:
             else (M.LAYER_GROUP if self.log_norms == "layer" else M.PARAM_GROUP)
         )
         layer_values = values[n_head + len(COUNTERS) :]
-        out = M.step_metrics(opt_idx, step_values, counts, group, layer_names, layer_values)
+        out = M.step_metrics(opt_idx, step_values, counts, group, layer_names, layer_values, self.name)
         spiked = (read.skip and not read.bad) or (slot.rule.reports_spikes and step_values["clipped"] > 0)
         if spiked and layer_values:
             share = self._attribute_spike(ctx, read, step_values, layer_names, layer_values)
-            out[M.tag(M.TOP_LAYER_SHARE, opt_idx)] = share
+            out[M.tag(M.TOP_LAYER_SHARE, opt_idx, self.name)] = share
         return out
 
     def _attribute_spike(

@@ -48,6 +48,7 @@ __all__ = [
     "clip_by_norm_",
     "clip_by_value_",
     "scale_",
+    "sparse_values",
     "clip_grad_norm_",
     "distributed_all_reduce",
     "ShardSpec",
@@ -70,10 +71,15 @@ def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.dev
     return groups
 
 
+# Sparse layouts the math handles one tensor at a time (foreach kernels take none of them for a norm or a clamp).
+_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+_SPARSE = (torch.sparse_coo, *_COMPRESSED)
+
+
 @dataclass(frozen=True)
 class Group:
     """Tensors of one ``(device, dtype)``: the indices a foreach kernel takes (``dense``) and those it does not
-    (``empty``: zero-size; ``sparse``)."""
+    (``empty``: zero-size; ``sparse``: COO, CSR, CSC, BSR, BSC)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -94,10 +100,17 @@ def plan(tensors: Sequence[Tensor]) -> list[Group]:
     out = []
     for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
         empty = [i for i in idx if tensors[i].numel() == 0]
-        sparse = [i for i in idx if tensors[i].is_sparse and tensors[i].numel() > 0]
+        sparse = [i for i in idx if tensors[i].layout in _SPARSE and tensors[i].numel() > 0]
         dense = [i for i in idx if i not in empty and i not in sparse] if empty or sparse else idx
         out.append(Group(device, dtype, dense, empty, sparse))
     return out
+
+
+def sparse_values(t: Tensor) -> Tensor:
+    """The stored values of a sparse ``t``, one per dense element: a COO tensor (``Embedding(sparse=True)``)
+    repeats indices until coalesced, and the dense element is the sum of its duplicates (a new tensor then);
+    compressed layouts (CSR, CSC, BSR, BSC) store each element once (a view)."""
+    return t.coalesce()._values() if t.layout == torch.sparse_coo else t.values()
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -124,9 +137,11 @@ def grad_norms(
             # Empty tensors (zero-size parameters, empty FSDP shards) have norm 0; the inf-norm kernel rejects them.
             norms[i] = torch.zeros((), device=g.device, dtype=acc or torch.float32)
         for i in g.sparse:
-            # Sparse gradients (Embedding(sparse=True)) repeat indices until coalesced: the norm of the
-            # coalesced values is the norm of the dense gradient. No foreach kernel takes sparse tensors.
-            norms[i] = torch.linalg.vector_norm(tensors[i].coalesce()._values(), norm_type, dtype=acc)
+            values = sparse_values(tensors[i])
+            if values.numel() == 0:  # no stored entry (all ids were padding): the inf-norm kernel refuses empty
+                norms[i] = torch.zeros((), device=g.device, dtype=acc or torch.float32)
+            else:
+                norms[i] = torch.linalg.vector_norm(values, norm_type, dtype=acc)
         if g.dense:
             for i, n in zip(g.dense, torch._foreach_norm([tensors[i] for i in g.dense], norm_type, dtype=acc)):
                 norms[i] = n
@@ -220,10 +235,28 @@ def clip_by_value_(
     Elements already in range are untouched; NaN stays NaN (the NaN policy sees it). On a GPU two foreach
     kernels (one launch per bound); on the CPU one ``clamp_`` per tensor, which reads and writes each element
     once instead of twice.
+
+    Sparse tensors (COO, CSR, CSC, BSR, BSC) are clamped on their dense value, in the same tensor object: an
+    uncoalesced COO tensor (``Embedding(sparse=True)``) is coalesced first, since the dense element is the sum of
+    its duplicates, and the clamped result is copied back into it (it is then coalesced; on a GPU coalescing
+    reads the number of entries back to the host). A range that excludes 0 would turn every unstored zero into
+    a bound, which a sparse tensor cannot hold: ``ValueError`` then, before anything is changed.
     """
     if min_value is None and max_value is None:
         return
-    for g in plan(tensors) if groups is None else groups:
+    groups = plan(tensors) if groups is None else groups
+    if (min_value is not None and min_value > 0) or (max_value is not None and max_value < 0):
+        for g in groups:
+            if g.sparse:
+                i = g.sparse[0]
+                raise ValueError(
+                    f"cannot clamp tensor {i} ({tensors[i].layout}, {g.dtype}) into [{min_value}, {max_value}]: "
+                    "the range excludes 0, so every element the sparse tensor does not store would have to change; "
+                    "use a range that contains 0 or a dense (strided) gradient."
+                )
+    for g in groups:
+        for i in g.sparse:
+            _clamp_sparse_(tensors[i], min_value, max_value)
         group = [tensors[i] for i in g.dense]
         if not group:
             continue
@@ -235,6 +268,19 @@ def clip_by_value_(
             torch._foreach_clamp_min_(group, min_value)
         if max_value is not None:
             torch._foreach_clamp_max_(group, max_value)
+
+
+def _clamp_sparse_(t: Tensor, min_value: float | None, max_value: float | None) -> None:
+    if t.layout != torch.sparse_coo:
+        t.values().clamp_(min_value, max_value)  # a view of the stored values
+    elif t.is_coalesced():
+        t._values().clamp_(min_value, max_value)
+    else:
+        # No in-place coalesce exists: clamp a coalesced copy, then copy_ puts its indices and values into `t`,
+        # so callers holding `t` (p.grad) see the result.
+        coalesced = t.coalesce()
+        coalesced._values().clamp_(min_value, max_value)
+        t.copy_(coalesced)
 
 
 # ----------------------------------------------------------------------------- sharded gradients (DTensor)

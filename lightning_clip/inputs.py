@@ -73,7 +73,7 @@ def nonfinite_flag(batch: Any) -> Tensor | None:
 def _first_nonfinite(t: Tensor) -> tuple[int, tuple[int, ...]]:
     """How many elements of ``t`` are NaN/Inf, and the position of the first (host reads)."""
     if t.is_nested:  # position: (component, *position inside it)
-        count, first = 0, ()
+        count, first = 0, ()  # type: tuple[int, tuple[int, ...]]
         for i, component in enumerate(t.unbind()):
             n, where = _first_nonfinite(component)
             count, first = count + n, first or ((i, *where) if n else ())

@@ -1,6 +1,7 @@
 """The names of everything the engine logs, in one place: the callback writes them, the report reads them.
 
-Tags per optimizer ``i`` (optimizer 0 has no suffix, optimizer ``i > 0`` the suffix ``_opt<i>``):
+Tags per optimizer ``i`` (optimizer 0 has no suffix, optimizer ``i > 0`` the suffix ``_opt<i>``) and, for a
+callback given a ``name``, the further suffix ``/<name>`` (two instances in one Trainer never share a tag):
 
 * ``grad_norm/total``, ``grad_norm/total_clipped`` -- the total gradient norm before and after clipping;
 * ``grad_norm_layer/<layer>`` or ``grad_norm_param/<parameter>`` -- per-layer or per-parameter norms;
@@ -10,10 +11,12 @@ Tags per optimizer ``i`` (optimizer 0 has no suffix, optimizer ``i > 0`` the suf
 
 Example::
 
-    >>> tag(TOTAL, 0), tag(TOTAL, 2)
-    ('grad_norm/total', 'grad_norm/total_opt2')
+    >>> tag(TOTAL, 0), tag(TOTAL, 2), tag(TOTAL, 1, "monitor")
+    ('grad_norm/total', 'grad_norm/total_opt2', 'grad_norm/total_opt1/monitor')
     >>> parse_total("grad_norm/total_opt3"), parse_total("grad_norm/total"), parse_total("grad_clip/steps")
     (3, 0, None)
+    >>> parse_total_tag("grad_norm/total/monitor"), parse_total_tag("grad_norm/total_opt1")
+    ((0, 'monitor'), (1, None))
 """
 
 from __future__ import annotations
@@ -48,30 +51,47 @@ COUNTER_TAGS = {
     "spike_skips": SPIKE_SKIPS,
 }
 
-_TOTAL_RE = re.compile(rf"^{re.escape(TOTAL)}(?:_opt(\d+))?$")
+_TOTAL_RE = re.compile(rf"^{re.escape(TOTAL)}(?:_opt(\d+))?(?:/([^/]+))?$")
 
 
-def suffix(optimizer_idx: int) -> str:
-    """``""`` for optimizer 0, ``"_opt<i>"`` for optimizer ``i > 0``."""
-    return f"_opt{optimizer_idx}" if optimizer_idx > 0 else ""
+def suffix(optimizer_idx: int, instance: str | None = None) -> str:
+    """``""`` for optimizer 0, ``"_opt<i>"`` for optimizer ``i > 0``; then ``"/<instance>"`` for a named callback."""
+    return (f"_opt{optimizer_idx}" if optimizer_idx > 0 else "") + (f"/{instance}" if instance else "")
 
 
-def tag(name: str, optimizer_idx: int) -> str:
-    """The tag ``name`` of optimizer ``optimizer_idx``."""
-    return f"{name}{suffix(optimizer_idx)}"
+def tag(name: str, optimizer_idx: int, instance: str | None = None) -> str:
+    """The tag ``name`` of optimizer ``optimizer_idx`` (of the callback named ``instance``)."""
+    return f"{name}{suffix(optimizer_idx, instance)}"
 
 
-def norm_tag(group: str, name: str, optimizer_idx: int) -> str:
+def norm_tag(group: str, name: str, optimizer_idx: int, instance: str | None = None) -> str:
     """The tag of one layer's or parameter's norm (``group``: :data:`LAYER_GROUP` or :data:`PARAM_GROUP`)."""
-    return f"{group}/{name}{suffix(optimizer_idx)}"
+    return f"{group}/{name}{suffix(optimizer_idx, instance)}"
 
 
-def parse_total(name: str) -> int | None:
-    """The optimizer index of a ``grad_norm/total[_opt<i>]`` tag, or None for any other tag."""
+def check_instance_name(name: object) -> None:
+    """A callback ``name`` becomes a tag segment: None, or a non-empty string without ``/`` or white space."""
+    if name is None:
+        return
+    if not isinstance(name, str) or not name or "/" in name or name != name.strip():
+        raise ValueError(
+            f"`name` must be None or a non-empty string without '/' or surrounding spaces (it becomes the tag "
+            f"suffix /<name>), got {name!r}."
+        )
+
+
+def parse_total_tag(name: str) -> tuple[int, str | None] | None:
+    """The optimizer index and callback name of a ``grad_norm/total[_opt<i>][/<name>]`` tag; None for another."""
     match = _TOTAL_RE.match(name)
     if not match:
         return None
-    return int(match.group(1) or 0)
+    return int(match.group(1) or 0), match.group(2)
+
+
+def parse_total(name: str) -> int | None:
+    """The optimizer index of a ``grad_norm/total[_opt<i>][/<name>]`` tag, or None for any other tag."""
+    parsed = parse_total_tag(name)
+    return None if parsed is None else parsed[0]
 
 
 def step_metrics(
@@ -81,23 +101,25 @@ def step_metrics(
     norm_group: str | None = None,
     norm_names: Sequence[str] = (),
     norm_values: Sequence[float] = (),
+    instance: str | None = None,
 ) -> dict[str, float]:
     """Everything one logging step writes, tagged for optimizer ``optimizer_idx``.
 
     ``values`` holds ``total``, ``total_clipped``, ``clipped`` (this step: 1.0 or 0.0), ``lr_scale`` and, when
     the rule has one, ``threshold`` and ``max_norm``; ``counts`` the cumulative counters (:data:`COUNTER_TAGS`).
+    ``instance``: the callback's ``name`` (tags get ``/<name>``).
     """
-    i = optimizer_idx
+    end = suffix(optimizer_idx, instance)
     out = {
-        tag(TOTAL, i): values["total"],
-        tag(TOTAL_CLIPPED, i): values["total_clipped"],
-        tag(CLIPPED, i): values["clipped"],
-        tag(LR_SCALE, i): values["lr_scale"],
+        TOTAL + end: values["total"],
+        TOTAL_CLIPPED + end: values["total_clipped"],
+        CLIPPED + end: values["clipped"],
+        LR_SCALE + end: values["lr_scale"],
     }
-    out.update({tag(name, i): float(counts[key]) for key, name in COUNTER_TAGS.items()})
+    out.update({name + end: float(counts[key]) for key, name in COUNTER_TAGS.items()})
     for key, name in (("threshold", THRESHOLD), ("max_norm", MAX_NORM)):
         if values.get(key) is not None:
-            out[tag(name, i)] = values[key]
+            out[name + end] = values[key]
     if norm_group is not None:
-        out.update({norm_tag(norm_group, n, i): v for n, v in zip(norm_names, norm_values)})
+        out.update({f"{norm_group}/{n}{end}": v for n, v in zip(norm_names, norm_values)})
     return out

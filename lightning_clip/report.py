@@ -76,11 +76,15 @@ class RunReport:
     lr_scale: float | None
     # (step, value) per tag, for plotting: total, total_clipped, max_norm, skipped_steps.
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)
+    # the ``name`` of the callback that logged it (its tags end in /<name>); None for an unnamed one
+    instance: str | None = None
 
     @property
     def name(self) -> str:
-        """The run's label: its directory, plus ``[opt<i>]`` for optimizer ``i > 0``."""
-        return self.run if self.optimizer == 0 else f"{self.run} [opt{self.optimizer}]"
+        """The run's label: its directory, plus ``[opt<i>]`` for optimizer ``i > 0`` and ``[<name>]`` for a named
+        callback."""
+        label = self.run if self.optimizer == 0 else f"{self.run} [opt{self.optimizer}]"
+        return label if self.instance is None else f"{label} [{self.instance}]"
 
     @property
     def clipped_sampled(self) -> bool:
@@ -197,11 +201,12 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
         acc.Reload()
         tags = set(acc.Tags().get("scalars", []))
         for tag in sorted(tags):
-            # The tag names are the callback's (lightning_clip.metrics): grad_norm/total[_opt<i>].
-            opt = M.parse_total(tag)
-            if opt is None:
+            # The tag names are the callback's (lightning_clip.metrics): grad_norm/total[_opt<i>][/<name>].
+            parsed = M.parse_total_tag(tag)
+            if parsed is None:
                 continue
-            suffix = M.suffix(opt)
+            opt, instance = parsed
+            suffix = M.suffix(opt, instance)
 
             get = functools.partial(_optional_scalars, acc, tags, suffix)
             total = _scalars(acc, tag)
@@ -229,6 +234,7 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
                         "max_norm": get(M.MAX_NORM) or get(M.THRESHOLD),
                         "skipped_steps": get(M.SKIPPED_STEPS),
                     },
+                    instance=instance,
                 )
             )
     if not reports:
@@ -236,7 +242,7 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
             f"no grad_norm/total scalars in the event files under {root} "
             "(was lightning_clip.GradientClipping a Trainer callback, with log_norms other than 'none'?)"
         )
-    return sorted(reports, key=lambda r: (r.run, r.optimizer))
+    return sorted(reports, key=lambda r: (r.run, r.optimizer, r.instance or ""))
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -287,7 +293,7 @@ def format_table(reports: Sequence[RunReport], logdir: PathLike | None = None) -
 
     out = []
     if logdir is not None:
-        out.append(f"Gradient norms under {logdir} ({len(reports)} run{'s' if len(reports) != 1 else ''})")
+        out.append(f"Gradient norms under {logdir} ({_count_label(reports)})")
         out.append("")
     out += [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
     if logdir is not None:
@@ -320,6 +326,13 @@ def _nonfinite_spans(series: Sequence[tuple[int, float]]) -> list[tuple[int, int
     if start is not None:
         spans.append((start, prev))
     return spans
+
+
+def _count_label(reports: Sequence[RunReport]) -> str:
+    """``"2 runs"``; ``"1 run, 2 series"`` when a run has several optimizers or named callbacks (one row each)."""
+    runs = len({r.run for r in reports})
+    label = f"{runs} run{'s' if runs != 1 else ''}"
+    return label if runs == len(reports) else f"{label}, {len(reports)} series"
 
 
 def plot(reports: Sequence[RunReport], path: PathLike) -> Path:

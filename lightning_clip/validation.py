@@ -7,17 +7,19 @@ allowed: ``GradientClippingCLI`` turns that message into one ``error:`` line nam
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
 
 def _is_number(value: Any) -> bool:
-    # bool is an int to Python, but `eps: true` in a YAML file is a mistake, not 1.0.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # numbers.Real takes numpy's scalars (np.float32, np.int64: numpy registers them) without importing numpy;
+    # np.bool_ is not registered. bool is an int to Python, but `eps: true` in a YAML file is a mistake, not 1.0.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_number(name: str, value: Any, *, allow_none: bool = False) -> None:
-    """A real number that is not NaN (±inf allowed here; callers narrow it)."""
+    """A real number that is not NaN (±inf allowed here; callers narrow it). numpy scalars count, bools do not."""
     if value is None and allow_none:
         return
     if not _is_number(value) or math.isnan(value):
@@ -66,10 +68,10 @@ def check_in_range(
 
 
 def check_count(name: str, value: Any, *, allow_none: bool = True) -> None:
-    """A positive integer (or None)."""
+    """A positive integer (or None); numpy integers count, bools do not."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer{' or None' if allow_none else ''}, got {value!r}.")
 
 

@@ -202,5 +202,5 @@ def test_name_separates_two_instances_of_the_same_mode(tmp_path):
     a, b = GradientClipping(name="encoder"), GradientClipping(name="decoder")
     assert a.name == "encoder" and a.state_key != b.state_key
     pl.Trainer(callbacks=[a, b], logger=False, default_root_dir=tmp_path)  # Lightning refuses duplicate keys
-    with pytest.raises(ValueError, match="`name` must be a string"):
+    with pytest.raises(ValueError, match="`name` must be None or a non-empty string"):
         GradientClipping(name=3)

@@ -385,7 +385,7 @@ def test_item7a_value_mode_clamps_sparse_gradients_or_refuses_them_by_name(tmp_p
     for step in rec.steps:
         for g in step["grads"]:
             values = g.coalesce().values() if g.layout != torch.strided else g
-            assert float(values.abs().max()) <= 1e-3
+            assert float(values.abs().max()) <= torch.tensor(1e-3).item()  # the bound as float32 holds it
 
 
 # ----------------------------------------------------------------------------- item 7b: complex parameters

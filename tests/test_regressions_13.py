@@ -273,3 +273,121 @@ def test_4_a_dirty_nested_batch_under_raise_stops_with_the_diagnosis(tmp_path):
     cb = GradientClipping(check_inputs=True, nan_policy="raise")
     with pytest.raises(NonFiniteGradientError, match=r"batch\[0\] at position \(1, 2, 3\)"):
         fit(trainer(tmp_path, [cb], max_steps=8), PoolsSequences(), nested_loader(torch.jagged, nan_at=3))
+
+
+# ----------------------------------------------------------------------------- 6: two named instances' tags
+def test_6_named_instances_log_distinct_tags_and_report_reads_both(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from lightning_clip.report import format_table, load_runs
+
+    monitor = GradientClipping(mode="none", name="monitor")  # first: sees the gradient before clipping
+    clipper = GradientClipping(mode="norm", max_norm=0.05)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    fit(trainer(tmp_path, [monitor, clipper], max_steps=6, logger=logger, log_every_n_steps=1), FaultModel(lr=0.05))
+    runs = load_runs(tmp_path / "tb")
+    assert [(r.optimizer, r.instance) for r in runs] == [(0, None), (0, "monitor")]
+    mine, theirs = runs
+    # The same gradient measured by both; only the clipper's clipped total is capped.
+    assert [v for _, v in mine.series["total"]] == pytest.approx([v for _, v in theirs.series["total"]], rel=1e-6)
+    assert all(v <= 0.05 * (1 + 1e-5) for _, v in mine.series["total_clipped"])
+    assert theirs.series["total_clipped"] == theirs.series["total"]
+    assert mine.clipped_steps == 6 and theirs.clipped_steps == 0
+    table = format_table(runs, "tb")
+    assert "(1 run, 2 series)" in table and "version_0 [monitor]" in table
+
+
+def test_6_two_logging_instances_with_the_same_name_are_refused_at_fit_start(tmp_path):
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    both = [GradientClipping(mode="none"), GradientClipping(mode="norm")]
+    t = trainer(tmp_path, both, max_steps=2, logger=RecordingLogger())
+    with pytest.raises(MisconfigurationException, match="distinct `name`"):
+        fit(t, FaultModel())
+    quiet = [GradientClipping(mode="none", log_norms="none"), GradientClipping(mode="norm")]
+    fit(trainer(tmp_path, quiet, max_steps=2, logger=RecordingLogger()), FaultModel())  # one logs nothing
+    fit(trainer(tmp_path, both, max_steps=2), FaultModel())  # no logger: nothing to clash
+
+
+def test_6_report_counts_runs_not_optimizers():
+    from lightning_clip.report import RunReport, format_table
+
+    rows = [RunReport("a", i, 1, 1.0, 1.0, 1.0, 0, None, 1, 0, 0, 0, 1.0) for i in (0, 1)]
+    assert "(1 run, 2 series)" in format_table(rows, "logs")
+    assert "(2 runs)" in format_table([rows[0], RunReport("b", 0, 1, 1.0, 1.0, 1.0, 0, None, 1, 0, 0, 0, 1.0)], "x")
+
+
+@pytest.mark.parametrize("name", ["", "a/b", " x", 3])
+def test_6_a_name_that_cannot_be_a_tag_segment_is_refused(name):
+    with pytest.raises(ValueError, match="`name` must be None or a non-empty string"):
+        GradientClipping(name=name)
+
+
+# ----------------------------------------------------------------------------- 7: settings after construction
+class NormAfter(pl.Callback):
+    """The float64 total norm the optimizer gets (registered after GradientClipping)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad.double() for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))))
+
+
+def test_7_max_norm_assigned_between_fits_reaches_every_optimizers_rule(tmp_path):
+    cb = GradientClipping(max_norm=1.0)
+    fit(trainer(tmp_path, [cb], max_steps=2), FaultModel())  # the per-optimizer rule copies exist now
+    cb.max_norm = 0.01
+    probe = NormAfter()
+    fit(trainer(tmp_path, [cb, probe], max_steps=3), FaultModel())
+    assert cb.max_norm == 0.01 and cb.engine.rule_of(0).max_norm == 0.01
+    assert probe.norms and all(n <= 0.01 * (1 + 1e-5) for n in probe.norms)
+    assert cb.counters["steps"] == 5  # state kept
+
+
+def test_7_log_norms_assigned_after_construction_is_what_gets_logged(tmp_path):
+    cb = GradientClipping()
+    cb.log_norms = "total"
+    logger = RecordingLogger()
+    fit(trainer(tmp_path, [cb], max_steps=2, logger=logger, log_every_n_steps=1), FaultModel())
+    tags = {tag for _, metrics in logger.records for tag in metrics}
+    assert "grad_norm/total" in tags and not any(t.startswith("grad_norm_layer/") for t in tags)
+
+
+def test_7_value_bounds_and_remedy_settings_are_live_and_checked():
+    cb = GradientClipping(mode="value", clip_value=0.5, nan_policy="halve_lr")
+    cb.clip_value = 0.2
+    assert (cb.min_value, cb.max_value) == (-0.2, 0.2) and repr(cb.engine.rule) == "ValueClip(value, [-0.2, 0.2])"
+    cb.lr_factor = 0.25
+    assert cb.engine.remedy.lr_factor == 0.25 and cb.lr_factor == 0.25
+    with pytest.raises(ValueError, match=r"`lr_factor` must be in \(0, 1\), got 2"):
+        cb.lr_factor = 2
+    assert cb.engine.remedy.lr_factor == 0.25  # a refused value changes nothing
+    with pytest.raises(ValueError, match="`max_norm` does not apply to mode='value'"):
+        cb.max_norm = 3.0
+    with pytest.raises(ValueError, match="`check_inputs` must be True or False"):
+        cb.check_inputs = "yes"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("mode", "value"), ("nan_policy", "raise"), ("name", "x"), ("spike_window", 8)]
+)
+def test_7_settings_fixed_at_construction_refuse_assignment_by_name(setting, value):
+    cb = GradientClipping()
+    with pytest.raises(AttributeError, match=f"`{setting}` cannot be changed after GradientClipping is built"):
+        setattr(cb, setting, value)
+
+
+def test_7_a_rule_object_refuses_flat_rule_settings():
+    cb = GradientClipping(rule=NormClip(max_norm=2.0))
+    with pytest.raises(ValueError, match="`max_norm` does not apply: this GradientClipping was built with rule="):
+        cb.max_norm = 0.5
+    assert cb.engine.rule.max_norm == 2.0
+
+
+# ----------------------------------------------------------------------------- 8: argument edge cases
+@pytest.mark.parametrize("window", [0, -3, True, 2.5, None])
+def test_8_spike_window_is_checked_without_skip_spikes(window):
+    with pytest.raises(ValueError, match="`spike_window` must be a positive integer"):
+        GradientClipping(spike_window=window)

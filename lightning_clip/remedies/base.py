@@ -10,6 +10,7 @@ It acts in two phases, so that the sync-free paths stay sync-free by constructio
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ class StateGuard:
             self.missing = [p for p in params if id(p) not in state_before]
         gone = {id(p) for p in self.missing}
         self.numbers = {
-            p: {k: v for k, v in state[p].items() if isinstance(v, (int, float))}
+            p: {k: v for k, v in state[p].items() if isinstance(v, numbers.Number)}
             for p in params
             if state.get(p) and id(p) not in gone
         }
@@ -154,8 +155,8 @@ class StateGuard:
     def _after_step(self, *_: Any) -> None:
         for p in self.missing:
             self.optimizer.state.pop(p, None)
-        for p, numbers in self.numbers.items():
-            self.optimizer.state[p].update(numbers)
+        for p, saved in self.numbers.items():
+            self.optimizer.state[p].update(saved)
         self.remove()
 
     def remove(self) -> None:

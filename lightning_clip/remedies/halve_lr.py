@@ -9,7 +9,7 @@ from torch.optim import Optimizer
 
 from lightning_clip.counters import StepCounters
 from lightning_clip.lr_scale import StepLRScale
-from lightning_clip.remedies.base import BadStepContext, StepRead
+from lightning_clip.remedies.base import BadStepContext, StepRead, optional_int
 from lightning_clip.remedies.skip import Skip
 from lightning_clip.validation import check_count, check_in_range
 
@@ -50,7 +50,7 @@ class HalveLR(Skip):
         check_count("lr_recovery_steps", lr_recovery_steps)
         self.lr_factor = float(lr_factor)
         self.min_lr_scale = None if min_lr_scale is None else float(min_lr_scale)
-        self.lr_recovery_steps = lr_recovery_steps
+        self.lr_recovery_steps = optional_int(lr_recovery_steps)
         self._hooks: dict[int, StepLRScale] = {}
 
     def attach(self, optimizer_idx: int, optimizer: Optimizer, counters: StepCounters) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lightning_clip.remedies.base import BadStepContext, Remedy, StepRead, diagnose, raise_nonfinite
+from lightning_clip.remedies.base import BadStepContext, Remedy, StepRead, diagnose, optional_int, raise_nonfinite
+from lightning_clip.validation import check_count
 
 
 class RaiseError(Remedy):
@@ -22,7 +23,8 @@ class RaiseError(Remedy):
 
     def __init__(self, max_consecutive_nonfinite: int | None = None) -> None:
         # Accepted for symmetry with skip/halve_lr: raise stops at the first bad step anyway.
-        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        check_count("max_consecutive_nonfinite", max_consecutive_nonfinite)
+        self.max_consecutive_nonfinite = optional_int(max_consecutive_nonfinite)
 
     def needs_read(self, step: BadStepContext) -> bool:
         return True  # the decision to stop is a Python exception: it needs the flag on the host

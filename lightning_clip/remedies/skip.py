@@ -19,6 +19,7 @@ from lightning_clip.remedies.base import (
     StateGuard,
     StepRead,
     diagnose,
+    optional_int,
     raise_nonfinite,
     skip_step,
     warn_due,
@@ -67,7 +68,7 @@ class Skip(Remedy):
 
     def __init__(self, max_consecutive_nonfinite: int | None = 10) -> None:
         check_count("max_consecutive_nonfinite", max_consecutive_nonfinite)
-        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.max_consecutive_nonfinite = optional_int(max_consecutive_nonfinite)
         self._found_inf_set: list[Optimizer] = []  # optimizers whose found_inf this remedy wrote
         self._guards: dict[int, StateGuard] = {}  # per optimizer: the state guard of a skip not yet stepped
 

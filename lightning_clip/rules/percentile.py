@@ -62,11 +62,11 @@ class PercentileClip(ClipRule):
         check_count("history_size", history_size, allow_none=False)
         check_count("warmup_steps", warmup_steps, allow_none=False)
         self.percentile = float(percentile)
-        self.history_size = history_size
-        self.warmup_steps = warmup_steps
+        self.history_size = int(history_size)
+        self.warmup_steps = int(warmup_steps)
         # On the device from the first step, in the norms' own dtype (float32; float64 for a float64 model), as
         # AutoClip's history; NaN where empty (nanquantile skips it).
-        self.norms = NormHistory(history_size)
+        self.norms = NormHistory(self.history_size)
 
     @property
     def history(self) -> Tensor | None:

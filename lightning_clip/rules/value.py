@@ -44,6 +44,21 @@ def range_and_magnitudes(
     for g in F.plan(tensors) if groups is None else groups:
         for i in g.empty:
             magnitudes[i] = torch.zeros((), device=g.device)
+        for i in g.sparse:
+            # The dense elements (duplicates summed); the unstored zeros are in range (clip_ refuses a range
+            # without 0 for a sparse gradient).
+            values = F.sparse_values(tensors[i])
+            if values.numel() == 0:
+                magnitudes[i] = torch.zeros((), device=g.device)
+                continue
+            low, high = torch.aminmax(values)
+            if max_value is not None:
+                flags.append((high > max_value).to(device))
+            if min_value is not None:
+                flags.append((low < min_value).to(device))
+            magnitude = torch.maximum(low.abs(), high.abs())
+            magnitudes[i] = magnitude
+            finite.append(torch.isfinite(magnitude).to(device))
         if not g.dense:
             continue
         group = [tensors[i] for i in g.dense]
@@ -111,19 +126,21 @@ class ValueClip(ClipRule):
             raise ValueError(f"`min_value` ({min_value!r}) must be <= `max_value` ({max_value!r}).")
         if clip_value is not None:
             min_value, max_value = -float(clip_value), float(clip_value)
-        self.clip_value = clip_value
+        self.clip_value = None if clip_value is None else float(clip_value)
         self.min_value = None if min_value is None else float(min_value)
         self.max_value = None if max_value is None else float(max_value)
 
     def clip_(self, step: GradStep) -> ClipResult:
         grads, inv_scale = step.grads, step.inv_scale
+        excludes_zero = (self.min_value or 0.0) > 0 or (self.max_value or 0.0) < 0
         for name, g in zip(step.names, grads):
-            if g.is_sparse or g.is_complex():
-                # Clamping has no meaning for a complex number, and a sparse gradient would have to be coalesced
-                # (a copy that replaces p.grad); use mode="norm" for these, which supports both.
-                kind = "sparse" if g.is_sparse else "complex"
+            # Clamping has no meaning for a complex number; a sparse gradient cannot make its unstored zeros a
+            # bound. mode="norm" supports both.
+            if g.is_complex() or (g.layout != torch.strided and excludes_zero):
+                kind = "complex" if g.is_complex() else f"sparse ({g.layout})"
                 raise ValueError(
-                    f"mode='value' cannot clamp the {kind} gradient of parameter `{name}` ({g.dtype}); "
+                    f"mode='value' cannot clamp the {kind} gradient of parameter `{name}` ({g.dtype})"
+                    f"{' into a range without 0' if not g.is_complex() else ''}; "
                     "use mode='norm' (norm clipping supports sparse and complex gradients) or exclude it."
                 )
         if inv_scale is not None:

@@ -86,7 +86,7 @@ class ZScoreClip(ClipRule):
         check_choice("clip_option", clip_option, CLIP_OPTIONS)
         self.z_threshold = float(z_threshold)
         self.ema_decay = float(ema_decay)
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = int(warmup_steps)
         self.max_norm = None if max_norm is None else float(max_norm)
         self.clip_option = clip_option
         # Device tensors, made on the first step (or from load_state_dict, on the CPU until then).
