@@ -3,14 +3,20 @@
 Real ``python cli_script.py NAMESPACE ours fit --config cfg.yaml`` subprocesses (tests/cli_script.py): a
 plain ``LightningCLI`` prints ~75 lines of usage for these configs; ours prints one line naming the key and
 what is allowed, and exits 2. Every run of this module is started at once and awaited once (2-core CI).
+Command-line settings (``--trainer.callbacks+=``, ``--trainer.callbacks.KEY=``) are checked in process.
 """
 
 from __future__ import annotations
 
+import sys
+from argparse import ArgumentError
 from collections.abc import Iterator
 
 import pytest
-from cli_script import Run, finish, launch
+import pytorch_lightning
+from cli_script import Run, finish, launch, lightning_classes
+
+from lightning_clip import GradientClippingCLI
 
 # The callback entry whose init_args each case breaks; "{before}" lets a case put another callback first.
 CONFIG = """\
@@ -37,8 +43,19 @@ BAD = {
     "nan_policy": ("{nan_policy: halve}", "nan_policy", ["'halve'", *POLICIES]),
     "max_norm_not_a_number": ("{max_norm: abc}", "max_norm", ["a number", "'abc'"]),
     "misspelled_key": ("{max_nrom: 1.0}", "max_nrom", ['unknown argument "max_nrom"', 'did you mean "max_norm"?']),
+    # A class-typed argument: the key path goes through the rule's own init_args.
+    "rule_misspelled_key": (
+        "{rule: {class_path: lightning_clip.rules.NormClip, init_args: {max_nrom: 3}}}",
+        "rule.init_args.max_nrom",
+        ['unknown argument "max_nrom" of NormClip', 'did you mean "max_norm"?'],
+    ),
+    "rule_out_of_range": (
+        "{rule: {class_path: lightning_clip.rules.NormClip, init_args: {max_norm: -3}}}",
+        "rule.init_args.max_norm",
+        ['"max_norm" must be a finite positive number', "-3.0"],
+    ),
 }
-# All four cases for pytorch_lightning; two for lightning.pytorch, where the GradientClipping entry comes
+# Every case for pytorch_lightning; two for lightning.pytorch, where the GradientClipping entry comes
 # second (after a LambdaCallback), so the index in the key path is checked too.
 CASES = [("pytorch_lightning", name) for name in BAD] + [("lightning", "mode"), ("lightning", "misspelled_key")]
 NAMESPACES = ("pytorch_lightning", "lightning")
@@ -102,3 +119,44 @@ def test_other_mistakes_keep_jsonargparse_report(runs: dict[tuple[str, str], Run
     message = run.stderr.split("\nerror: ", 1)[1]
     assert message.startswith('Parser key "model.lr"') and "abc" in message
     assert "trainer.callbacks" not in message
+
+
+GC, LAMBDA = "lightning_clip.GradientClipping", "pytorch_lightning.callbacks.LambdaCallback"
+ADD_GC, ADD_LAMBDA = f"--trainer.callbacks+={GC}", f"--trainer.callbacks+={LAMBDA}"
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        # --trainer.callbacks.KEY sets the last entry; += appends one
+        (
+            [ADD_LAMBDA, ADD_GC, "--trainer.callbacks.init_args.max_nrom=2"],
+            'trainer.callbacks[1].init_args.max_nrom: unknown argument "max_nrom" of GradientClipping; '
+            'did you mean "max_norm"?',
+        ),
+        (
+            [ADD_GC, "--trainer.callbacks.max_norm=abc"],
+            "trainer.callbacks[0].init_args.max_norm: \"max_norm\" must be a number, got 'abc'.",
+        ),
+        (
+            [f"--trainer.callbacks=[{{class_path: {LAMBDA}}}, {{class_path: {GC}, init_args: {{eps: inf}}}}]"],
+            "trainer.callbacks[1].init_args.eps: \"eps\" must be a number, got 'inf' (infinity is .inf in YAML).",
+        ),
+        (
+            [ADD_LAMBDA, f"--trainer.callbacks+=[{{class_path: {GC}, init_args: {{lr_factor: 2}}}}]"],
+            'trainer.callbacks[1].init_args.lr_factor: "lr_factor" must be in (0, 1), got 2.0.',
+        ),
+    ],
+)
+def test_command_line_setting_names_its_entry(monkeypatch: pytest.MonkeyPatch, args: list[str], line: str) -> None:
+    # In process: with exit_on_error=False the one line is an ArgumentError's message instead of stderr + exit 2.
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    with pytest.raises(ArgumentError) as refused:
+        GradientClippingCLI(
+            *lightning_classes(pytorch_lightning),
+            args=["--trainer.logger=false", *args],
+            run=False,
+            save_config_callback=None,
+            parser_kwargs={"exit_on_error": False},
+        )
+    assert str(refused.value) == line
