@@ -1,8 +1,8 @@
 """Stability benchmark: a learning-rate sweep of one exploding model, without and with each clipping mode.
 
-The model is the library's exploding example, :class:`~lightning_clip.models.DeepMLP` (16 tanh layers of
+The model is the library's exploding example, :class:`~lightning_clip.app.models.DeepMLP` (16 tanh layers of
 width 64, no normalization, LeCun-normal init) trained with SGD + momentum 0.9 on
-:class:`~lightning_clip.models.SyntheticRegressionData`. For every learning rate and seed, every
+:class:`~lightning_clip.app.models.SyntheticRegressionData`. For every learning rate and seed, every
 configuration starts from the same weights and sees the same batches in the same order:
 
 * plain Lightning (no clipping);
@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_clip import GradientClipping
-from lightning_clip.models import DeepMLP, SyntheticRegressionData, mean_squared_error
+from lightning_clip.app.models import DeepMLP, SyntheticRegressionData, mean_squared_error
 from lightning_clip.rules import AdaptiveGradClip, PercentileClip, ZScoreClip
 
 DEFAULT_LRS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # 1-2-5 steps: a log grid

@@ -32,8 +32,8 @@ if (_REPO / "lightning_clip" / "__init__.py").is_file():
 
 import torch  # noqa: E402
 
+from lightning_clip.app.models import DeepMLP, SyntheticRegressionData  # noqa: E402
 from lightning_clip.lightning_cli import GradientClippingCLI, fail, named_key  # noqa: E402
-from lightning_clip.models import DeepMLP, SyntheticRegressionData  # noqa: E402
 
 
 class ClipCLI(GradientClippingCLI):

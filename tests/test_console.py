@@ -32,7 +32,7 @@ def _command() -> list[str]:
     found = shutil.which("lightning-clip")
     if found:
         return [found]
-    return [sys.executable, "-c", "import sys; from lightning_clip.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from lightning_clip.app.cli import main; sys.exit(main())"]
 
 
 @dataclass

@@ -190,7 +190,7 @@ def test_bad_config_fails_naming_the_key(runs: dict[str, Run], name: str) -> Non
 
 USER_SCRIPT = """
 from lightning_clip import GradientClippingCLI
-from lightning_clip.models import DeepMLP, SyntheticRegressionData
+from lightning_clip.app.models import DeepMLP, SyntheticRegressionData
 GradientClippingCLI(DeepMLP, SyntheticRegressionData)
 """
 

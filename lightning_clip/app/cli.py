@@ -5,7 +5,7 @@
     lightning-clip demo [--steps N] [--logdir DIR] [--max-norm X] [--seed S]
     lightning-clip report LOGDIR [--plot FILE.png]
 
-``demo`` trains the exploding example (:class:`~lightning_clip.models.DeepMLP`) on CPU twice --
+``demo`` trains the exploding example (:class:`~lightning_clip.app.models.DeepMLP`) on CPU twice --
 plain Lightning, with ``GradientClipping(mode="none", nan_policy="ignore")`` attached only to log
 the norms, and with ``GradientClipping(mode="norm")`` -- prints a side-by-side table and writes
 TensorBoard logs. ``report`` summarizes (and plots) the gradient norms in existing logs.
@@ -146,7 +146,7 @@ def _error(command: str, message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- report
 def _cmd_report(args: argparse.Namespace) -> int:
-    from lightning_clip.report import ReportError, format_table, load_runs, plot
+    from lightning_clip.app.report import ReportError, format_table, load_runs, plot
 
     if not Path(args.logdir).is_dir():
         problem = "log directory not found" if not Path(args.logdir).exists() else "not a directory"
@@ -215,8 +215,8 @@ def _train_once(
 ) -> DemoRun:
     import pytorch_lightning as pl
 
-    from lightning_clip.models import DeepMLP, SyntheticRegressionData, mean_squared_error
-    from lightning_clip.report import load_runs
+    from lightning_clip.app.models import DeepMLP, SyntheticRegressionData, mean_squared_error
+    from lightning_clip.app.report import load_runs
 
     pl.seed_everything(seed, verbose=False)
     data = SyntheticRegressionData(seed=seed)

@@ -16,7 +16,7 @@ trail the true end of the run by up to ``n - 1`` steps.
 
 Example::
 
-    from lightning_clip.report import load_runs, format_table, plot
+    from lightning_clip.app.report import load_runs, format_table, plot
 
     runs = load_runs("lightning_logs")      # ReportError if there is nothing to report
     print(format_table(runs, "lightning_logs"))

@@ -14,7 +14,7 @@ Example::
 
     import pytorch_lightning as pl
     from lightning_clip import GradientClipping
-    from lightning_clip.models import DeepMLP, SyntheticRegressionData, mean_squared_error
+    from lightning_clip.app.models import DeepMLP, SyntheticRegressionData, mean_squared_error
 
     data = SyntheticRegressionData(seed=0, nan_batches=[40])
     trainer = pl.Trainer(max_steps=200, callbacks=[GradientClipping(mode="norm", max_norm=1.0)])
