@@ -9,7 +9,7 @@ directory::
 
 The loop is the one of ``examples/plain_pytorch.py`` under Fabric: ``fabric.setup`` wraps the model and the
 optimizer, and the engine is given the *wrapped* optimizer (it finds the torch optimizer underneath). On
-:class:`lightning_clip.models.DeepMLP`, which diverges without clipping, it shows:
+:class:`lightning_clip.app.models.DeepMLP`, which diverges without clipping, it shows:
 
 * ``NormClip(max_norm=1.0)`` keeps the run finite; the metrics go to TensorBoard with ``fabric.log_dict``;
 * a NaN in one batch's inputs: ``HalveLR`` skips that step (weights and momentum bit-identical across it) and
@@ -38,7 +38,7 @@ from lightning.fabric import Fabric  # noqa: E402
 from lightning.fabric.loggers import TensorBoardLogger  # noqa: E402
 
 from lightning_clip import ClipEngine  # noqa: E402
-from lightning_clip.models import DeepMLP, make_regression  # noqa: E402
+from lightning_clip.app.models import DeepMLP, make_regression  # noqa: E402
 from lightning_clip.remedies import HalveLR  # noqa: E402
 from lightning_clip.rules import NormClip  # noqa: E402
 
@@ -91,6 +91,9 @@ def main() -> None:
             check(engine.counters["skipped_steps"] == 1, f"after the NaN step the counters are {engine.counters}")
             check(engine.lr_scales == [0.5], f"after the NaN step lr_scales are {engine.lr_scales}")
             check(optimizer.param_groups[0]["lr"] == LR, "param_groups shows a scaled LR")
+    # After the last step: one read of the counters, to report what the sync-free path has not read yet (skips a
+    # fused optimizer made on the device: a warning, or NonFiniteGradientError if the run ended on a bad streak).
+    engine.finish(global_step=STEPS - 1)
     fabric.logger.finalize("success")
 
     check(all(torch.isfinite(p).all() for p in params), "the weights are not finite")

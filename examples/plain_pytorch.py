@@ -5,7 +5,7 @@ Run from any directory (about 5 s on a CPU, nothing is written to disk)::
 
     python examples/plain_pytorch.py
 
-What it shows, on :class:`lightning_clip.models.DeepMLP` (16 tanh layers, SGD + momentum at lr 0.1: without
+What it shows, on :class:`lightning_clip.app.models.DeepMLP` (16 tanh layers, SGD + momentum at lr 0.1: without
 clipping its loss reaches Inf within ~40 steps):
 
 * ``NormClip(max_norm=1.0)`` keeps the run finite; the engine reports the raw and the clipped gradient norm;
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lightning_clip import ClipEngine  # noqa: E402
-from lightning_clip.models import DeepMLP, make_regression  # noqa: E402
+from lightning_clip.app.models import DeepMLP, make_regression  # noqa: E402
 from lightning_clip.remedies import HalveLR  # noqa: E402
 from lightning_clip.rules import NormClip  # noqa: E402
 
@@ -86,6 +86,9 @@ def main() -> None:
             check(engine.lr_scales == [0.5], f"after the NaN step lr_scales are {engine.lr_scales}")
             # The scale is applied inside optimizer.step() only: a scheduler still sees its own LR.
             check(optimizer.param_groups[0]["lr"] == LR, "param_groups shows a scaled LR")
+    # After the last step: one read of the counters, to report what the sync-free path has not read yet (skips a
+    # fused optimizer made on the device: a warning, or NonFiniteGradientError if the run ended on a bad streak).
+    engine.finish(global_step=STEPS - 1)
 
     check(all(torch.isfinite(p).all() for p in params), "the weights are not finite")
     check(math.isfinite(loss.item()), f"the last loss is {loss.item()}")
