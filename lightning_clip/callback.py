@@ -98,10 +98,22 @@ def _check_rule_object(rule: ClipRule, settings: dict[str, Any]) -> ClipRule:
     return rule
 
 
+_REMEDY_DEFAULTS = {"lr_factor": 0.5, "min_lr_scale": None, "lr_recovery_steps": None, "max_consecutive_nonfinite": 10}
+
+
 def _build_remedy(settings: dict[str, Any]) -> Remedy:
-    """The remedy named by ``nan_policy``; a setting the policy would ignore is refused."""
+    """The remedy named by ``nan_policy`` (or given as one); a setting the policy would ignore is refused."""
     check_in_range("lr_factor", settings["lr_factor"], 0.0, 1.0)  # checked whatever the policy: it has a default
     check_count("max_consecutive_nonfinite", settings["max_consecutive_nonfinite"])
+    policy = settings["nan_policy"]
+    if isinstance(policy, Remedy):
+        changed = {k: settings[k] for k, default in _REMEDY_DEFAULTS.items() if settings[k] != default}
+        if changed:
+            raise ValueError(
+                f"`nan_policy` ({policy!r}) is a remedy object, which carries its own settings; got {changed} as well: "
+                "pass them to the remedy instead."
+            )
+        return policy
     return build_remedy(
         settings["nan_policy"],
         strict={"min_lr_scale": settings["min_lr_scale"], "lr_recovery_steps": settings["lr_recovery_steps"]},
@@ -126,7 +138,8 @@ class GradientClipping(CallbackBase):
         nan_policy: the remedy (:mod:`lightning_clip.remedies`) when a gradient element is NaN/Inf (or the loss,
             or a checked input): ``"skip"`` makes the optimizer step a no-op (weights and optimizer state
             untouched); ``"halve_lr"`` skips and multiplies the LR by ``lr_factor`` on top of any scheduler;
-            ``"raise"`` raises :class:`~lightning_clip.NonFiniteGradientError`; ``"ignore"`` does nothing.
+            ``"raise"`` raises :class:`~lightning_clip.NonFiniteGradientError`; ``"ignore"`` does nothing. Or a
+            :class:`~lightning_clip.remedies.Remedy` object with its own settings (in YAML: a ``class_path``).
         lr_factor: ``halve_lr``: the factor applied per bad step, in (0, 1).
         min_lr_scale: ``halve_lr``: the LR scale never goes below this (in (0, 1]); None for no floor.
         lr_recovery_steps: ``halve_lr``: after this many healthy steps in a row, undo one reduction
@@ -175,7 +188,7 @@ class GradientClipping(CallbackBase):
         clip_value: float | None = None,
         min_value: float | None = None,
         max_value: float | None = None,
-        nan_policy: str = "skip",
+        nan_policy: str | Remedy = "skip",
         lr_factor: float = 0.5,
         min_lr_scale: float | None = None,
         lr_recovery_steps: int | None = None,
@@ -237,6 +250,11 @@ class GradientClipping(CallbackBase):
         if unit == "engine":
             self.engine.configure(**{setting: value})
         elif unit == "remedy":
+            if isinstance(self._settings["nan_policy"], Remedy):
+                raise ValueError(
+                    f"`{setting}` does not apply: this GradientClipping was built with nan_policy="
+                    f"{self._settings['nan_policy']!r}; build a new GradientClipping with the remedy you want."
+                )
             self.engine.retune(remedy=_build_remedy(settings))
         elif self._settings["rule"] is not None:
             raise ValueError(
@@ -319,7 +337,7 @@ class GradientClipping(CallbackBase):
         self.engine.detach()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self.engine.remedy.restore_lr()  # an interrupted step must not leave the scaled LR behind
+        self.engine.on_exception()  # an interrupted step must not leave the scaled LR behind
         self.engine.finish(trainer.global_step, trainer.current_epoch, failed=True)
 
     # ------------------------------------------------------------------ per micro-batch

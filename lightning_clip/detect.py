@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_clip.history import NormHistory
 from lightning_clip.inputs import describe_nonfinite, nonfinite_flag
+from lightning_clip.state import NormHistory
 
 
 def leaf_parameters(loss: Tensor) -> set[int]:

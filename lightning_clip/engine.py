@@ -1,20 +1,23 @@
 """The step pipeline: measure, detect, clip, count, remedy, report -- for Lightning and for plain loops alike.
 
-One optimizer step, on the accumulated (under ``16-mixed``: unscaled) gradient, before the update:
+One optimizer step, on the accumulated (under ``16-mixed``: unscaled) gradient, before the update, as stages over
+one :class:`~lightning_clip.record.StepRecord`:
 
 =========  ==========================================  ============================================
 stage      what                                        where
 =========  ==========================================  ============================================
+layout     parameters, gradients, names, shards        :mod:`lightning_clip.slots`
 measure    per-tensor norms, the total norm            :mod:`lightning_clip.functional`
 detect     bad-step flag: norm, loss, inputs, ranks    :mod:`lightning_clip.detect`
-clip       the rule clips in place                     :mod:`lightning_clip.rules`
+clip       the rule clips in place; spikes flagged     :mod:`lightning_clip.rules`
 count      device-side counters                        :mod:`lightning_clip.counters`
 remedy     skip / halve_lr / raise / ignore            :mod:`lightning_clip.remedies`
-report     one host transfer, then the metrics dict    :mod:`lightning_clip.metrics`
+report     one host transfer, then the metrics dict    :mod:`lightning_clip.record`, :mod:`lightning_clip.metrics`
 =========  ==========================================  ============================================
 
 Nothing is read back to the host unless the remedy asks for it (:meth:`Remedy.needs_read`) or the step logs;
-then everything comes back in one transfer.
+then everything comes back in one transfer, read by name. Each optimizer has its own copies of the rule and the
+remedy (:mod:`lightning_clip.slots`); the engine never asks which rule or remedy it holds, only what they declare.
 
 Example (a plain PyTorch loop)::
 
@@ -41,15 +44,12 @@ Example (a plain PyTorch loop)::
 
 from __future__ import annotations
 
-import copy
 import math
-import operator
 import os
 import sys
 import types
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,65 +58,16 @@ from torch.optim import Optimizer
 
 from lightning_clip import functional as F
 from lightning_clip import metrics as M
-from lightning_clip.counters import COUNTERS, StepCounters
+from lightning_clip.counters import COUNTERS
 from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
-from lightning_clip.remedies import Ignore, Remedy, Skip
-from lightning_clip.remedies.base import BadStepContext, RunEnd, StepRead
-from lightning_clip.rules import ClipRule, GradStep, NormClip
+from lightning_clip.record import HostRead, Request, RunEnd, StepRead, StepRecord
+from lightning_clip.remedies import Remedy, build_remedy
+from lightning_clip.rules import ClipRule, NormClip
+from lightning_clip.slots import Slot, SlotUnits
 from lightning_clip.validation import check_choice, check_finite, check_positive
 
 LOG_NORMS = ("layer", "parameter", "total", "none")
 _UNSET: Any = object()  # configure(): a setting not passed
-_DTYPE, _DEVICE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("layout")
-
-
-@dataclass
-class _Slot:
-    """Everything per optimizer: the optimizer, its counters and its own copy of the rule."""
-
-    optimizer: Optimizer | None
-    counters: StepCounters
-    rule: ClipRule
-    spikes: SpikeDetector | None = None
-    # Closure evaluations: optimizer.step() calls counted by its hooks; the call the engine last saw.
-    step_calls: int = 0
-    in_step: bool = False
-    seen_call: int = -1
-    handles: tuple[Any, ...] = ()
-    state_at_step_start: set[int] = field(default_factory=set)
-    # The foreach groups and names of the parameters stepped last time, keyed by their ids and device: the
-    # same parameters step every time, so the Python loops over them run once.
-    layout_key: tuple[Any, ...] = ()
-    groups: list[F.Group] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
-    dtensor: bool = False
-
-    def track(self, optimizer: Optimizer) -> None:
-        """Watch ``optimizer.step()``: a second engine step inside one call is a re-evaluated closure (LBFGS)."""
-        self.untrack()
-        self.optimizer = optimizer
-        # Bound methods, not closures: the callback must pickle (ddp_spawn, torch.save of a Trainer) mid-fit too.
-        self.handles = (optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post))
-
-    def _pre(self, optimizer: Optimizer, *_: Any) -> None:
-        self.step_calls += 1
-        self.in_step = True
-        # Closure optimizers (LBFGS) create state before they evaluate the closure that decides a skip.
-        self.state_at_step_start = {id(p) for p in optimizer.state}
-
-    def _post(self, *_: Any) -> None:
-        self.in_step = False
-
-    def untrack(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles, self.in_step = (), False
-
-    def reevaluation(self) -> bool:
-        """Is this engine step a further closure evaluation within the same ``optimizer.step()``?"""
-        again = self.in_step and self.seen_call == self.step_calls
-        self.seen_call = self.step_calls
-        return again
 
 
 def _same_optimizer(a: Any, b: Any) -> bool:
@@ -135,12 +86,12 @@ class ClipEngine:
         check_inputs: check each batch passed to :meth:`observe_batch` for NaN/Inf.
         log_norms: ``"layer"``, ``"parameter"``, ``"total"`` or ``"none"``: what :meth:`step` returns when logging.
         spike_skip: a :class:`~lightning_clip.detect.SpikeDetector`: skip (not clip) a step whose total norm is an
-            extreme outlier, through the remedy's skip (needs ``Skip`` or ``HalveLR``); counted in ``spike_skips``.
+            extreme outlier, through the remedy's skip (needs a remedy that skips steps); counted in ``spike_skips``.
         name: tells this engine's metrics apart from another's: every tag gets the suffix ``/<name>``.
 
     In a loop: :meth:`attach` the optimizers once, then per optimizer step call :meth:`observe_loss` (and
     :meth:`observe_batch`) for each micro-batch, :meth:`step` after the last backward and before
-    ``optimizer.step()``. Save :meth:`state_dict` with the checkpoint.
+    ``optimizer.step()``, and :meth:`finish` after the last step. Save :meth:`state_dict` with the checkpoint.
     """
 
     def __init__(
@@ -157,23 +108,24 @@ class ClipEngine:
     ) -> None:
         M.check_instance_name(name)
         self.rule = rule if rule is not None else NormClip()
-        self.remedy = remedy if remedy is not None else Skip()
+        self.remedy = remedy if remedy is not None else build_remedy("skip")
         if not isinstance(self.rule, ClipRule):
             raise ValueError(f"`rule` must be a lightning_clip.rules.ClipRule, got {self.rule!r}.")
         if not isinstance(self.remedy, Remedy):
             raise ValueError(f"`remedy` must be a lightning_clip.remedies.Remedy, got {self.remedy!r}.")
-        if spike_skip is not None and not isinstance(self.remedy, Skip):
+        if spike_skip is not None and not self.remedy.skips_steps:
             raise ValueError(
-                f"skipping spikes (`skip_spikes`) needs nan_policy 'skip' or 'halve_lr', which skip steps; got "
+                f"skipping spikes (`skip_spikes`) needs a nan_policy that skips steps ('skip', 'halve_lr'); got "
                 f"nan_policy={self.remedy.policy!r}."
             )
+        # Prototypes: each optimizer gets its own copies (SlotUnits), with their own statistics and state.
         self.spike_skip = spike_skip
         self.spike_top_k = 3  # layers named when a logged step holds a spike
         self.name = name  # tags get the suffix /<name>
-        self.detector = BadStepDetector(check_inputs, check_loss=not isinstance(self.remedy, Ignore))
+        self.detector = BadStepDetector(check_inputs, check_loss=self.remedy.checks_loss)
         self.configure(norm_type=norm_type, eps=eps, log_norms=log_norms, check_inputs=check_inputs)
         self.warn: Callable[[str], None] = warn_at_caller
-        self._slots: list[_Slot] = []
+        self._slots: list[Slot] = []
         self._names: dict[int, str] = {}
 
     # ------------------------------------------------------------------ settings
@@ -203,85 +155,81 @@ class ClipEngine:
             self.detector.check_inputs = check_inputs
 
     def retune(self, rule: ClipRule | None = None, remedy: Remedy | None = None) -> None:
-        """Take the settings (:attr:`~ClipRule.options`) of a freshly built, hence checked, ``rule`` or ``remedy``
-        of the same kind into the rule of every optimizer or into the remedy; statistics and state stay."""
-        for new, targets in (
-            (rule, [self.rule, *(slot.rule for slot in self._slots)]),
-            (remedy, [self.remedy]),
-        ):
-            if new is None:
-                continue
-            if type(new) is not type(targets[0]):
-                raise ValueError(f"cannot retune {targets[0]!r} from a {type(new).__name__}: build a new engine.")
-            for target in targets:
-                for option in new.options:
-                    setattr(target, option, getattr(new, option))
+        """Take the settings (``options``) of a freshly built, hence checked, ``rule`` or ``remedy`` of the same
+        kind into the prototype and every optimizer's copy; statistics and state stay."""
+        if rule is not None:
+            _copy_options(rule, [self.rule, *(slot.units.rule for slot in self._slots)])
+        if remedy is not None:
+            _copy_options(remedy, [self.remedy, *(slot.units.remedy for slot in self._slots)])
 
-    # ------------------------------------------------------------------ set-up
+    # ------------------------------------------------------------------ set-up and tear-down
     def attach(
         self, optimizers: Sequence[Optimizer], named_parameters: Iterable[tuple[str, Tensor]] | None = None
     ) -> None:
         """Bind the optimizers (in order: index ``i`` logs with the suffix ``_opt<i>``) and name the parameters.
 
-        Counters loaded by :meth:`load_state_dict` are kept, matched by index.
+        Slots follow the list by position: a re-created optimizer takes over the counters, LR scale and statistics
+        of the one it replaces; state loaded by :meth:`load_state_dict` is kept, matched by index.
         """
         self.detach()
         if named_parameters is not None:
             self._names = {id(p): name for name, p in named_parameters}
         for slot in self._slots:
-            slot.layout_key = ()  # names may have changed
+            slot.layout.key = ()  # names may have changed
         for i, optimizer in enumerate(optimizers):
-            self._slot_at(i).track(optimizer)
+            self._bind(self._slot_at(i), optimizer)
         del self._slots[max(len(optimizers), 1) :]
-        for i, slot in enumerate(self._slots):
-            if slot.optimizer is not None:
-                self.remedy.attach(i, slot.optimizer, slot.counters)
 
     def attached_to(self, optimizers: Sequence[Optimizer]) -> bool:
         """Whether the slots are bound to exactly ``optimizers``, in this order (else :meth:`attach` them)."""
         bound = [slot.optimizer for slot in self._slots if slot.optimizer is not None]
         return len(bound) == len(optimizers) and all(map(_same_optimizer, bound, optimizers))
 
+    def detach(self) -> None:
+        """Remove every hook from the optimizers (LR scaling, step tracking) and restore their LR."""
+        for slot in self._slots:
+            slot.units.remedy.detach()
+            slot.tracker.untrack()
+
+    def on_exception(self) -> None:
+        """An exception interrupted training (maybe mid-step): every remedy puts the scheduler's LR back."""
+        for slot in self._slots:
+            slot.units.remedy.on_exception()
+
     def finish(self, global_step: int | None = None, epoch: int = 0, failed: bool = False) -> None:
-        """Training is over: read the counters once and let the remedy report what the sync-free path has not
+        """Training is over: read the counters once and let each remedy report what the sync-free path has not
         (a fused optimizer's skips since the last read: a warning, or ``NonFiniteGradientError`` when the run
         ended on ``max_consecutive_nonfinite`` bad steps or more). ``failed``: an exception ended it; warn only.
         Call it after the last step of a plain loop; the callback calls it at the end of ``fit``."""
         for i, slot in enumerate(self._slots):
-            if slot.optimizer is None or slot.counters.steps == 0:
+            if slot.optimizer is None or slot.units.counters.steps == 0:
                 continue
-            counts = slot.counters.totals()
+            counts = slot.units.counters.totals()
             step = counts["steps"] if global_step is None else global_step
-            self.remedy.finish(RunEnd(i, slot.counters, counts, step, epoch, failed, self.warn))
+            slot.units.remedy.finish(RunEnd(i, counts, step, epoch, failed, self.warn))
 
-    def detach(self) -> None:
-        """Remove every hook from the optimizers (LR scaling, step tracking) and restore their LR."""
-        self.remedy.detach()
-        for slot in self._slots:
-            slot.untrack()
+    def _bind(self, slot: Slot, optimizer: Optimizer) -> None:
+        slot.tracker.track(optimizer)
+        slot.units.remedy.attach(optimizer)
 
-    def _slot_at(self, i: int) -> _Slot:
+    def _slot_at(self, i: int) -> Slot:
         while len(self._slots) <= i:
-            self._slots.append(_Slot(None, StepCounters(), copy.deepcopy(self.rule), copy.deepcopy(self.spike_skip)))
+            self._slots.append(Slot(SlotUnits.copies_of(self.rule, self.remedy, self.spike_skip)))
         return self._slots[i]
 
-    def _index_of(self, optimizer: Optimizer) -> int:
+    def _slot_of(self, optimizer: Optimizer) -> tuple[int, Slot]:
         for i, slot in enumerate(self._slots):
             if slot.optimizer is not None and _same_optimizer(slot.optimizer, optimizer):
-                return i
+                return i, slot
         # An optimizer re-created for the same parameters takes over the slot (counters, LR scale, statistics) of
         # the one it replaces; one never attached (a plain loop that skipped attach) is bound in order of first use.
         params = _param_ids(optimizer)
-        free = next(
-            (i for i, s in enumerate(self._slots) if s.optimizer is not None and _param_ids(s.optimizer) == params),
-            None,
-        )
-        if free is None:
-            free = next((i for i, s in enumerate(self._slots) if s.optimizer is None), len(self._slots))
-        slot = self._slot_at(free)
-        slot.track(optimizer)
-        self.remedy.attach(free, optimizer, slot.counters)
-        return free
+        taken = [i for i, s in enumerate(self._slots) if s.optimizer is not None and _param_ids(s.optimizer) == params]
+        free = [i for i, s in enumerate(self._slots) if s.optimizer is None]
+        i = (taken or free or [len(self._slots)])[0]
+        slot = self._slot_at(i)
+        self._bind(slot, optimizer)
+        return i, slot
 
     # ------------------------------------------------------------------ per micro-batch
     def observe_batch(self, batch: Any, batch_idx: int = -1) -> None:
@@ -328,226 +276,240 @@ class ClipEngine:
         Returns the metrics (tag -> value) when ``log``, else an empty dict.
         """
         try:
-            return self._step(optimizer, log, scaler, sharded, distributed, read_every, global_step, epoch)
+            i, slot = self._slot_of(optimizer)
+            all_reduce = self._all_reduce(optimizer, sharded, distributed)
+            step = self._layout(i, slot, optimizer, all_reduce)
+            if step is None:  # no gradient here: join the collectives the other ranks make, in the same order
+                self._join_without_gradients(optimizer, all_reduce, distributed)
+                return {}
+            step.log, step.scaler, step.read_every, step.epoch = log, scaler, read_every, epoch
+            step.global_step = slot.units.counters.steps if global_step is None else global_step
+            self._measure(slot, step)
+            self._detect(step, distributed)
+            self._clip(slot, step)
+            self._count(slot, step)
+            return self._remedy(i, slot, step)
         finally:
             self.detector.step_done()
 
-    def _step(
-        self,
-        optimizer: Optimizer,
-        log: bool,
-        scaler: Any,
-        sharded: bool | Any | None,
-        distributed: bool,
-        read_every: int,
-        global_step: int | None,
-        epoch: int,
-    ) -> dict[str, float]:
-        opt_idx = self._index_of(optimizer)
-        slot = self._slots[opt_idx]
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    def _all_reduce(
+        self, optimizer: Optimizer, sharded: bool | Any | None, distributed: bool
+    ) -> Callable[[Tensor, str], Tensor] | None:
+        """The collective for flat-sharded gradients (FSDP1), or None when every rank holds whole gradients."""
         if sharded is None:
             # From every parameter, not only those with a gradient: a rank whose shard holds no gradient must
             # still take part in the same collectives as the others.
             sharded = distributed and any(
                 getattr(p, "_fsdp_flattened", False) for group in optimizer.param_groups for p in group["params"]
             )
-        group = sharded if sharded is not None and not isinstance(sharded, bool) else None
-        all_reduce = F.distributed_all_reduce(group) if sharded is not None and sharded is not False else None
+        if sharded is False:
+            return None
+        return F.distributed_all_reduce(None if isinstance(sharded, bool) else sharded)
+
+    def _layout(
+        self, i: int, slot: Slot, optimizer: Optimizer, all_reduce: Callable[[Tensor, str], Tensor] | None
+    ) -> StepRecord | None:
+        """Stage 1: the record of this step (None when no parameter has a gradient)."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
-            # Every parameter frozen or unused: nothing to clip. A rank still joins the collectives the others
-            # make (norm, loss/input flag, clipped flag), in the same order, or they would hang in theirs.
-            device = _device_of(optimizer)
-            if all_reduce is not None:
-                F.total_norm([], self.norm_type, all_reduce=all_reduce)
-            if self.detector.active:
-                # Consume this optimizer's losses (those owed to another stay for its step), so a NaN loss of a
-                # step without gradients does not spoil this optimizer's next step; ranks agree when distributed.
-                mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
-                self.detector.flag(device, agree=distributed, params=mine)
-            if all_reduce is not None:
-                agree_any(torch.zeros((), dtype=torch.bool, device=device))
-            return {}
+            return None
         grads: list[Tensor] = [p.grad for p in params]
-        device = grads[0].device
-        counters = slot.counters.to(device)
-        reevaluation = slot.reevaluation()
-        key = (
-            tuple(map(id, params)),
-            tuple(map(type, grads)),
-            tuple(map(_DTYPE, grads)),
-            tuple(map(_DEVICE, grads)),
-            tuple(map(_LAYOUT, grads)),  # a gradient may turn sparse (or back) between steps
-        )
-        if key != slot.layout_key:
-            slot.names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
-            slot.dtensor = any(spec is not None for spec in F.local_shards(grads, slot.names)[1])
-            slot.layout_key, slot.groups = key, F.plan(F.local_shards(grads)[0] if slot.dtensor else grads)
-        names = slot.names
+        units = slot.units
+        counters = units.counters.on(grads[0].device)
+        layout = slot.layout.update(params, grads, self._names)
         specs: list[F.ShardSpec | None] = []
-        if slot.dtensor:
-            # DTensor gradients (FSDP2, tensor parallel): the math runs on the local shards, in place.
-            grads, specs = F.local_shards(grads, names)
-        if reevaluation and self.remedy.skips_bad_steps:
-            raise ValueError(
-                f"{type(optimizer).__name__} evaluated its closure more than once in one step() and moves the weights "
-                f"between evaluations (LBFGS with max_iter > 1 or a line search): nan_policy={self.remedy.policy!r} "
-                "cannot undo a move made before a bad evaluation. Use nan_policy='raise' or 'ignore' with it, or "
-                "LBFGS(max_iter=1, line_search_fn=None)."
-            )
-        ctx = BadStepContext(
-            optimizer=optimizer,
-            optimizer_idx=opt_idx,
+        if layout.dtensor:  # DTensor gradients (FSDP2, tensor parallel): the math runs on the local shards, in place
+            grads, specs = F.local_shards(grads, layout.names)
+        reevaluation = slot.tracker.reevaluation()
+        if reevaluation and units.remedy.skips_steps:
+            _refuse_moving_closure(optimizer, units.remedy)
+        requested = units.take_requested_skip() if not reevaluation else False
+        false = counters.false
+        step = StepRecord(
             params=params,
             grads=grads,
-            names=names,
-            norms=[],
-            bad=counters.false,
-            scaler=scaler,
-            counters=counters,
-            read_every=read_every,
-            global_step=counters.steps if global_step is None else global_step,
-            epoch=epoch,
+            names=layout.names,
+            optimizer=optimizer,
+            optimizer_idx=i,
+            groups=layout.groups,
+            norm_type=self.norm_type,
+            eps=self.eps,
+            sharded=layout.dtensor or all_reduce is not None,
+            update_statistics=not (reevaluation or requested),
+            reevaluation=reevaluation,
+            state_before=slot.tracker.state_before(),
             batch_idx=self.detector.last_batch_idx(),
+            specs=specs,
+            all_reduce=all_reduce,
+            total=false,  # placeholders until measured: no allocation per step
+            finite=false,
+            bad=false,
+            overflow=false,
+            clipped=false,
+            requested=requested,
+            counters=counters,
+            rule=units.rule,
             loss_nonfinite=self.detector.loss_nonfinite,
             input_problems=self.detector.input_problems,
             warn=self.warn,
-            state_before=slot.state_at_step_start if slot.in_step else None,
         )
+        step.reduce_total = self._reducer(step)
+        return step
 
-        # --- measure (in true units: fused optimizers under fp16 still hold scaled gradients here)
-        inv_scale = scaler._scale.double().reciprocal().float().to(device) if ctx.grads_scaled else None
-        # A rule that reads every element anyway (value mode) also tells whether they are finite; when nothing
-        # needs the p-norm this step (no logging, no spike history, whole unscaled gradients) it is not measured.
-        lazy = (
-            slot.rule.measures_finite
-            and not log
-            and slot.spikes is None
-            and not slot.dtensor
-            and all_reduce is None
-            and inv_scale is None
-        )
-        norms: list[Tensor] = []
-        total = finite = None
-        if not lazy:
-            norms = F.grad_norms(grads, self.norm_type, slot.groups)
-            if slot.dtensor:
-                norms, total = F.reduce_sharded_norms(norms, specs, self.norm_type)
-                total = total.to(device)
-            else:
-                total = F.total_norm(norms, self.norm_type, all_reduce=all_reduce).to(device)
-            if inv_scale is not None:
-                total = total * inv_scale
-            finite = torch.isfinite(total)
-
-        # --- detect (the loss and input evidence; the gradient's own check needs `finite`)
-        data_bad = None
+    def _join_without_gradients(
+        self, optimizer: Optimizer, all_reduce: Callable[[Tensor, str], Tensor] | None, distributed: bool
+    ) -> None:
+        """Every parameter frozen or unused: nothing to clip. The rank still joins the collectives the others make
+        (norm, loss/input flag, clipped flag), in the same order, or they would hang in theirs."""
+        device = _device_of(optimizer)
+        if all_reduce is not None:
+            F.total_norm([], self.norm_type, all_reduce=all_reduce)
         if self.detector.active:
-            data_bad = self.detector.flag(device, agree=distributed, params={id(p) for p in params})
-        fp16 = scaler is not None and not isinstance(self.remedy, Ignore)
+            # Consume this optimizer's losses (those owed to another stay for its step), so a NaN loss of a step
+            # without gradients does not spoil this optimizer's next step; ranks agree when distributed.
+            self.detector.flag(device, agree=distributed, params=_param_ids(optimizer))
+        if all_reduce is not None:
+            agree_any(torch.zeros((), dtype=torch.bool, device=device))
 
-        def bad_and_overflow(finite: Tensor) -> tuple[Tensor, Tensor]:
-            if fp16:
-                # fp16: non-finite gradients with a finite loss are GradScaler overflows, not divergence.
-                bad = data_bad if data_bad is not None else counters.false
-                return bad, ~finite & ~bad
-            return (~finite if data_bad is None else ~finite | data_bad), counters.false
+    def _measure(self, slot: Slot, step: StepRecord) -> None:
+        """Stage 2: per-tensor norms and the total, in true units (fused optimizers under fp16 still hold scaled
+        gradients here). Skipped when the rule reads every element anyway (value mode) and nothing else needs the
+        p-norm this step (no logging, no spike history, whole unscaled gradients): the rule reports finiteness."""
+        device = step.grads[0].device
+        if step.grads_scaled:
+            step.inv_scale = step.scaler._scale.double().reciprocal().float().to(device)
+        if (
+            slot.units.rule.measures_finite
+            and not step.log
+            and slot.units.spikes is None
+            and not step.sharded
+            and step.inv_scale is None
+        ):
+            step.finite_measured = False
+            return
+        norms = F.grad_norms(step.grads, self.norm_type, step.groups)
+        if step.specs:
+            norms, total = F.reduce_sharded_norms(norms, step.specs, self.norm_type)
+        else:
+            total = F.total_norm(norms, self.norm_type, all_reduce=step.all_reduce)
+        total = total.to(device)
+        if step.inv_scale is not None:
+            total = total * step.inv_scale
+        step.norms, step.total, step.finite = norms, total, torch.isfinite(total)
 
-        bad = overflow = counters.false
-        if finite is not None:
-            bad, overflow = bad_and_overflow(finite)
+    def _detect(self, step: StepRecord, distributed: bool) -> None:
+        """Stage 3: the loss and input evidence (agreed across ranks), then the bad-step flag."""
+        if self.detector.active:
+            step.data_bad = self.detector.flag(step.device, agree=distributed, params={id(p) for p in step.params})
+        if step.finite_measured:
+            self._judge(step)
 
-        # --- clip, count
-        result = slot.rule.clip_(
-            GradStep(
-                params=params,
-                grads=grads,
-                names=ctx.names,
-                norms=norms,
-                total=total if total is not None else torch.full((), math.nan, device=device),
-                finite=finite if finite is not None else counters.false,
-                finite_measured=finite is not None,
-                bad=bad,
-                norm_type=self.norm_type,
-                eps=self.eps,
-                inv_scale=inv_scale,
-                log=log,
-                update_statistics=not reevaluation,
-                groups=slot.groups,
-                reduce_total=self._reducer(slot, specs, all_reduce),
-                sharded=slot.dtensor or all_reduce is not None,
-            )
-        )
-        if finite is None:  # measured by the rule, before it clamped (clamping turns +-Inf finite)
+    def _judge(self, step: StepRecord) -> None:
+        """``bad`` and ``overflow`` from ``finite`` and the evidence."""
+        assert step.counters is not None
+        false = step.counters.false
+        if step.scaler is not None and self.remedy.checks_loss:
+            # fp16: non-finite gradients with a finite loss are GradScaler overflows, not divergence.
+            step.bad = step.data_bad if step.data_bad is not None else false
+            step.overflow = ~step.finite & ~step.bad
+        else:
+            step.bad = ~step.finite if step.data_bad is None else ~step.finite | step.data_bad
+
+    def _clip(self, slot: Slot, step: StepRecord) -> None:
+        """Stage 4: the rule clips in place; an extreme outlier is flagged to be skipped rather than clipped."""
+        result = slot.units.rule.clip_(step)
+        if not step.finite_measured:  # measured by the rule, before it clamped (clamping turns +-Inf finite)
             if result.finite is None or result.tensor_norms is None:
-                raise RuntimeError(f"{slot.rule!r} measures finiteness but returned none")
-            finite, norms = result.finite, list(result.tensor_norms)
-            bad, overflow = bad_and_overflow(finite)
-            total = torch.full((), math.nan, device=device)
-        assert total is not None and finite is not None  # for the type checker: set on both paths
-        ctx.bad, ctx.norms = bad, norms
-        # An extreme outlier is skipped rather than clipped (skip_spikes); the total is the same on every rank.
-        spike = counters.false
-        if slot.spikes is not None and not reevaluation:
-            spike = slot.spikes.flag(total, bad | overflow)
-        ctx.skip = bad | spike
-        clipped = result.clipped & ~ctx.skip
-        if slot.dtensor or all_reduce is not None:
+                raise RuntimeError(f"{slot.units.rule!r} measures finiteness but returned none")
+            step.finite, step.norms = result.finite, list(result.tensor_norms)
+            self._judge(step)
+            step.total = torch.full((), math.nan, device=step.device)
+        if slot.units.spikes is not None and step.update_statistics:  # the total is the same on every rank
+            step.spike = slot.units.spikes.flag(step.total, step.bad | step.overflow)
+        clipped = result.clipped & ~step.skip
+        if step.sharded:
             # Element-wise rules (value, AGC) see only this rank's shard: every rank must count the same step.
             clipped = agree_any(clipped)
-        if not reevaluation:  # counters count optimizer steps, not closure evaluations
-            counters.update(clipped, bad, overflow, spike)
+        step.result, step.clipped = result, clipped
 
-        # --- remedy: device part, then the host part only when it (or logging) needs the values
-        self.remedy.on_device(ctx)
-        if not (self.remedy.needs_read(ctx) or log):
+    def _count(self, slot: Slot, step: StepRecord) -> None:
+        """Stage 5: the device counters (optimizer steps, not closure evaluations)."""
+        if not step.reevaluation:
+            slot.units.counters.update(step.clipped, step.bad, step.overflow, step.spike, step.requested)
+
+    def _remedy(self, i: int, slot: Slot, step: StepRecord) -> dict[str, float]:
+        """Stage 6: the remedy's device part; its host part (and the report) only when it or logging needs the
+        values; then what it asks of the loop."""
+        remedy = slot.units.remedy
+        remedy.on_device(step)
+        if not (remedy.needs_read(step) or step.log):
             return {}
-        head = [bad, counters.streak, overflow, ctx.skip]
-        layer_names: list[str] = []
-        layer_norms: list[Tensor] = []
-        if log:
-            threshold = result.threshold
-            head += [
-                total,
-                total if result.total_after is None else result.total_after,
-                clipped,
-                torch.as_tensor(math.nan if threshold is None else threshold, device=device),
-            ]
-            layer_names, layer_norms = self._layer_norms(ctx.names, norms, inv_scale, device)
-        values = torch.cat(  # the one device-to-host transfer of this step
-            [torch.stack([h.to(device=device, dtype=torch.float64) for h in head]), counters.counts.to(torch.float64)]
-            + ([torch.stack(layer_norms).to(torch.float64)] if layer_norms else [])
-        ).tolist()
-        n_head = len(head)
-        counts = counters.from_values(values[n_head : n_head + len(COUNTERS)])
+        values = self._read(step)
+        counts = slot.units.counters.from_values(values["counts"])
         counts["skipped_steps"] = self._skipped(counts)
-        read = StepRead(bool(values[0]), int(values[1]), bool(values[2]), counts, skip=bool(values[3]))
-        self.remedy.on_host(ctx, read)
-        if not log:
-            return {}
-        step_values = {
-            "total": values[4],
-            "total_clipped": values[5],
-            "clipped": values[6],
-            "threshold": None if math.isnan(values[7]) else values[7],
-            "max_norm": getattr(slot.rule, "max_norm", None),
-            "lr_scale": self._lr_scale(slot),
-        }
-        group = (
-            None
-            if self.log_norms in ("total", "none")
-            else (M.LAYER_GROUP if self.log_norms == "layer" else M.PARAM_GROUP)
+        read = StepRead(
+            bool(values["bad"]), int(values["streak"]), bool(values["overflow"]), counts, bool(values["skip"])
         )
-        layer_values = values[n_head + len(COUNTERS) :]
-        out = M.step_metrics(opt_idx, step_values, counts, group, layer_names, layer_values, self.name)
-        spiked = (read.skip and not read.bad) or (slot.rule.reports_spikes and step_values["clipped"] > 0)
-        if spiked and layer_values:
-            share = self._attribute_spike(ctx, read, step_values, layer_names, layer_values)
-            out[M.tag(M.TOP_LAYER_SHARE, opt_idx, self.name)] = share
+        request = remedy.on_host(step, read)
+        if request is not None:
+            self._honour(slot, request)
+        return self._report(i, slot, step, values, counts) if step.log else {}
+
+    def _read(self, step: StepRecord) -> dict[str, Any]:
+        """The one device-to-host transfer of this step, by name."""
+        assert step.counters is not None
+        read = HostRead(step.device)
+        read.add("bad", step.bad)
+        read.add("streak", step.counters.streak)
+        read.add("overflow", step.overflow)
+        read.add("skip", step.skip)
+        read.add("spike", step.counters.false if step.spike is None else step.spike)
+        read.add_all("counts", step.counters.counts)
+        names: list[str] = []
+        if step.log:
+            result = step.result
+            assert result is not None
+            threshold = result.threshold
+            read.add("total", step.total)
+            read.add("total_clipped", step.total if result.total_after is None else result.total_after)
+            read.add("clipped", step.clipped)
+            read.add("threshold", torch.as_tensor(math.nan if threshold is None else threshold, device=step.device))
+            names, norms = self._layer_norms(step)
+            read.add_all("layer_norms", norms)
+        values = read.read()
+        values["layer_names"] = names
+        return values
+
+    def _honour(self, slot: Slot, request: Request) -> None:
+        """What a remedy asked of the loop, for this optimizer's next steps."""
+        if request.skip_steps:
+            if not slot.units.remedy.skips_steps:
+                raise ValueError(f"{slot.units.remedy!r} asked to skip steps but does not declare `skips_steps`.")
+            slot.units.skip_remaining = max(slot.units.skip_remaining, int(request.skip_steps))
+
+    def _report(
+        self, i: int, slot: Slot, step: StepRecord, values: dict[str, Any], counts: dict[str, int]
+    ) -> dict[str, float]:
+        """Stage 7: the metrics of a logging step, from the values read back."""
+        step_values = {
+            "total": values["total"],
+            "total_clipped": values["total_clipped"],
+            "clipped": values["clipped"],
+            "threshold": None if math.isnan(values["threshold"]) else values["threshold"],
+            "max_norm": getattr(slot.units.rule, "max_norm", None),
+            "lr_scale": slot.units.remedy.lr_scale,
+        }
+        group = {"layer": M.LAYER_GROUP, "parameter": M.PARAM_GROUP}.get(self.log_norms)
+        names, norms = values["layer_names"], values["layer_norms"]
+        out = M.step_metrics(i, step_values, counts, group, names, norms, self.name)
+        spiked = bool(values["spike"]) or (slot.units.rule.reports_spikes and step_values["clipped"] > 0)
+        if spiked and norms:
+            share = self._attribute_spike(step, bool(values["spike"]), step_values, names, norms)
+            out[M.tag(M.TOP_LAYER_SHARE, i, self.name)] = share
         return out
 
     def _attribute_spike(
-        self, ctx: BadStepContext, read: StepRead, values: dict[str, Any], names: Sequence[str], norms: Sequence[float]
+        self, step: StepRecord, skipped: bool, values: dict[str, Any], names: Sequence[str], norms: Sequence[float]
     ) -> float:
         """Name the layers that carried a spike (host values of this logging step: no extra read); return the
         top layer's share of the squared norm."""
@@ -555,89 +517,65 @@ class ClipEngine:
         squares = sum(n * n for _, n in ranked if math.isfinite(n)) or 1.0
         top = ranked[: self.spike_top_k]
         listed = ", ".join(f"{name} ({norm:.3g}, {100 * norm * norm / squares:.0f}%)" for name, norm in top)
-        action = "skipped" if read.skip else "clipped"
         threshold = values["threshold"]
         self.warn(
-            f"Gradient spike {action} at global step {ctx.global_step} (optimizer {ctx.optimizer_idx}): total norm "
-            f"{values['total']:.4g}"
+            f"Gradient spike {'skipped' if skipped else 'clipped'} at global step {step.global_step} (optimizer "
+            f"{step.optimizer_idx}): total norm {values['total']:.4g}"
             + (f", threshold {threshold:.4g}" if threshold is not None else "")
             + f". Largest {'layers' if self.log_norms == 'layer' else 'parameters'} (norm, share of the squared "
             f"norm): {listed}."
         )
         return top[0][1] ** 2 / squares if top and math.isfinite(top[0][1]) else math.nan
 
-    def _reducer(
-        self, slot: _Slot, specs: list[F.ShardSpec | None], all_reduce: Callable[[Tensor, str], Tensor] | None
-    ) -> Callable[[Sequence[Tensor]], Tensor] | None:
+    def _reducer(self, step: StepRecord) -> Callable[[Sequence[Tensor]], Tensor] | None:
         """How a rule gets the total norm of sharded gradients (the same collectives as the measured norm)."""
-        if slot.dtensor:
+        specs, all_reduce, groups = step.specs, step.all_reduce, step.groups
+        if specs:
             return lambda tensors: F.reduce_sharded_norms(
-                F.grad_norms(tensors, self.norm_type, slot.groups), specs, self.norm_type
+                F.grad_norms(tensors, self.norm_type, groups), specs, self.norm_type
             )[1]
         if all_reduce is not None:
             return lambda tensors: F.total_norm(
-                F.grad_norms(tensors, self.norm_type, slot.groups), self.norm_type, all_reduce=all_reduce
+                F.grad_norms(tensors, self.norm_type, groups), self.norm_type, all_reduce=all_reduce
             )
         return None
 
-    def _layer_norms(
-        self, names: Sequence[str], norms: Sequence[Tensor], inv_scale: Tensor | None, device: torch.device
-    ) -> tuple[list[str], list[Tensor]]:
+    def _layer_norms(self, step: StepRecord) -> tuple[list[str], list[Tensor]]:
         if self.log_norms in ("total", "none"):
             return [], []
-        moved = [n.to(device) for n in norms]
-        if inv_scale is not None:
-            moved = [n * inv_scale for n in moved]
+        moved = [n.to(step.device) for n in step.norms]
+        if step.inv_scale is not None:
+            moved = [n * step.inv_scale for n in moved]
         if self.log_norms == "parameter":
-            return list(names), [n.float() for n in moved]
+            return list(step.names), [n.float() for n in moved]
         layers: dict[str, list[Tensor]] = {}
-        for name, n in zip(names, moved):
+        for name, n in zip(step.names, moved):
             layers.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(n)
         return list(layers), [F.total_norm(ns, self.norm_type).float() for ns in layers.values()]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Counters, LR scale and rule statistics of every optimizer (host values)."""
-        return {
-            "version": 2,
-            "optimizers": [
-                {
-                    **slot.counters.state_dict(),
-                    "rule": slot.rule.state_dict(),
-                    "spikes": slot.spikes.state_dict() if slot.spikes is not None else {},
-                }
-                for slot in self._slots
-            ],
-        }
+        """Counters, remedy state (the LR scale) and rule statistics of every optimizer (host values)."""
+        return {"version": 2, "optimizers": [slot.units.state_dict() for slot in self._slots]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (also the ``version: 1`` format of lightning-clip 0.1.0)."""
+        self.detach()
         self._slots = []
         for i, state in enumerate(state_dict.get("optimizers", [])):
-            slot = self._slot_at(i)
-            slot.counters = StepCounters.from_state_dict(state)
-            if not self.remedy.keeps_lr_scale():
-                # A checkpoint from halve_lr resumed under another policy: no scale is applied, so none is kept.
-                slot.counters.lr_scale, slot.counters.healthy_steps = 1.0, 0
-            if state.get("rule"):
-                slot.rule.load_state_dict(state["rule"])
-            if state.get("spikes") and slot.spikes is not None:
-                slot.spikes.load_state_dict(state["spikes"])
-
-    def _lr_scale(self, slot: _Slot) -> float:
-        return slot.counters.lr_scale if self.remedy.keeps_lr_scale() else 1.0
+            self._slot_at(i).units.load_state_dict(state)
 
     @property
     def lr_scales(self) -> list[float]:
         """The LR multiplier applied to each optimizer's steps."""
-        return [self._lr_scale(slot) for slot in self._slots]
+        return [slot.units.remedy.lr_scale for slot in self._slots]
 
     @property
     def counters(self) -> dict[str, int]:
         """Cumulative counts over all optimizers (reads the device: not for the hot path)."""
         out = dict.fromkeys(("steps", *COUNTERS), 0)
         for slot in self._slots:
-            for k, v in slot.counters.totals().items():
+            for k, v in slot.units.counters.totals().items():
                 if k in out:
                     out[k] += v
         out["skipped_steps"] = self._skipped(out)
@@ -645,17 +583,40 @@ class ClipEngine:
 
     def counters_of(self, optimizer_idx: int) -> dict[str, int]:
         """Counts of one optimizer, with its current run of bad steps (``nonfinite_streak``)."""
-        out = self._slots[optimizer_idx].counters.totals()
+        out = self._slots[optimizer_idx].units.counters.totals()
         out["skipped_steps"] = self._skipped(out)
         return out
 
     def _skipped(self, counts: dict[str, int]) -> int:
-        # Skipped steps: bad ones and spikes, under a remedy that skips.
-        return counts["nonfinite_steps"] + counts["spike_skips"] if self.remedy.skips_bad_steps else 0
+        # Skipped steps: bad ones, spikes and requested ones, under a remedy that skips.
+        if not self.remedy.skips_steps:
+            return 0
+        return counts["nonfinite_steps"] + counts["spike_skips"] + counts["requested_skips"]
 
     def rule_of(self, optimizer_idx: int) -> ClipRule:
         """The rule (with its statistics) of one optimizer."""
-        return self._slots[optimizer_idx].rule
+        return self._slots[optimizer_idx].units.rule
+
+    def remedy_of(self, optimizer_idx: int) -> Remedy:
+        """The remedy (with its state) of one optimizer."""
+        return self._slots[optimizer_idx].units.remedy
+
+
+def _copy_options(new: ClipRule | Remedy, targets: Sequence[ClipRule | Remedy]) -> None:
+    if type(new) is not type(targets[0]):
+        raise ValueError(f"cannot retune {targets[0]!r} from a {type(new).__name__}: build a new one instead.")
+    for target in targets:
+        for option in new.options:
+            setattr(target, option, getattr(new, option))
+
+
+def _refuse_moving_closure(optimizer: Optimizer, remedy: Remedy) -> None:
+    raise ValueError(
+        f"{type(optimizer).__name__} evaluated its closure more than once in one step() and moves the weights "
+        f"between evaluations (LBFGS with max_iter > 1 or a line search): nan_policy={remedy.policy!r} "
+        "cannot undo a move made before a bad evaluation. Use nan_policy='raise' or 'ignore' with it, or "
+        "LBFGS(max_iter=1, line_search_fn=None)."
+    )
 
 
 def warn_at_caller(message: str) -> None:

@@ -168,12 +168,12 @@ def total_norm(
         # A rank with no local gradients must still join the collective, or the other ranks hang.
         inf = math.isinf(norm_type)
         return all_reduce(zero, "max" if inf else "sum").pow(1.0 if inf else 1.0 / norm_type)
-    device = norms[0].device
-    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    if all(n.device == device and n.dtype == dtype for n in norms):
+    try:
+        # Norms are float32 or float64; stack promotes to float64 if any is. One pass, no Python loop over them.
         stacked = torch.stack(list(norms))
-    else:
-        stacked = torch.stack([n.to(device=device, dtype=dtype) for n in norms])
+    except RuntimeError:  # on several devices: gather them on the first
+        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+        stacked = torch.stack([n.to(device=norms[0].device, dtype=dtype) for n in norms])
     if math.isinf(norm_type):
         result = stacked.max()
         return all_reduce(result, "max") if all_reduce is not None else result

@@ -1,10 +1,12 @@
-"""A ring buffer of recent healthy norms on the device, shared by the statistics that look back over a window.
+"""Statistics kept on the device, as ``nn.Module`` buffers: torch moves, copies and pickles them.
 
-:class:`NormHistory` keeps the last ``size`` values recorded, NaN where empty (so ``nanmean``/``nanquantile``
-see only what is there), and records a value only where a device flag allows it: no host read on the hot path.
-It is an ``nn.Module`` whose buffers carry it between devices, through ``copy.deepcopy`` and pickling.
-Its :meth:`~NormHistory.state_dict` is portable: the recorded values oldest first, so a checkpoint resumes under
-another ``size`` (the newest values are kept when it shrinks).
+* :class:`DeviceState` -- the base: buffers, and :meth:`~DeviceState.on` to bring them to the gradients' device (and
+  dtype) on first use, a no-op afterwards.
+* :class:`NormHistory` -- the one ring buffer of recent healthy norms, shared by the statistics that look back over
+  a window (``skip_spikes``, the percentile rule). NaN where empty, so ``nanmean``/``nanquantile`` see only what is
+  there; a value is recorded only where a device flag allows it: no host read on the hot path. Its portable state
+  lists the values oldest first, so a checkpoint resumes under another ``size`` (the newest values are kept when
+  it shrinks).
 
 Example::
 
@@ -27,9 +29,24 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Self
 
 
-class NormHistory(nn.Module):
+class DeviceState(nn.Module):
+    """Statistics as buffers. :meth:`on` moves them to the gradients' device (floating ones to ``dtype``) once."""
+
+    def on(self, device: torch.device, dtype: torch.dtype | None = None) -> Self:
+        """Bring every buffer to ``device`` (and the floating ones to ``dtype``): a no-op once they are there."""
+        if self.__dict__.get("_placed") == (device, dtype):  # the hot path: one dict lookup
+            return self
+        for name, buffer in self.named_buffers():
+            cast = dtype if dtype is not None and buffer.is_floating_point() else buffer.dtype
+            setattr(self, name, buffer.to(device=device, dtype=cast))
+        self.__dict__["_placed"] = (device, dtype)
+        return self
+
+
+class NormHistory(DeviceState):
     """The last ``size`` recorded values, in a ring buffer on the device (NaN where empty).
 
     ``count`` is the number of values ever recorded (a warm-up reads it); ``pos`` the slot written next.
@@ -45,14 +62,6 @@ class NormHistory(nn.Module):
         self.register_buffer("values", torch.full((size,), math.nan, dtype=dtype))
         self.register_buffer("pos", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
-
-    def on(self, device: torch.device, dtype: torch.dtype | None = None) -> NormHistory:
-        """Move the buffers to ``device`` (and the values to ``dtype``): a no-op once they are there."""
-        if self.values.device != device or (dtype is not None and self.values.dtype != dtype):
-            self.to(device)
-            if dtype is not None:
-                self.values = self.values.to(dtype)
-        return self
 
     def record(self, x: Tensor, keep: Tensor) -> None:
         """Append ``x`` (0-dim) where ``keep`` (0-dim bool) is True; else leave everything as it was. No host read."""
@@ -89,4 +98,4 @@ class NormHistory(nn.Module):
         self.count = torch.tensor(int(state.get("count", len(kept))), device=device)
 
 
-__all__ = ["NormHistory"]
+__all__ = ["DeviceState", "NormHistory"]

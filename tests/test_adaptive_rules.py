@@ -22,7 +22,7 @@ from lightning_clip.engine import ClipEngine
 from lightning_clip.host_reads import count_host_reads
 from lightning_clip.metrics import THRESHOLD
 from lightning_clip.remedies import Ignore
-from lightning_clip.rules import RULES, AdaptiveGradClip, GradStep, PercentileClip, ZScoreClip, build_rule
+from lightning_clip.rules import RULES, AdaptiveGradClip, PercentileClip, StepRecord, ZScoreClip, build_rule
 
 NAN = float("nan")
 INF = float("inf")
@@ -78,8 +78,8 @@ def same(a: float | None, b: float | None, rel: float = 0.0) -> bool:
     return a == pytest.approx(b, rel=rel, abs=0.0)
 
 
-def hand_step(grads, params=None, *, bad=False, inv_scale=None, total=None, log=True) -> GradStep:
-    """A GradStep as the engine builds it (float32 total, in true units), the total from a float64 reference."""
+def hand_step(grads, params=None, *, bad=False, inv_scale=None, total=None, log=True) -> StepRecord:
+    """A StepRecord as the engine builds it (float32 total, in true units), the total from a float64 reference."""
     params = params if params is not None else [torch.zeros_like(g) for g in grads]
     dense = [g.to_dense() if g.is_sparse else g for g in grads]
     if total is None:
@@ -87,7 +87,7 @@ def hand_step(grads, params=None, *, bad=False, inv_scale=None, total=None, log=
         total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in dense)) * scale
     total_t = torch.tensor(total, dtype=torch.float32)
     finite = torch.isfinite(total_t)
-    return GradStep(
+    return StepRecord(
         params=params,
         grads=grads,
         names=[f"p{i}" for i in range(len(grads))],
@@ -315,7 +315,7 @@ def test_zscore_equals_the_float64_reference(case):
         assert got == pytest.approx(y, rel=1e-6), i
         rule = driver.rule
         if mean is None:
-            assert threshold == max_norm and not bool(rule._stats["initialized"])
+            assert threshold == max_norm and not bool(rule.stats.initialized)
             continue
         assert (rule.mean.item(), rule.var.item()) == pytest.approx((mean, var), rel=1e-12), i
     assert sum(abs(y) < x for x, (y, _, _) in zip(norms, expected)) >= 3  # the spikes were clipped
@@ -432,7 +432,7 @@ def adaptive(mode: str):
 
 
 def stats_of(rule) -> dict[str, torch.Tensor]:
-    stats = rule._stats if isinstance(rule, ZScoreClip) else dict(rule.norms.named_buffers())
+    stats = dict((rule.stats if isinstance(rule, ZScoreClip) else rule.norms).named_buffers())
     return {k: v.clone() for k, v in stats.items()}
 
 
@@ -638,11 +638,11 @@ def test_no_device_sync_on_cuda_warm_up_and_nan_steps_included(mode):
 
 
 def test_agc_refuses_sharded_gradients_instead_of_clipping_by_partial_unit_norms():
-    from lightning_clip.rules import GradStep
+    from lightning_clip.rules import StepRecord
 
     w = torch.nn.Parameter(torch.ones(3, 4))
     g = torch.full((3, 4), 5.0)
-    step = GradStep(
+    step = StepRecord(
         params=[w],
         grads=[g],
         names=["w"],

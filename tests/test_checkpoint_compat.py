@@ -46,6 +46,7 @@ SAVED_COUNTERS = {
     "nonfinite_steps": 1,
     "amp_overflows": 0,
     "spike_skips": 0,
+    "requested_skips": 0,
     "skipped_steps": 1,
 }
 
@@ -116,8 +117,9 @@ def test_a_0_1_0_checkpoint_resumes_with_its_lr_scale_and_counters(tmp_path):
     assert state["version"] == 2
     resumed = dict(state["optimizers"][0])
     assert resumed.pop("clipped_steps") >= 2
-    # 0.1.0's entries, plus what later versions added (spike_skips, rule and spike-history state)
-    expected = {**V1_STATE["optimizers"][0], "steps": 6, "healthy_steps": 4, "spike_skips": 0, "rule": {}, "spikes": {}}
+    # 0.1.0's entries, plus what later versions added (spike_skips, requested skips, rule and spike-history state)
+    added = {"spike_skips": 0, "requested_skips": 0, "skip_remaining": 0, "rule": {}, "spikes": {}}
+    expected = {**V1_STATE["optimizers"][0], "steps": 6, "healthy_steps": 4, **added}
     del expected["clipped_steps"]
     assert resumed == expected
 
@@ -128,7 +130,7 @@ def test_clip_engine_loads_the_literal_version_1_dict():
     assert engine.lr_scales == [0.5]
     assert engine.counters == SAVED_COUNTERS
     assert engine.counters_of(0)["nonfinite_streak"] == 0
-    added = {"spike_skips": 0, "rule": {}, "spikes": {}}  # entries 0.1.0 did not have
+    added = {"spike_skips": 0, "requested_skips": 0, "skip_remaining": 0, "rule": {}, "spikes": {}}  # since 0.1.0
     assert engine.state_dict() == {"version": 2, "optimizers": [{**V1_STATE["optimizers"][0], **added}]}
 
     # and the restored scale is applied by a plain loop's next update

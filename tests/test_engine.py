@@ -184,6 +184,7 @@ def test_two_optimizers_keep_independent_counters_and_the_second_logs_with_the_o
         "nonfinite_steps": 0,
         "amp_overflows": 0,
         "spike_skips": 0,
+        "requested_skips": 0,
         "nonfinite_streak": 0,
         "skipped_steps": 0,
     }
@@ -193,6 +194,7 @@ def test_two_optimizers_keep_independent_counters_and_the_second_logs_with_the_o
         "nonfinite_steps": 1,
         "amp_overflows": 0,
         "spike_skips": 0,
+        "requested_skips": 0,
         "nonfinite_streak": 1,
         "skipped_steps": 1,
     }
@@ -321,9 +323,11 @@ def test_state_dict_round_trips_counters_and_lr_scale_per_optimizer():
                 "nonfinite_steps": 1,
                 "amp_overflows": 0,
                 "spike_skips": 0,
+                "requested_skips": 0,
                 "nonfinite_streak": 0,
                 "lr_scale": 0.5,
                 "healthy_steps": 1,
+                "skip_remaining": 0,
                 "rule": {},
                 "spikes": {},
             }

@@ -283,5 +283,6 @@ def test_a_bad_step_is_not_counted_as_clipped(tmp_path):
         "nonfinite_steps": 1,
         "amp_overflows": 0,
         "spike_skips": 0,
+        "requested_skips": 0,
         "skipped_steps": 1,
     }

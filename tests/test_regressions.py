@@ -630,7 +630,7 @@ def test_item10_value_mode_counts_clipped_steps(tmp_path):
 def test_item11_report_labels_a_run_at_logdir_with_its_directory_name(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_clip.report import format_table, load_runs
+    from lightning_clip.app.report import format_table, load_runs
 
     run = tmp_path / "version_0"
     writer = SummaryWriter(str(run))

@@ -279,7 +279,7 @@ def test_4_a_dirty_nested_batch_under_raise_stops_with_the_diagnosis(tmp_path):
 def test_6_named_instances_log_distinct_tags_and_report_reads_both(tmp_path):
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from lightning_clip.report import format_table, load_runs
+    from lightning_clip.app.report import format_table, load_runs
 
     monitor = GradientClipping(mode="none", name="monitor")  # first: sees the gradient before clipping
     clipper = GradientClipping(mode="norm", max_norm=0.05)
@@ -310,7 +310,7 @@ def test_6_two_logging_instances_with_the_same_name_are_refused_at_fit_start(tmp
 
 
 def test_6_report_counts_runs_not_optimizers():
-    from lightning_clip.report import RunReport, format_table
+    from lightning_clip.app.report import RunReport, format_table
 
     rows = [RunReport("a", i, 1, 1.0, 1.0, 1.0, 0, None, 1, 0, 0, 0, 1.0) for i in (0, 1)]
     assert "(1 run, 2 series)" in format_table(rows, "logs")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_clip.remedies.base import BadStepContext, Remedy, StepRead
+from lightning_clip.remedies.base import Remedy, Request, StepRead
 from lightning_clip.remedies.halve_lr import HalveLR
 from lightning_clip.remedies.ignore import Ignore
 from lightning_clip.remedies.raise_error import RaiseError
@@ -26,11 +26,11 @@ from lightning_clip.validation import check_choice, check_read
 
 __all__ = [
     "REMEDIES",
-    "BadStepContext",
     "HalveLR",
     "Ignore",
     "RaiseError",
     "Remedy",
+    "Request",
     "Skip",
     "StepRead",
     "build_remedy",

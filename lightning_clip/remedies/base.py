@@ -1,127 +1,86 @@
-"""What a remedy is: :class:`Remedy`, the step it acts on (:class:`BadStepContext`) and its values (:class:`StepRead`).
+"""What a remedy is: :class:`Remedy`, one unit per optimizer that acts on the engine's :class:`StepRecord`.
 
-A remedy is the answer to ``nan_policy``: what happens to a step whose gradient, loss or inputs are NaN/Inf.
-It acts in two phases, so that the sync-free paths stay sync-free by construction:
+A remedy is the answer to ``nan_policy``: what happens to a step whose gradient, loss or inputs are NaN/Inf (or
+that the engine flags as a spike). The engine copies it once per optimizer, so its state (an LR scale, a pending
+state guard, what it has reported) is that optimizer's, and saved with :meth:`Remedy.state_dict`. It acts in two
+phases, so that the sync-free paths stay sync-free by construction:
 
 1. :meth:`Remedy.on_device` -- with device flags only (e.g. a fused optimizer's ``found_inf``);
 2. :meth:`Remedy.on_host` -- only on steps where :meth:`Remedy.needs_read` said so (or that log), after the
-   engine's single device-to-host transfer, with the values in :class:`StepRead`.
+   engine's single device-to-host transfer, with the values in :class:`StepRead`. It may return a
+   :class:`Request` to the loop (skip the next steps), which the engine honours.
+
+The engine and the callback never ask which remedy they hold: they read what it declares (:attr:`skips_steps`,
+:attr:`checks_loss`, :attr:`lr_scale`) and call its hooks.
 """
 
 from __future__ import annotations
 
 import numbers
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clip.counters import StepCounters
 from lightning_clip.diagnosis import BadStep, describe
 from lightning_clip.errors import NonFiniteGradientError
+from lightning_clip.record import Request, RunEnd, StepRead, StepRecord
 
-
-@dataclass
-class BadStepContext:
-    """One optimizer step, as a remedy sees it. ``bad`` is a 0-dim bool on the device."""
-
-    optimizer: Optimizer
-    optimizer_idx: int
-    params: Sequence[Tensor]
-    grads: Sequence[Tensor]
-    names: Sequence[str]
-    norms: Sequence[Tensor]
-    bad: Tensor
-    scaler: Any  # a torch.amp.GradScaler under fp16, else None
-    counters: StepCounters
-    read_every: int  # a sync-free remedy reads its counters at least this often
-    global_step: int = 0
-    epoch: int = 0
-    batch_idx: int = -1
-    loss_nonfinite: Callable[[], bool] = lambda: False
-    input_problems: Callable[[], list[str]] = list
-    warn: Callable[[str], None] = lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3)
-    # ids of the parameters that had optimizer state when ``optimizer.step()`` began, when this step runs inside
-    # it (a closure); None when the update has not begun (plain loops, fp16)
-    state_before: set[int] | None = None
-    # bad, or a spike the engine was told to skip (skip_spikes): the step to skip. None: ``bad``.
-    skip: Tensor | None = None
-
-    @property
-    def skip_flag(self) -> Tensor:
-        return self.bad if self.skip is None else self.skip
-
-    @property
-    def grads_scaled(self) -> bool:
-        """Fused optimizers under fp16 unscale inside their step: in the hook the gradients are still scaled."""
-        return self.scaler is not None and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
-
-
-@dataclass
-class StepRead:
-    """The host values of one step, from the engine's single transfer."""
-
-    bad: bool
-    streak: int  # consecutive bad steps of this optimizer, this one included
-    overflow: bool  # a GradScaler overflow (fp16), not divergence
-    counts: dict[str, int]
-    skip: bool = False  # bad, or a spike to skip (skip_spikes)
+__all__ = ["Remedy", "Request", "RunEnd", "StateGuard", "StepRead", "StepRecord", "skip_step"]
 
 
 class Remedy:
-    """Base class of the NaN policies. Subclasses set :attr:`policy` and override the hooks they need."""
+    """Base class of the NaN policies. Subclasses set :attr:`policy`, declare what they do, and override the hooks
+    they need. One copy serves one optimizer."""
 
     policy: ClassVar[str] = ""
     options: ClassVar[tuple[str, ...]] = ()
-    skips_bad_steps: ClassVar[bool] = False  # a bad step is not applied (counts as skipped)
+    # A bad step is not applied (counts as skipped); only such a remedy may request skips (Request.skip_steps).
+    skips_steps: ClassVar[bool] = False
+    # The loss (and checked inputs) decide whether a step is bad, and fp16 overflows are told apart from
+    # divergence; False: only the gradient is looked at, and nothing is read outside logging steps.
+    checks_loss: ClassVar[bool] = True
+    # The multiplier this remedy applies to its optimizer's LR (saved in checkpoints as ``lr_scale``).
+    lr_scale: float = 1.0
 
     @classmethod
     def from_options(cls, **options: Any) -> Remedy:
         """Build from the callback's arguments named in :attr:`options`."""
         return cls(**{k: v for k, v in options.items() if k in cls.options})
 
-    def attach(self, optimizer_idx: int, optimizer: Optimizer, counters: StepCounters) -> None:
-        """Called once per optimizer when training starts (e.g. to install LR hooks)."""
+    def attach(self, optimizer: Optimizer) -> None:
+        """Training starts (or the optimizer was re-created) with ``optimizer``: e.g. install LR hooks."""
 
     def detach(self) -> None:
         """Undo :meth:`attach` (training ended or failed)."""
 
-    def restore_lr(self) -> None:
-        """Put the scheduler's LR back now (an exception interrupted the step)."""
+    def on_exception(self) -> None:
+        """An exception interrupted training, maybe mid-step: put the scheduler's LR back now."""
 
-    def keeps_lr_scale(self) -> bool:
-        """Whether a checkpointed LR scale applies under this remedy (else a resume resets it to 1.0)."""
-        return False
-
-    def needs_read(self, step: BadStepContext) -> bool:
+    def needs_read(self, step: StepRecord) -> bool:
         """Whether this step needs the host values (:meth:`on_host`). False keeps it free of host syncs."""
         return False
 
-    def on_device(self, step: BadStepContext) -> None:
+    def on_device(self, step: StepRecord) -> None:
         """Act on device flags only (no host read)."""
 
-    def on_host(self, step: BadStepContext, read: StepRead) -> None:
-        """Act on the values read back (only called when :meth:`needs_read` or the step logs)."""
+    def on_host(self, step: StepRecord, read: StepRead) -> Request | None:
+        """Act on the values read back (only called when :meth:`needs_read` or the step logs); may ask the loop
+        for something (:class:`Request`)."""
+        return None
 
     def finish(self, end: RunEnd) -> None:
         """Training is over (``end.failed``: by an exception): report what the sync-free path has not read yet."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """This optimizer's remedy state, saved flat beside its counters."""
+        return {}
 
-@dataclass
-class RunEnd:
-    """One optimizer's counters at the end of training, read back once, for :meth:`Remedy.finish`."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from an optimizer's checkpoint entry (its counters are in it too)."""
 
-    optimizer_idx: int
-    counters: StepCounters
-    counts: dict[str, int]  # the totals, with ``nonfinite_streak``
-    global_step: int
-    epoch: int
-    failed: bool  # an exception ended training: report, never raise
-    warn: Callable[[str], None]
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self.options)})"
 
 
 # ----------------------------------------------------------------------------- shared actions
@@ -165,8 +124,9 @@ class StateGuard:
             self.handle = None
 
 
-def skip_step(step: BadStepContext) -> StateGuard:
+def skip_step(step: StepRecord) -> StateGuard:
     """Make this optimizer step a no-op for weights and optimizer state; return the guard of its state."""
+    assert step.optimizer is not None
     guard = StateGuard(step.optimizer, step.state_before)
     if step.grads_scaled:
         # Fused + GradScaler: grad=None trips the scaler; non-finite grads make it skip instead.
@@ -181,14 +141,14 @@ def skip_step(step: BadStepContext) -> StateGuard:
     return guard
 
 
-def nonfinite_names(step: BadStepContext) -> list[str]:
+def nonfinite_names(step: StepRecord) -> list[str]:
     """Names of the parameters whose gradient norm is NaN/Inf (a host read: the bad path only)."""
     device = step.bad.device
     flags = torch.stack([~torch.isfinite(n).to(device) for n in step.norms]).tolist()
     return [name for name, flag in zip(step.names, flags) if flag]
 
 
-def diagnose(step: BadStepContext, read: StepRead, action: str, lr_scale: float, stopping: bool) -> BadStep:
+def diagnose(step: StepRecord, read: StepRead, action: str, lr_scale: float, stopping: bool) -> BadStep:
     """What is known about this bad step, for the warning or the error."""
     return BadStep(
         global_step=step.global_step,

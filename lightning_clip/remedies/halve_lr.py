@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch.optim import Optimizer
 
-from lightning_clip.counters import StepCounters
 from lightning_clip.lr_scale import StepLRScale
-from lightning_clip.remedies.base import BadStepContext, StepRead, optional_int
+from lightning_clip.remedies.base import Request, StepRead, StepRecord, optional_int
 from lightning_clip.remedies.skip import Skip
 from lightning_clip.validation import check_count, check_in_range
 
@@ -51,68 +50,65 @@ class HalveLR(Skip):
         self.lr_factor = float(lr_factor)
         self.min_lr_scale = None if min_lr_scale is None else float(min_lr_scale)
         self.lr_recovery_steps = optional_int(lr_recovery_steps)
-        self._hooks: dict[int, StepLRScale] = {}
+        self.lr_scale = 1.0  # applied to this optimizer's updates; saved in checkpoints
+        self.healthy_steps = 0  # in a row, since the last reduction (recovery)
+        self._hook: StepLRScale | None = None
 
-    def attach(self, optimizer_idx: int, optimizer: Optimizer, counters: StepCounters) -> None:
-        old = self._hooks.pop(optimizer_idx, None)
-        if old is not None:
-            old.remove()
-        self._hooks[optimizer_idx] = StepLRScale(optimizer, counters.lr_scale, deferred=True)
+    def attach(self, optimizer: Optimizer) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = StepLRScale(optimizer, self.lr_scale, deferred=True)
 
     def detach(self) -> None:
         super().detach()
-        for hook in self._hooks.values():
-            hook.remove()
-        self._hooks = {}
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
-    def restore_lr(self) -> None:
-        for hook in self._hooks.values():
-            hook.disarm()
+    def on_exception(self) -> None:
+        if self._hook is not None:
+            self._hook.disarm()
 
-    def keeps_lr_scale(self) -> bool:
-        return True
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr_scale": self.lr_scale, "healthy_steps": self.healthy_steps}
 
-    def needs_read(self, step: BadStepContext) -> bool:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.healthy_steps = int(state.get("healthy_steps", 0))
+
+    def needs_read(self, step: StepRecord) -> bool:
         return True  # the LR lives on the host
 
-    def on_device(self, step: BadStepContext) -> None:
+    def on_device(self, step: StepRecord) -> None:
         # Always the host path: the skip and the LR decision are taken together.
-        self._drop_pending_guard(step)
+        self._drop_pending_guard()
 
-    def _on_device(self, step: BadStepContext) -> bool:
+    def _on_device(self, step: StepRecord) -> bool:
         return False
 
-    def on_host(self, step: BadStepContext, read: StepRead) -> None:
+    def on_host(self, step: StepRecord, read: StepRead) -> Request | None:
         # This step's update uses the scale in force before it; what it teaches applies from the next step on
         # (a recovery counts this step as healthy only after its update, as GradScaler's growth does).
-        in_force = step.counters.lr_scale
-        hook = self._hooks.get(step.optimizer_idx)
-        if hook is not None:
-            hook.scale = in_force
-            hook.arm()
+        if self._hook is not None:
+            self._hook.scale = self.lr_scale
+            self._hook.arm()
         if read.bad:
-            self._bad_step(step, read)
-        elif read.skip:  # a spike (skip_spikes): skipped, the LR kept, and not a healthy step
+            return self._bad_step(step, read)
+        if read.skip:  # a spike or a requested skip: skipped, the LR kept, and not a healthy step
             self._skip(step)
         elif not read.overflow:  # a GradScaler-skipped step is not healthy
-            self._healthy(step)
+            self._healthy()
+        return None
 
-    def _set_scale(self, step: BadStepContext, scale: float) -> None:
-        step.counters.lr_scale = scale  # saved in checkpoints; armed from the next step on
+    def _lower_lr(self, step: StepRecord) -> None:
+        self.lr_scale = max(self.lr_scale * self.lr_factor, self.min_lr_scale or _SMALLEST_SCALE)
+        self.healthy_steps = 0
 
-    def _lower_lr(self, step: BadStepContext) -> None:
-        scale = max(step.counters.lr_scale * self.lr_factor, self.min_lr_scale or _SMALLEST_SCALE)
-        self._set_scale(step, scale)
-        step.counters.healthy_steps = 0
-
-    def _healthy(self, step: BadStepContext) -> None:
-        counters = step.counters
-        if self.lr_recovery_steps is None or counters.lr_scale >= 1.0:
+    def _healthy(self) -> None:
+        if self.lr_recovery_steps is None or self.lr_scale >= 1.0:
             return
-        counters.healthy_steps += 1
-        if counters.healthy_steps >= self.lr_recovery_steps:  # like GradScaler's growth interval
-            self._set_scale(step, min(1.0, counters.lr_scale / self.lr_factor))
-            counters.healthy_steps = 0
-
-    def detach_lr(self, step: BadStepContext) -> None:
-        self.restore_lr()
+        self.healthy_steps += 1
+        if self.healthy_steps >= self.lr_recovery_steps:  # like GradScaler's growth interval
+            self.lr_scale = min(1.0, self.lr_scale / self.lr_factor)
+            self.healthy_steps = 0

@@ -18,3 +18,4 @@ class Ignore(Remedy):
     """
 
     policy: ClassVar[str] = "ignore"
+    checks_loss: ClassVar[bool] = False  # the user chose to let bad steps through: only the gradient is counted

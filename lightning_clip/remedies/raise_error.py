@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lightning_clip.remedies.base import BadStepContext, Remedy, StepRead, diagnose, optional_int, raise_nonfinite
+from lightning_clip.remedies.base import Remedy, Request, StepRead, StepRecord, diagnose, optional_int, raise_nonfinite
 from lightning_clip.validation import check_count
 
 
@@ -26,9 +26,10 @@ class RaiseError(Remedy):
         check_count("max_consecutive_nonfinite", max_consecutive_nonfinite)
         self.max_consecutive_nonfinite = optional_int(max_consecutive_nonfinite)
 
-    def needs_read(self, step: BadStepContext) -> bool:
+    def needs_read(self, step: StepRecord) -> bool:
         return True  # the decision to stop is a Python exception: it needs the flag on the host
 
-    def on_host(self, step: BadStepContext, read: StepRead) -> None:
+    def on_host(self, step: StepRecord, read: StepRead) -> Request | None:
         if read.bad:
             raise_nonfinite(diagnose(step, read, "raised NonFiniteGradientError", 1.0, stopping=True))
+        return None

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
 from lightning_clip import functional as F
-from lightning_clip.counters import StepCounters
 from lightning_clip.diagnosis import describe
 from lightning_clip.errors import NonFiniteGradientError
 from lightning_clip.remedies.base import (
-    BadStepContext,
     Remedy,
+    Request,
     RunEnd,
     StateGuard,
     StepRead,
+    StepRecord,
     diagnose,
     optional_int,
     raise_nonfinite,
@@ -27,7 +27,7 @@ from lightning_clip.remedies.base import (
 from lightning_clip.validation import check_count
 
 
-def fused_skip_is_safe(step: BadStepContext) -> bool:
+def fused_skip_is_safe(step: StepRecord) -> bool:
     """Can this step be skipped on the device, through the fused optimizer's ``found_inf``?
 
     Only for fused optimizers, and only once the state of every parameter being stepped exists: a fused kernel
@@ -36,7 +36,7 @@ def fused_skip_is_safe(step: BadStepContext) -> bool:
     step writes into the weights. Until then steps take the host path, where a skip creates no state.
     """
     opt = step.optimizer
-    if not opt.param_groups or not all(group.get("fused") for group in opt.param_groups):
+    if opt is None or not opt.param_groups or not all(group.get("fused") for group in opt.param_groups):
         return False
     if isinstance(opt, torch.optim.SGD):  # SGD keeps state only with momentum
         return not any(
@@ -53,7 +53,7 @@ class Skip(Remedy):
     Non-fused optimizers skip by ``p.grad = None`` (optimizers leave such parameters and their state alone;
     zeroing would still move weights through momentum and weight decay): one host read per step. Fused
     optimizers skip on the device through ``found_inf`` with no host read; their streak limit and warnings
-    wait for the next read (a logging step, or every ``read_every`` steps).
+    wait for the next read (a logging step, every ``read_every`` steps, or the end of training).
 
     Example::
 
@@ -64,116 +64,107 @@ class Skip(Remedy):
 
     policy: ClassVar[str] = "skip"
     options: ClassVar[tuple[str, ...]] = ("max_consecutive_nonfinite",)
-    skips_bad_steps: ClassVar[bool] = True
+    skips_steps: ClassVar[bool] = True
 
     def __init__(self, max_consecutive_nonfinite: int | None = 10) -> None:
         check_count("max_consecutive_nonfinite", max_consecutive_nonfinite)
         self.max_consecutive_nonfinite = optional_int(max_consecutive_nonfinite)
-        self._found_inf_set: list[Optimizer] = []  # optimizers whose found_inf this remedy wrote
-        self._guards: dict[int, StateGuard] = {}  # per optimizer: the state guard of a skip not yet stepped
+        self._found_inf_on: Optimizer | None = None  # the optimizer whose found_inf this remedy wrote
+        self._guard: StateGuard | None = None  # the state guard of a skip not yet stepped
+        self.reported_nonfinite = 0  # bad steps already warned about (the device path reports late)
 
     def detach(self) -> None:
         # found_inf stays on the optimizer and would skip every later step() made without the engine.
-        for optimizer in self._found_inf_set:
-            if hasattr(optimizer, "found_inf"):
-                del optimizer.found_inf
-        self._found_inf_set = []
-        for guard in self._guards.values():
-            guard.remove()
-        self._guards = {}
+        if self._found_inf_on is not None and hasattr(self._found_inf_on, "found_inf"):
+            del self._found_inf_on.found_inf
+        self._found_inf_on = None
+        self._drop_pending_guard()
 
-    def _skip(self, step: BadStepContext) -> None:
-        self._guards[step.optimizer_idx] = skip_step(step)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reported_nonfinite = int(state.get("nonfinite_steps", 0))  # a resumed run reports only new ones
+
+    def _skip(self, step: StepRecord) -> None:
+        self._guard = skip_step(step)
 
     # --- the two paths
-    def _on_device(self, step: BadStepContext) -> bool:
+    def _on_device(self, step: StepRecord) -> bool:
         return fused_skip_is_safe(step)
 
-    def needs_read(self, step: BadStepContext) -> bool:
+    def needs_read(self, step: StepRecord) -> bool:
         if self._on_device(step):
+            assert step.counters is not None
             return step.counters.steps % max(step.read_every, 1) == 0
         return True  # grad=None is decided on the host
 
-    def _drop_pending_guard(self, step: BadStepContext) -> None:
-        pending = self._guards.pop(step.optimizer_idx, None)
-        if pending is not None:  # the last skipped step never ran (GradScaler skipped it): nothing to undo
-            pending.remove()
+    def _drop_pending_guard(self) -> None:
+        if self._guard is not None:  # the last skipped step never ran (GradScaler skipped it): nothing to undo
+            self._guard.remove()
+            self._guard = None
 
-    def on_device(self, step: BadStepContext) -> None:
-        self._drop_pending_guard(step)
+    def on_device(self, step: StepRecord) -> None:
+        self._drop_pending_guard()
+        optimizer = step.optimizer
         if not self._on_device(step):
-            if any(opt is step.optimizer for opt in self._found_inf_set):
+            if self._found_inf_on is optimizer and optimizer is not None:
                 # A step on the host path must not inherit the last device decision.
-                step.optimizer.found_inf = torch.zeros_like(step.optimizer.found_inf)  # type: ignore[attr-defined]
+                optimizer.found_inf = torch.zeros_like(optimizer.found_inf)  # type: ignore[attr-defined]
             return
         if step.scaler is None:
             # torch's fused Adam/AdamW/SGD skip the whole update (and undo the step count) when found_inf == 1.
-            step.optimizer.found_inf = step.skip_flag.to(torch.float32)  # type: ignore[attr-defined]
-            if not any(opt is step.optimizer for opt in self._found_inf_set):
-                self._found_inf_set.append(step.optimizer)
+            optimizer.found_inf = step.skip.to(torch.float32)  # type: ignore[union-attr]
+            self._found_inf_on = optimizer
         else:
             # GradScaler overwrites found_inf in scaler.step(); it skips on non-finite gradients, so make the
-            # gradients non-finite when the step is bad for another reason (loss or input).
-            F.scale_(step.grads, torch.where(step.skip_flag, float("nan"), 1.0))
+            # gradients non-finite when the step is to be skipped for another reason (loss, input, spike).
+            F.scale_(step.grads, torch.where(step.skip, float("nan"), 1.0))
 
-    def on_host(self, step: BadStepContext, read: StepRead) -> None:
+    def on_host(self, step: StepRecord, read: StepRead) -> Request | None:
         if self._on_device(step):
             self._report_device_skips(
-                step.counters, read.counts["nonfinite_steps"], read.streak, step.global_step, step.epoch, step.warn
+                read.counts["nonfinite_steps"], read.streak, step.global_step, step.epoch, step.warn
             )
         elif read.bad:
-            self._bad_step(step, read)
-        elif read.skip:  # a spike (skip_spikes): skipped without a diagnosis, counted in spike_skips
+            return self._bad_step(step, read)
+        elif read.skip:  # a spike (skip_spikes) or a requested skip: no diagnosis, counted apart
             self._skip(step)
+        return None
 
     # --- bad steps on the host path
     action: ClassVar[str] = "step skipped"
 
-    def _lower_lr(self, step: BadStepContext) -> None:
+    def _lower_lr(self, step: StepRecord) -> None:
         """Hook for :class:`~lightning_clip.remedies.HalveLR`."""
 
-    def _bad_step(self, step: BadStepContext, read: StepRead) -> None:
-        step.counters.reported_nonfinite = read.counts["nonfinite_steps"]  # the host path reports as it goes
+    def _bad_step(self, step: StepRecord, read: StepRead) -> Request | None:
+        self.reported_nonfinite = read.counts["nonfinite_steps"]  # the host path reports as it goes
         self._lower_lr(step)
         limit = self.max_consecutive_nonfinite
         stop = limit is not None and read.streak >= limit
         if not (stop or warn_due(read.counts["nonfinite_steps"])):
             self._skip(step)
-            return
+            return None
         info = diagnose(
-            step,
-            read,
-            "raised NonFiniteGradientError" if stop else self.action,
-            step.counters.lr_scale if self.keeps_lr_scale() else 1.0,
-            stopping=stop,
+            step, read, "raised NonFiniteGradientError" if stop else self.action, self.lr_scale, stopping=stop
         )
         if stop:
-            self.detach_lr(step)
+            self.on_exception()
             raise_nonfinite(
                 info,
                 f"{read.streak} consecutive steps with non-finite gradients (max_consecutive_nonfinite={limit}).\n",
             )
         self._skip(step)
         step.warn(describe(info))
-
-    def detach_lr(self, step: BadStepContext) -> None:
-        """Before raising: leave the optimizer's LR as the scheduler set it."""
+        return None
 
     def finish(self, end: RunEnd) -> None:
         # Skips made on the device since the last read: a run that ends first must still warn or raise.
+        counts = end.counts
         self._report_device_skips(
-            end.counters,
-            end.counts["nonfinite_steps"],
-            end.counts["nonfinite_streak"],
-            end.global_step,
-            end.epoch,
-            end.warn,
-            may_raise=not end.failed,
+            counts["nonfinite_steps"], counts["nonfinite_streak"], end.global_step, end.epoch, end.warn, not end.failed
         )
 
     def _report_device_skips(
         self,
-        counters: StepCounters,
         total: int,
         streak: int,
         global_step: int,
@@ -182,10 +173,10 @@ class Skip(Remedy):
         may_raise: bool = True,
     ) -> None:
         """Fused path: the skips happened on the device; warn or raise now that the counters are on the host."""
-        new = total - counters.reported_nonfinite
+        new = total - self.reported_nonfinite
         if new <= 0:
             return
-        counters.reported_nonfinite = total
+        self.reported_nonfinite = total
         limit = self.max_consecutive_nonfinite
         if may_raise and limit is not None and streak >= limit:
             raise_device = (

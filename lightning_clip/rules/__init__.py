@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_clip.record import StepRecord
 from lightning_clip.rules.agc import AdaptiveGradClip
-from lightning_clip.rules.base import ClipResult, ClipRule, GradStep
+from lightning_clip.rules.base import ClipResult, ClipRule
 from lightning_clip.rules.monitor import NoClip
 from lightning_clip.rules.norm import NormClip
 from lightning_clip.rules.percentile import PercentileClip
@@ -31,7 +32,7 @@ __all__ = [
     "RULES",
     "ClipResult",
     "ClipRule",
-    "GradStep",
+    "StepRecord",
     "NoClip",
     "NormClip",
     "ValueClip",

@@ -1,7 +1,7 @@
-"""What a clip rule is: :class:`ClipRule` and the step it sees (:class:`GradStep`).
+"""What a clip rule is: :class:`ClipRule` and what it returns (:class:`ClipResult`).
 
-A rule owns its threshold, any statistics it keeps and their ``state_dict``. The engine hands it one
-:class:`GradStep` per optimizer step, after the norms are measured and the bad-step flag is known, and the
+A rule owns its threshold, any statistics it keeps and their ``state_dict``. The engine hands it the step's
+:class:`~lightning_clip.record.StepRecord` once the norms are measured and the bad-step flag is known, and the
 rule clips ``step.grads`` in place and says what it did (:class:`ClipResult`). Every value stays on the device:
 a rule never reads a tensor back to the host, and never branches in Python on a device value (use
 ``torch.where``), so the hot path stays free of host syncs.
@@ -11,59 +11,13 @@ The engine makes one copy of the rule per optimizer, so statistics are per optim
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
-from lightning_clip import functional as F
-
-
-@dataclass
-class GradStep:
-    """One optimizer step's gradients, as a clip rule sees them.
-
-    ``grads`` are the tensors to clip in place (``params[i].grad``). ``norms`` and ``total`` are in true
-    units: under fp16 with a fused optimizer the gradients themselves are still multiplied by the
-    GradScaler's scale, and ``inv_scale`` (else None) is ``1 / scale``. ``bad`` is True when the step will
-    not be applied (NaN/Inf in the gradient, the loss or the inputs): statistics must leave it out.
-    """
-
-    params: Sequence[Tensor]
-    grads: Sequence[Tensor]
-    names: Sequence[str]
-    norms: Sequence[Tensor]
-    total: Tensor
-    finite: Tensor
-    bad: Tensor
-    norm_type: float
-    eps: float
-    inv_scale: Tensor | None
-    log: bool
-    # False on a further closure evaluation inside one optimizer step (LBFGS): statistics count steps, not calls.
-    update_statistics: bool = True
-    # functional.plan(grads), computed once per optimizer by the engine: pass it on to functional's `groups=`.
-    groups: Sequence[F.Group] | None = None
-    # False when the engine skipped the norm this step (rules with ``measures_finite`` only): ``total`` is NaN,
-    # ``finite`` and ``bad`` are placeholders, and the rule reports ``ClipResult.finite`` itself.
-    finite_measured: bool = True
-    # Sharded gradients: the engine's reduction of a total norm across ranks (None: the gradients are whole).
-    reduce_total: Callable[[Sequence[Tensor]], Tensor] | None = None
-    # True when this rank holds shards of the gradients (FSDP, tensor parallel): only the measured norms are global.
-    sharded: bool = False
-
-    def norm_of(self, tensors: Sequence[Tensor]) -> Tensor:
-        """The total ``norm_type``-norm of ``tensors`` laid out like ``grads`` (e.g. the gradients after
-        clipping), over every shard when the gradients are sharded, on the device."""
-        if self.reduce_total is not None:
-            return self.reduce_total(tensors)
-        return F.total_norm(F.grad_norms(tensors, self.norm_type, self.groups), self.norm_type).to(self.device)
-
-    @property
-    def device(self) -> torch.device:
-        return self.total.device
+from lightning_clip.record import StepRecord
 
 
 @dataclass
@@ -101,7 +55,7 @@ class ClipRule:
         """Build the rule from the callback's arguments named in :attr:`options` (None: the rule's default)."""
         return cls(**{k: v for k, v in options.items() if k in cls.options and v is not None})
 
-    def clip_(self, step: GradStep) -> ClipResult:
+    def clip_(self, step: StepRecord) -> ClipResult:
         """Clip ``step.grads`` in place; return what was done. No host reads."""
         raise NotImplementedError
 

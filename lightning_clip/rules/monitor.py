@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lightning_clip.rules.base import ClipResult, ClipRule, GradStep
+from lightning_clip.record import StepRecord
+from lightning_clip.rules.base import ClipResult, ClipRule
 
 
 class NoClip(ClipRule):
@@ -19,5 +20,5 @@ class NoClip(ClipRule):
 
     mode: ClassVar[str] = "none"
 
-    def clip_(self, step: GradStep) -> ClipResult:
+    def clip_(self, step: StepRecord) -> ClipResult:
         return ClipResult(step.bad & False, step.total, None)

@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from lightning_clip import functional as F
-from lightning_clip.rules.base import ClipResult, ClipRule, GradStep
+from lightning_clip.record import StepRecord
+from lightning_clip.rules.base import ClipResult, ClipRule
+from lightning_clip.state import DeviceState
 from lightning_clip.validation import check_choice, check_count, check_in_range, check_positive
 
 CLIP_OPTIONS = ("adaptive_scaling", "mean", "fixed")
@@ -23,6 +25,24 @@ CLIP_OPTIONS = ("adaptive_scaling", "mean", "fixed")
 def stats_dtype(device: torch.device) -> torch.dtype:
     """float64 for running statistics (as the Python floats of the reference packages), where the device has it."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+class ZScoreStats(DeviceState):
+    """ZClip's running statistics: EMA mean and variance, and the warm-up norms until they are initialised."""
+
+    mean: Tensor
+    var: Tensor
+    warmup_norms: Tensor
+    collected: Tensor
+    initialized: Tensor
+
+    def __init__(self, warmup_steps: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("var", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("warmup_norms", torch.zeros(warmup_steps, dtype=torch.float64))
+        self.register_buffer("collected", torch.zeros((), dtype=torch.long))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
 
 class ZScoreClip(ClipRule):
@@ -89,50 +109,30 @@ class ZScoreClip(ClipRule):
         self.warmup_steps = int(warmup_steps)
         self.max_norm = None if max_norm is None else float(max_norm)
         self.clip_option = clip_option
-        # Device tensors, made on the first step (or from load_state_dict, on the CPU until then).
-        self._stats: dict[str, Tensor] | None = None
-
-    # ------------------------------------------------------------------ statistics
-    def _fresh(self, device: torch.device) -> dict[str, Tensor]:
-        dtype = stats_dtype(device)
-        return {
-            "mean": torch.zeros((), dtype=dtype, device=device),
-            "var": torch.zeros((), dtype=dtype, device=device),
-            "warmup_norms": torch.zeros(self.warmup_steps, dtype=dtype, device=device),
-            "collected": torch.zeros((), dtype=torch.long, device=device),
-            "initialized": torch.zeros((), dtype=torch.bool, device=device),
-        }
-
-    def _stats_on(self, device: torch.device) -> dict[str, Tensor]:
-        if self._stats is None:
-            self._stats = self._fresh(device)
-        elif self._stats["mean"].device != device:  # loaded on the CPU: one host-to-device copy, no read
-            dtype = stats_dtype(device)
-            self._stats = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in self._stats.items()}
-        return self._stats
+        self.stats = ZScoreStats(self.warmup_steps)  # on the device from the first step
 
     @property
-    def mean(self) -> Tensor | None:
-        """:math:`\\mu`, the EMA of the total norm (device tensor; 0 until warm-up ends; None before a step)."""
-        return None if self._stats is None else self._stats["mean"]
+    def mean(self) -> Tensor:
+        """:math:`\\mu`, the EMA of the total norm (device tensor; 0 until warm-up ends)."""
+        return self.stats.mean
 
     @property
-    def var(self) -> Tensor | None:
+    def var(self) -> Tensor:
         """:math:`\\sigma^2`, the EMA variance of the total norm (as :attr:`mean`)."""
-        return None if self._stats is None else self._stats["var"]
+        return self.stats.var
 
     # ------------------------------------------------------------------ the step
-    def clip_(self, step: GradStep) -> ClipResult:
-        s = self._stats_on(step.device)
-        dtype = s["mean"].dtype
+    def clip_(self, step: StepRecord) -> ClipResult:
+        s = self.stats.on(step.device, stats_dtype(step.device))
+        dtype = s.mean.dtype
         x = step.total.to(dtype)
         eps, zt, alpha = step.eps, self.z_threshold, self.ema_decay
         finite = step.finite
         healthy = finite & ~step.bad
         if not step.update_statistics:  # a re-evaluated closure: this step is already counted
             healthy = healthy & False
-        ready = s["initialized"]
-        mean, var = s["mean"], s["var"]
+        ready = s.initialized
+        mean, var = s.mean, s.var
         std = var.sqrt()
 
         # Spike test and target, in ZClip's order of operations (ZClip._compute_clip_val).
@@ -166,16 +166,16 @@ class ZScoreClip(ClipRule):
         new_var = alpha * var + (1 - alpha) * (clip_val - new_mean) ** 2
         # Warm-up: store the norm in the next slot; a bad step rewrites that slot with its old value.
         collect = ~ready & healthy
-        buf = s["warmup_norms"]
-        slot = s["collected"].clamp(max=self.warmup_steps - 1).reshape(1)
+        buf = s.warmup_norms
+        slot = s.collected.clamp(max=self.warmup_steps - 1).reshape(1)
         buf.index_copy_(0, slot, torch.where(collect, x, buf.index_select(0, slot)))
-        s["collected"] = s["collected"] + collect.long()
-        init_now = collect & (s["collected"] >= self.warmup_steps)
+        s.collected = s.collected + collect.long()
+        init_now = collect & (s.collected >= self.warmup_steps)
         init_mean = buf.mean()
         init_var = (buf - init_mean).pow(2).mean()
-        s["mean"] = torch.where(init_now, init_mean, torch.where(update, new_mean, mean))
-        s["var"] = torch.where(init_now, init_var, torch.where(update, new_var, var))
-        s["initialized"] = ready | init_now
+        s.mean = torch.where(init_now, init_mean, torch.where(update, new_mean, mean))
+        s.var = torch.where(init_now, init_var, torch.where(update, new_var, var))
+        s.initialized = ready | init_now
 
         if self.max_norm is None:
             threshold = torch.where(ready, bound, math.nan)
@@ -187,30 +187,30 @@ class ZScoreClip(ClipRule):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """``mean``, ``var`` (floats), ``initialized``, and the warm-up norms collected so far (floats)."""
-        s = self._stats if self._stats is not None else self._fresh(torch.device("cpu"))
-        collected = int(s["collected"].item())
+        s = self.stats
+        collected = int(s.collected)
         return {
-            "mean": float(s["mean"].item()),
-            "var": float(s["var"].item()),
-            "initialized": bool(s["initialized"].item()),
-            "warmup_norms": s["warmup_norms"][: min(collected, self.warmup_steps)].tolist(),
+            "mean": float(s.mean),
+            "var": float(s.var),
+            "initialized": bool(s.initialized),
+            "warmup_norms": s.warmup_norms[: min(collected, self.warmup_steps)].tolist(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        stats = self._fresh(torch.device("cpu"))
+        stats = ZScoreStats(self.warmup_steps)
         norms = torch.tensor(state.get("warmup_norms", []), dtype=torch.float64)[: self.warmup_steps]
-        stats["warmup_norms"][: len(norms)] = norms
-        stats["collected"].fill_(len(norms))
-        stats["mean"].fill_(float(state.get("mean", 0.0)))
-        stats["var"].fill_(float(state.get("var", 0.0)))
+        stats.warmup_norms[: len(norms)] = norms
+        stats.collected.fill_(len(norms))
+        stats.mean.fill_(float(state.get("mean", 0.0)))
+        stats.var.fill_(float(state.get("var", 0.0)))
         initialized = bool(state.get("initialized", False))
         if not initialized and len(norms) == self.warmup_steps:
             # A shorter warm-up than the saved run's: it is over, initialise as the step would have.
-            stats["mean"].fill_(norms.mean().item())
-            stats["var"].fill_((norms - norms.mean()).pow(2).mean().item())
+            stats.mean.fill_(norms.mean().item())
+            stats.var.fill_((norms - norms.mean()).pow(2).mean().item())
             initialized = True
-        stats["initialized"].fill_(initialized)
-        self._stats = stats
+        stats.initialized.fill_(initialized)
+        self.stats = stats
 
     def describe(self) -> str:
         cap = "" if self.max_norm is None else f", max_norm={self.max_norm:g}"

@@ -1,0 +1,215 @@
+"""One optimizer step as a record: what every stage of the engine fills in and what rules and remedies read.
+
+The engine builds one :class:`StepRecord` per optimizer step and runs its stages over it
+(:mod:`lightning_clip.engine`): *layout* sets the parameters, gradients and names; *measure* the norms, the total and
+``finite``; *detect* ``bad``, ``overflow`` and ``spike``; *clip* lets the rule clip in place (``result``,
+``clipped``); then the remedy acts on the same record. Every tensor field is on the device: nothing here reads one.
+
+Values come to the host once per step, by name: :class:`HostRead` collects the tensors a step needs, makes one
+transfer, and hands back :class:`StepRead` (what a remedy acts on) and a name -> value dict (what is logged).
+
+Example (a record built by hand, as a rule's test does)::
+
+    >>> import torch
+    >>> from lightning_clip.rules import NormClip
+    >>> g = [torch.tensor([3.0, 4.0])]
+    >>> step = StepRecord(params=[torch.zeros(2)], grads=g, total=torch.tensor(5.0), finite=torch.tensor(True))
+    >>> NormClip(max_norm=1.0).clip_(step).clipped, g[0]
+    (tensor(True), tensor([0.6000, 0.8000]))
+    >>> read = HostRead(torch.device("cpu"))
+    >>> read.add("total", torch.tensor(5.0)); read.add_all("layers", [torch.tensor(1.0), torch.tensor(2.0)])
+    >>> read.read()
+    {'total': 5.0, 'layers': [1.0, 2.0]}
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_clip import functional as F
+
+if TYPE_CHECKING:
+    from lightning_clip.counters import StepCounters
+    from lightning_clip.rules.base import ClipResult, ClipRule
+
+__all__ = ["HostRead", "Request", "RunEnd", "StepRead", "StepRecord"]
+
+
+def _false() -> Tensor:
+    return torch.zeros((), dtype=torch.bool)
+
+
+def _nan() -> Tensor:
+    return torch.full((), math.nan)
+
+
+def _no_losses() -> bool:
+    return False
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@dataclass(eq=False)
+class StepRecord:
+    """One optimizer step. Stages fill it in order; rules read the gradient part, remedies all of it.
+
+    ``grads`` are the tensors to clip in place (``params[i].grad``; their local shards under FSDP2/TP). ``norms``
+    and ``total`` are in true units: under fp16 with a fused optimizer the gradients themselves are still
+    multiplied by the GradScaler's scale and ``inv_scale`` is ``1 / scale``. ``bad``: NaN/Inf in the gradient, the
+    loss or the inputs; ``skip``: the step will not be applied (bad, a spike, or a step a remedy asked to skip).
+    Statistics must leave out what is not healthy.
+    """
+
+    # --- layout: the step itself
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    names: Sequence[str] = ()
+    optimizer: Optimizer | None = None
+    optimizer_idx: int = 0
+    groups: Sequence[F.Group] | None = None  # functional.plan(grads), once per optimizer
+    norm_type: float = 2.0
+    eps: float = F.EPS
+    log: bool = False
+    scaler: Any = None  # a torch.amp.GradScaler under fp16, else None
+    inv_scale: Tensor | None = None
+    # Sharded gradients: the engine's reduction of a total norm across ranks (None: the gradients are whole).
+    reduce_total: Callable[[Sequence[Tensor]], Tensor] | None = None
+    sharded: bool = False  # this rank holds shards (FSDP, tensor parallel): only the measured norms are global
+    specs: Sequence[F.ShardSpec | None] = ()  # DTensor gradients: how each local shard lies in the whole
+    all_reduce: Callable[[Tensor, str], Tensor] | None = None  # flat shards (FSDP1): the collective over ranks
+    # True on a further closure evaluation inside one optimizer step (LBFGS): counted once, as one step.
+    reevaluation: bool = False
+    # False on a re-evaluation or a requested skip: statistics learn from applied steps only.
+    update_statistics: bool = True
+    # ids of the parameters with optimizer state when ``optimizer.step()`` began, when this step runs inside it
+    # (a closure); None when the update has not begun (plain loops, fp16)
+    state_before: set[int] | None = None
+    read_every: int = 50  # a sync-free remedy reads its counters at least this often
+    global_step: int = 0
+    epoch: int = 0
+    batch_idx: int = -1
+    # --- measure
+    norms: Sequence[Tensor] = ()
+    total: Tensor = field(default_factory=_nan)
+    finite: Tensor = field(default_factory=_false)
+    # False when the engine skipped the norm (rules with ``measures_finite`` only): ``total`` is NaN, ``finite`` and
+    # ``bad`` are placeholders, and the rule reports ``ClipResult.finite`` itself.
+    finite_measured: bool = True
+    # --- detect
+    data_bad: Tensor | None = None  # the loss and input evidence (None: not watched)
+    bad: Tensor = field(default_factory=_false)
+    overflow: Tensor = field(default_factory=_false)  # a GradScaler overflow (fp16), not divergence
+    spike: Tensor | None = None  # an outlier norm to skip (skip_spikes); None: not looked for
+    requested: bool = False  # skipped because a remedy asked for it (a data window)
+    # --- clip
+    result: ClipResult | None = None
+    clipped: Tensor = field(default_factory=_false)
+    # --- the optimizer's own units and evidence, for remedies
+    counters: StepCounters | None = None
+    rule: ClipRule | None = None
+    loss_nonfinite: Callable[[], bool] = _no_losses  # host read: the bad path only
+    input_problems: Callable[[], list[str]] = list
+    warn: Callable[[str], None] = _warn
+
+    @property
+    def device(self) -> torch.device:
+        return self.total.device
+
+    @property
+    def skip(self) -> Tensor:
+        """0-dim bool on the device: the step is not to be applied."""
+        skip = self.bad if self.spike is None else self.bad | self.spike
+        return skip | True if self.requested else skip
+
+    @property
+    def grads_scaled(self) -> bool:
+        """Fused optimizers under fp16 unscale inside their step: in the hook the gradients are still scaled."""
+        return self.scaler is not None and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    def norm_of(self, tensors: Sequence[Tensor]) -> Tensor:
+        """The total ``norm_type``-norm of ``tensors`` laid out like ``grads`` (e.g. the gradients after
+        clipping), over every shard when the gradients are sharded, on the device."""
+        if self.reduce_total is not None:
+            return self.reduce_total(tensors)
+        return F.total_norm(F.grad_norms(tensors, self.norm_type, self.groups), self.norm_type).to(self.device)
+
+
+@dataclass
+class StepRead:
+    """The host values of one step, from the engine's single transfer, for the remedy."""
+
+    bad: bool
+    streak: int  # consecutive bad steps of this optimizer, this one included
+    overflow: bool  # a GradScaler overflow (fp16), not divergence
+    counts: dict[str, int]
+    skip: bool = False  # not applied: bad, a spike, or a requested skip
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a remedy asks of the loop after a step; the engine honours it, in Lightning and plain loops alike.
+
+    ``skip_steps``: skip this optimizer's next ``skip_steps`` steps whatever their gradients (a data window: under
+    accumulation a step is a whole window). Only a remedy that :attr:`~lightning_clip.remedies.Remedy.skips_steps`
+    may ask it. Counted in ``requested_skips``.
+    """
+
+    skip_steps: int = 0
+
+
+@dataclass
+class RunEnd:
+    """One optimizer's counters at the end of training, read back once, for ``Remedy.finish``."""
+
+    optimizer_idx: int
+    counts: dict[str, int]  # the totals, with ``nonfinite_streak``
+    global_step: int
+    epoch: int
+    failed: bool  # an exception ended training: report, never raise
+    warn: Callable[[str], None]
+
+
+class HostRead:
+    """Device values a step needs on the host, added by name, read back in one transfer.
+
+    Scalars (0-dim) and lists of scalars are stacked in float64 on ``device`` and concatenated with any vectors:
+    one ``tolist()``. :meth:`read` returns them by the names they were added under.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._scalars: list[tuple[str, Tensor]] = []
+        self._vectors: list[tuple[str, Tensor]] = []
+
+    def add(self, name: str, value: Tensor) -> None:
+        """A 0-dim tensor, read back as a float."""
+        self._scalars.append((name, value))
+
+    def add_all(self, name: str, values: Sequence[Tensor] | Tensor) -> None:
+        """0-dim tensors (or a vector), read back as a list of floats."""
+        vector = values if isinstance(values, Tensor) else torch.stack(list(values)) if values else torch.zeros(0)
+        self._vectors.append((name, vector.reshape(-1)))
+
+    def read(self) -> dict[str, Any]:
+        """Everything added, by name (the one device-to-host transfer of this step)."""
+        parts = []
+        if self._scalars:
+            parts.append(torch.stack([v.to(device=self.device, dtype=torch.float64) for _, v in self._scalars]))
+        parts += [v.to(device=self.device, dtype=torch.float64) for _, v in self._vectors]
+        flat = torch.cat(parts).tolist() if parts else []
+        out: dict[str, Any] = {name: flat[i] for i, (name, _) in enumerate(self._scalars)}
+        pos = len(self._scalars)
+        for name, vector in self._vectors:
+            out[name] = flat[pos : pos + vector.numel()]
+            pos += vector.numel()
+        return out

@@ -1,0 +1,148 @@
+"""One optimizer's place in the engine, split by job.
+
+* :class:`SlotUnits` -- what persists and is checkpointed: the counters, this optimizer's copies of the clip rule and
+  the remedy, the spike statistics, and the steps a remedy asked to skip.
+* :class:`StepTracker` -- hooks on ``optimizer.step()``: tells a re-evaluated closure (LBFGS) from a new step, and
+  which parameters had optimizer state when the step began.
+* :class:`Layout` -- the cached foreach groups and names of the parameters stepped last time: the same parameters
+  step every time, so the Python loops over them run once.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_clip import functional as F
+from lightning_clip.counters import StepCounters
+from lightning_clip.detect import SpikeDetector
+from lightning_clip.remedies import Remedy
+from lightning_clip.rules import ClipRule
+
+_DTYPE, _DEVICE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("layout")
+
+
+@dataclass
+class SlotUnits:
+    """The persistent state of one optimizer: its own copies of the units, saved flat in its checkpoint entry."""
+
+    counters: StepCounters
+    rule: ClipRule
+    remedy: Remedy
+    spikes: SpikeDetector | None = None
+    skip_remaining: int = 0  # steps a remedy asked the loop to skip (Request.skip_steps), still to come
+
+    @classmethod
+    def copies_of(cls, rule: ClipRule, remedy: Remedy, spikes: SpikeDetector | None) -> SlotUnits:
+        return cls(StepCounters(), copy.deepcopy(rule), copy.deepcopy(remedy), copy.deepcopy(spikes))
+
+    def take_requested_skip(self) -> bool:
+        """Is this step one a remedy asked to skip? (Counts it off.)"""
+        if self.skip_remaining <= 0:
+            return False
+        self.skip_remaining -= 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self.counters.export(),
+            "lr_scale": self.remedy.lr_scale,
+            **self.remedy.state_dict(),
+            "skip_remaining": self.skip_remaining,
+            "rule": self.rule.state_dict(),
+            "spikes": self.spikes.state_dict() if self.spikes is not None else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the flat entries of 0.1.0 and 0.2.0.dev0 too)."""
+        self.counters = StepCounters.restore(state)
+        self.remedy.load_state_dict(state)  # a remedy without an LR scale ignores a saved one
+        self.skip_remaining = int(state.get("skip_remaining", 0))
+        if state.get("rule"):
+            self.rule.load_state_dict(state["rule"])
+        if state.get("spikes") and self.spikes is not None:
+            self.spikes.load_state_dict(state["spikes"])
+
+
+class StepTracker:
+    """Watch ``optimizer.step()``: a second engine step inside one call is a re-evaluated closure (LBFGS)."""
+
+    def __init__(self) -> None:
+        self.optimizer: Optimizer | None = None
+        self.step_calls = 0  # optimizer.step() calls counted by the hooks
+        self.in_step = False
+        self.seen_call = -1  # the call the engine last saw
+        self.handles: tuple[Any, ...] = ()
+        self.state_at_step_start: set[int] = set()
+
+    def track(self, optimizer: Optimizer) -> None:
+        self.untrack()
+        self.optimizer = optimizer
+        # Bound methods, not closures: the callback must pickle (ddp_spawn, torch.save of a Trainer) mid-fit too.
+        self.handles = (optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post))
+
+    def _pre(self, optimizer: Optimizer, *_: Any) -> None:
+        self.step_calls += 1
+        self.in_step = True
+        # Closure optimizers (LBFGS) create state before they evaluate the closure that decides a skip.
+        self.state_at_step_start = {id(p) for p in optimizer.state}
+
+    def _post(self, *_: Any) -> None:
+        self.in_step = False
+
+    def untrack(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.in_step = (), False
+
+    def reevaluation(self) -> bool:
+        """Is this engine step a further closure evaluation within the same ``optimizer.step()``?"""
+        again = self.in_step and self.seen_call == self.step_calls
+        self.seen_call = self.step_calls
+        return again
+
+    def state_before(self) -> set[int] | None:
+        """Parameters with optimizer state when the running ``step()`` began; None outside ``step()``."""
+        return self.state_at_step_start if self.in_step else None
+
+
+@dataclass
+class Layout:
+    """Foreach groups and names of the parameters stepped last time, keyed by their ids, dtypes, devices, layouts."""
+
+    key: tuple[Any, ...] = ()
+    groups: list[F.Group] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    dtensor: bool = False
+
+    def update(self, params: list[Tensor], grads: list[Tensor], names: dict[int, str]) -> Layout:
+        key = (
+            tuple(map(id, params)),
+            tuple(map(type, grads)),
+            tuple(map(_DTYPE, grads)),
+            tuple(map(_DEVICE, grads)),
+            tuple(map(_LAYOUT, grads)),  # a gradient may turn sparse (or back) between steps
+        )
+        if key != self.key:
+            self.names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+            self.dtensor = any(spec is not None for spec in F.local_shards(grads, self.names)[1])
+            self.key, self.groups = key, F.plan(F.local_shards(grads)[0] if self.dtensor else grads)
+        return self
+
+
+@dataclass
+class Slot:
+    """One optimizer: :class:`SlotUnits` (persistent), :class:`StepTracker` (hooks), :class:`Layout` (cache)."""
+
+    units: SlotUnits
+    tracker: StepTracker = field(default_factory=StepTracker)
+    layout: Layout = field(default_factory=Layout)
+
+    @property
+    def optimizer(self) -> Optimizer | None:
+        return self.tracker.optimizer
