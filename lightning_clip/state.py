@@ -35,6 +35,12 @@ from typing_extensions import Self
 class DeviceState(nn.Module):
     """Statistics as buffers. :meth:`on` moves them to the gradients' device (floating ones to ``dtype``) once."""
 
+    @property
+    def live(self) -> dict[str, Tensor]:
+        """The buffers by name, for the hot path: reading and replacing them here skips nn.Module's
+        ``__getattr__``/``__setattr__``, which cost microseconds per access."""
+        return self._buffers  # type: ignore[return-value]  # every buffer here is a tensor
+
     def on(self, device: torch.device, dtype: torch.dtype | None = None) -> Self:
         """Bring every buffer to ``device`` (and the floating ones to ``dtype``): a no-op once they are there."""
         if self.__dict__.get("_placed") == (device, dtype):  # the hot path: one dict lookup
@@ -65,11 +71,13 @@ class NormHistory(DeviceState):
 
     def record(self, x: Tensor, keep: Tensor) -> None:
         """Append ``x`` (0-dim) where ``keep`` (0-dim bool) is True; else leave everything as it was. No host read."""
-        slot = self.pos.reshape(1)
-        new = torch.where(keep, x.to(self.values.dtype), self.values.index_select(0, slot))
-        self.values.index_copy_(0, slot, new.reshape(1))
-        self.pos.copy_(torch.where(keep, (self.pos + 1) % self.size, self.pos))
-        self.count.add_(keep.long())
+        b = self.live
+        values, pos = b["values"], b["pos"]
+        slot = pos.reshape(1)
+        new = torch.where(keep, x.to(values.dtype), values.index_select(0, slot))
+        values.index_copy_(0, slot, new.reshape(1))
+        pos.copy_(torch.where(keep, (pos + 1) % self.size, pos))
+        b["count"].add_(keep.long())
 
     def ordered(self) -> Tensor:
         """The recorded values, oldest first (a host read)."""

@@ -123,16 +123,16 @@ class ZScoreClip(ClipRule):
 
     # ------------------------------------------------------------------ the step
     def clip_(self, step: StepRecord) -> ClipResult:
-        s = self.stats.on(step.device, stats_dtype(step.device))
-        dtype = s.mean.dtype
+        s = self.stats.on(step.device, stats_dtype(step.device)).live
+        dtype = s["mean"].dtype
         x = step.total.to(dtype)
         eps, zt, alpha = step.eps, self.z_threshold, self.ema_decay
         finite = step.finite
         healthy = finite & ~step.bad
         if not step.update_statistics:  # a re-evaluated closure: this step is already counted
             healthy = healthy & False
-        ready = s.initialized
-        mean, var = s.mean, s.var
+        ready = s["initialized"]
+        mean, var = s["mean"], s["var"]
         std = var.sqrt()
 
         # Spike test and target, in ZClip's order of operations (ZClip._compute_clip_val).
@@ -166,16 +166,16 @@ class ZScoreClip(ClipRule):
         new_var = alpha * var + (1 - alpha) * (clip_val - new_mean) ** 2
         # Warm-up: store the norm in the next slot; a bad step rewrites that slot with its old value.
         collect = ~ready & healthy
-        buf = s.warmup_norms
-        slot = s.collected.clamp(max=self.warmup_steps - 1).reshape(1)
+        buf = s["warmup_norms"]
+        slot = s["collected"].clamp(max=self.warmup_steps - 1).reshape(1)
         buf.index_copy_(0, slot, torch.where(collect, x, buf.index_select(0, slot)))
-        s.collected = s.collected + collect.long()
-        init_now = collect & (s.collected >= self.warmup_steps)
+        s["collected"] = s["collected"] + collect.long()
+        init_now = collect & (s["collected"] >= self.warmup_steps)
         init_mean = buf.mean()
         init_var = (buf - init_mean).pow(2).mean()
-        s.mean = torch.where(init_now, init_mean, torch.where(update, new_mean, mean))
-        s.var = torch.where(init_now, init_var, torch.where(update, new_var, var))
-        s.initialized = ready | init_now
+        s["mean"] = torch.where(init_now, init_mean, torch.where(update, new_mean, mean))
+        s["var"] = torch.where(init_now, init_var, torch.where(update, new_var, var))
+        s["initialized"] = ready | init_now
 
         if self.max_norm is None:
             threshold = torch.where(ready, bound, math.nan)
