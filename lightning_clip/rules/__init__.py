@@ -1,8 +1,11 @@
 """Clip rules: one small class per ``mode``, registered by name.
 
-A rule decides the threshold and clips (see :class:`~lightning_clip.rules.base.ClipRule`). To add one:
-write ``rules/<name>.py`` with a ``ClipRule`` subclass that sets ``mode`` (and ``options`` if the flat
-``GradientClipping`` arguments should build it), then add it to :data:`RULES` below. The callback and the
+A rule decides the threshold and clips (see :class:`~lightning_clip.rules.base.ClipRule`): it reads the gradient
+part of the step's :class:`~lightning_clip.record.StepRecord` and clips ``step.grads`` in place. Each optimizer
+gets its own copy, with its own statistics.
+
+To add one: write ``rules/<name>.py`` with a ``ClipRule`` subclass that sets ``mode`` (and ``options`` if the
+flat ``GradientClipping`` arguments should build it), then add it to :data:`RULES` below. The callback and the
 engine need no edit: ``GradientClipping(mode="<name>")`` and ``GradientClipping(rule=MyRule(...))`` both work.
 
 Example::
