@@ -10,6 +10,8 @@ of ``lightning.pytorch``, so either Trainer and either ``LightningCLI`` accepts 
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.utilities import rank_zero_warn
@@ -65,8 +67,17 @@ _FLOATS = (
     "min_lr_scale",
     "eps",
     "skip_spikes",
+    "loss_spikes",
+    "rollback_lr_factor",
 )
-_INTS = ("lr_recovery_steps", "max_consecutive_nonfinite", "spike_window")
+_INTS = (
+    "lr_recovery_steps",
+    "max_consecutive_nonfinite",
+    "spike_window",
+    "snapshot_every",
+    "rollback_after",
+    "rollback_skip_steps",
+)
 
 
 def _plain(settings: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +109,18 @@ def _check_rule_object(rule: ClipRule, settings: dict[str, Any]) -> ClipRule:
     return rule
 
 
-_REMEDY_DEFAULTS = {"lr_factor": 0.5, "min_lr_scale": None, "lr_recovery_steps": None, "max_consecutive_nonfinite": 10}
+_REMEDY_DEFAULTS: dict[str, Any] = {
+    "lr_factor": 0.5,
+    "min_lr_scale": None,
+    "lr_recovery_steps": None,
+    "max_consecutive_nonfinite": 10,
+    "snapshot_every": 50,
+    "rollback_after": 1,
+    "rollback_skip_steps": 0,
+    "rollback_lr_factor": 0.5,
+}
+# Read by the policies that need them; a changed value under another policy would be ignored: refused.
+_DEFAULTED = ("lr_factor", "snapshot_every", "rollback_after", "rollback_skip_steps", "rollback_lr_factor")
 
 
 def _build_remedy(settings: dict[str, Any]) -> Remedy:
@@ -114,11 +136,16 @@ def _build_remedy(settings: dict[str, Any]) -> Remedy:
                 "pass them to the remedy instead."
             )
         return policy
+    changed = {k: settings[k] for k in _DEFAULTED if settings[k] != _REMEDY_DEFAULTS[k]}
     return build_remedy(
-        settings["nan_policy"],
-        strict={"min_lr_scale": settings["min_lr_scale"], "lr_recovery_steps": settings["lr_recovery_steps"]},
-        lr_factor=settings["lr_factor"],
+        policy,
+        strict={
+            "min_lr_scale": settings["min_lr_scale"],
+            "lr_recovery_steps": settings["lr_recovery_steps"],
+            **changed,
+        },
         max_consecutive_nonfinite=settings["max_consecutive_nonfinite"],
+        **{k: settings[k] for k in _DEFAULTED},
     )
 
 
@@ -138,8 +165,10 @@ class GradientClipping(CallbackBase):
         nan_policy: the remedy (:mod:`lightning_clip.remedies`) when a gradient element is NaN/Inf (or the loss,
             or a checked input): ``"skip"`` makes the optimizer step a no-op (weights and optimizer state
             untouched); ``"halve_lr"`` skips and multiplies the LR by ``lr_factor`` on top of any scheduler;
-            ``"raise"`` raises :class:`~lightning_clip.NonFiniteGradientError`; ``"ignore"`` does nothing. Or a
-            :class:`~lightning_clip.remedies.Remedy` object with its own settings (in YAML: a ``class_path``).
+            ``"raise"`` raises :class:`~lightning_clip.NonFiniteGradientError`; ``"ignore"`` does nothing;
+            ``"rollback"`` restores the newest healthy in-memory snapshot, skips a data window and lowers the LR
+            (:class:`~lightning_clip.remedies.Rollback`). Or a :class:`~lightning_clip.remedies.Remedy` object with
+            its own settings (in YAML: a ``class_path``).
         lr_factor: ``halve_lr``: the factor applied per bad step, in (0, 1).
         min_lr_scale: ``halve_lr``: the LR scale never goes below this (in (0, 1]); None for no floor.
         lr_recovery_steps: ``halve_lr``: after this many healthy steps in a row, undo one reduction
@@ -159,7 +188,18 @@ class GradientClipping(CallbackBase):
             deviations of the last ``spike_window`` healthy norms (OLMo-core's skip-step rule), through the same
             sync-free skip as NaN steps; counted in ``grad_clip/spike_skips``. Needs ``nan_policy`` ``"skip"``
             or ``"halve_lr"`` (a spike does not lower the LR). None: off.
-        spike_window: how many recent healthy norms ``skip_spikes`` compares with (the first 20 only collect).
+        spike_window: how many recent healthy norms ``skip_spikes`` (and losses ``loss_spikes``) compare with
+            (the first 20 only collect).
+        loss_spikes: a step whose loss (the mean over its micro-batches) exceeds the mean + ``loss_spikes``
+            standard deviations of the losses of the last ``spike_window`` healthy steps is a spike: skipped
+            under ``skip``/``halve_lr``, a bad step towards ``rollback_after`` under ``rollback``. On the device,
+            NaN-safe, kept in checkpoints; counted in ``grad_clip/spike_skips``. None: off.
+        snapshot_every: ``rollback``: keep an in-memory snapshot after every ``snapshot_every``-th step when the
+            steps since the last one were healthy (at most two are kept).
+        rollback_after: ``rollback``: this many bad steps in a row trigger a rollback; fewer are skipped.
+        rollback_skip_steps: ``rollback``: after a rollback, skip the bad step and this many more steps (the
+            data window).
+        rollback_lr_factor: ``rollback``: multiply the LR by this at each rollback, in (0, 1] (1.0 keeps it).
 
     Logged on logging steps (``Trainer(log_every_n_steps)``) to every logger of the Trainer:
     ``grad_norm/total`` (before clipping), ``grad_norm/total_clipped`` (after), ``grad_norm_layer/<name>``
@@ -200,6 +240,11 @@ class GradientClipping(CallbackBase):
         rule: ClipRule | None = None,
         skip_spikes: float | None = None,
         spike_window: int = 128,
+        loss_spikes: float | None = None,
+        snapshot_every: int = 50,
+        rollback_after: int = 1,
+        rollback_skip_steps: int = 0,
+        rollback_lr_factor: float = 0.5,
     ) -> None:
         super().__init__()
         check_count("spike_window", spike_window, allow_none=False)  # checked also while skip_spikes is off
@@ -208,7 +253,9 @@ class GradientClipping(CallbackBase):
         del settings["self"], settings["__class__"]
         self.__dict__["_settings"] = settings  # read and written through the _Setting descriptors below
         rule = _build_rule(settings) if rule is None else _check_rule_object(rule, settings)
-        spikes = None if skip_spikes is None else SpikeDetector(skip_spikes, spike_window, min(20, spike_window))
+        warmup = min(20, spike_window)
+        spikes = None if skip_spikes is None else SpikeDetector(skip_spikes, spike_window, warmup)
+        losses = None if loss_spikes is None else SpikeDetector(loss_spikes, spike_window, warmup, "loss_spikes")
         self.engine = ClipEngine(
             rule,
             _build_remedy(settings),
@@ -218,7 +265,9 @@ class GradientClipping(CallbackBase):
             log_norms=log_norms,
             spike_skip=spikes,
             name=name,
+            loss_spike=losses,
         )
+        self._windows_written = 0
         self.engine.warn = _warn
         settings.update(_plain(settings))  # checked by now: numpy scalars become Python numbers
 
@@ -231,6 +280,7 @@ class GradientClipping(CallbackBase):
     name = _Setting(fixed="it is part of the checkpoint key and of every tag")
     rule = _Setting(fixed="it is the clip rule itself")
     skip_spikes = _Setting(fixed="it decides whether spike statistics are kept")
+    loss_spikes = _Setting(fixed="it decides whether loss statistics are kept")
     spike_window = _Setting(fixed="it sizes the spike history")
     max_norm = _Setting(unit="rule")
     clip_value = _Setting(unit="rule")
@@ -240,6 +290,10 @@ class GradientClipping(CallbackBase):
     min_lr_scale = _Setting(unit="remedy")
     lr_recovery_steps = _Setting(unit="remedy")
     max_consecutive_nonfinite = _Setting(unit="remedy")
+    snapshot_every = _Setting(unit="remedy")
+    rollback_after = _Setting(unit="remedy")
+    rollback_skip_steps = _Setting(unit="remedy")
+    rollback_lr_factor = _Setting(unit="remedy")
     norm_type = _Setting(unit="engine")
     eps = _Setting(unit="engine")
     log_norms = _Setting(unit="engine")
@@ -344,6 +398,22 @@ class GradientClipping(CallbackBase):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._follow_optimizers(trainer, pl_module)
         self.engine.observe_batch(batch, batch_idx)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        windows = self.engine.skipped_windows()
+        if len(windows) != self._windows_written:  # a rollback skipped a data window: keep it beside the logs
+            self._windows_written = len(windows)
+            path = self.windows_path(trainer)  # on every rank: trainer.log_dir is a collective under DDP
+            if trainer.is_global_zero:
+                path.write_text(json.dumps(windows, indent=1))
+
+    def windows_path(self, trainer: Any) -> Path:
+        """Where the skipped data windows of this run are written (JSON): a restart from an older checkpoint can
+        skip the same batches. Call it on every rank: ``trainer.log_dir`` broadcasts under DDP."""
+        suffix = f"_{self.name}" if self.name else ""
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / f"lightning_clip_skipped_windows{suffix}.json"
 
     def _follow_optimizers(self, trainer: Any, pl_module: Any) -> None:
         # Optimizers re-created during fit (strategy.setup_optimizers at an epoch start) take over their slots

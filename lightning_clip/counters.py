@@ -68,7 +68,8 @@ class StepCounters(DeviceState):
         buffers = self._buffers
         false = buffers["false"]
         assert false is not None
-        flags = [clipped, bad, overflow, false if spike is None else spike, ~false if requested else false]
+        # A requested step that is also bad counts as bad only: skipped_steps adds the two.
+        flags = [clipped, bad, overflow, false if spike is None else spike, ~bad if requested else false]
         buffers["counts"].add_(torch.stack(flags))  # type: ignore[union-attr]
         buffers["streak"].add_(1).mul_(bad)  # type: ignore[union-attr]  # reset to 0 by a good step
 

@@ -64,12 +64,15 @@ class BadStepDetector:
     The loss flag belongs to the next optimizer step only: :meth:`flag` consumes it.
     """
 
-    def __init__(self, check_inputs: bool = False, check_loss: bool = True) -> None:
+    def __init__(self, check_inputs: bool = False, check_loss: bool = True, keep_losses: bool = False) -> None:
         self.check_inputs = check_inputs
         self.check_loss = check_loss
-        # (0-dim bool, ids of the parameters the loss reaches or None) per backward not yet consumed by a step
-        self._losses: list[tuple[Tensor, set[int] | None]] = []
+        self.keep_losses = keep_losses  # keep the loss values too (loss_spikes): step_loss() is their mean
+        # (0-dim bool, ids of the parameters the loss reaches or None, the loss or None) per backward not yet
+        # consumed by a step
+        self._losses: list[tuple[Tensor, set[int] | None, Tensor | None]] = []
         self._step_losses: list[Tensor] = []
+        self._step_values: list[Tensor] = []
         self._batches: list[tuple[int, Any, Tensor | None]] = []
         self._window_done = False
 
@@ -90,7 +93,9 @@ class BadStepDetector:
         :func:`leaf_parameters`) ties it to the optimizers of those parameters; None: to the next step."""
         if not self.check_loss or not isinstance(loss, Tensor):
             return
-        self._losses.append((~torch.isfinite(loss.detach()).all(), owners))
+        value = loss.detach()
+        kept = value.float().mean() if self.keep_losses else None
+        self._losses.append((~torch.isfinite(value).all(), owners, kept))
 
     def flag(self, device: torch.device, agree: bool = False, params: set[int] | None = None) -> Tensor:
         """0-dim bool on ``device``: was a loss of this step or any input of this window NaN/Inf? With ``agree``,
@@ -100,18 +105,26 @@ class BadStepDetector:
         are consumed for these parameters, so another optimizer's step sees only its own losses.
         """
         flags = [f.to(device) for _, _, f in self._batches if f is not None]
-        self._step_losses = []
-        kept: list[tuple[Tensor, set[int] | None]] = []
-        for bad, owners in self._losses:
+        self._step_losses, self._step_values = [], []
+        kept: list[tuple[Tensor, set[int] | None, Tensor | None]] = []
+        for bad, owners, value in self._losses:
             if owners is None or params is None or owners & params:
                 self._step_losses.append(bad)
+                if value is not None:
+                    self._step_values.append(value)
                 flags.append(bad.to(device))
                 owners = None if owners is None or params is None else owners - params
             if owners:  # still owed to another optimizer's step
-                kept.append((bad, owners))
+                kept.append((bad, owners, value))
         self._losses = kept
         bad = torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=device)
         return agree_any(bad) if agree else bad
+
+    def step_loss(self, device: torch.device) -> Tensor | None:
+        """The mean loss of the last :meth:`flag` (its micro-batches), on ``device``; None if none was kept."""
+        if not self._step_values:
+            return None
+        return torch.stack([v.to(device) for v in self._step_values]).mean()
 
     def loss_nonfinite(self) -> bool:
         """Was a loss of the last :meth:`flag` NaN/Inf? Host read: the bad path only."""
@@ -131,7 +144,7 @@ class BadStepDetector:
     def step_done(self) -> None:
         """The optimizer step is over: the next micro-batch opens a new window. Losses not tied to other
         optimizers' parameters belonged to this step, whether or not it had gradients."""
-        self._losses = [(bad, owners) for bad, owners in self._losses if owners is not None and owners]
+        self._losses = [loss for loss in self._losses if loss[1] is not None and loss[1]]
         self._window_done = True
 
 
@@ -152,10 +165,10 @@ class SpikeDetector:
         [False, False, False, False, False, True, False]
     """
 
-    def __init__(self, k: float = 6.0, window: int = 128, warmup: int = 20) -> None:
+    def __init__(self, k: float = 6.0, window: int = 128, warmup: int = 20, setting: str = "skip_spikes") -> None:
         from lightning_clip.validation import check_count, check_positive
 
-        check_positive("skip_spikes", k)
+        check_positive(setting, k)  # errors name the callback argument that set ``k``
         check_count("spike_window", window, allow_none=False)
         check_count("warmup", warmup, allow_none=False)
         if warmup > window:

@@ -88,6 +88,8 @@ class ClipEngine:
         spike_skip: a :class:`~lightning_clip.detect.SpikeDetector`: skip (not clip) a step whose total norm is an
             extreme outlier, through the remedy's skip (needs a remedy that skips steps); counted in ``spike_skips``.
         name: tells this engine's metrics apart from another's: every tag gets the suffix ``/<name>``.
+        loss_spike: a :class:`~lightning_clip.detect.SpikeDetector` on the step's loss (the mean of its
+            micro-batches' losses passed to :meth:`observe_loss`): a loss spike is skipped like a norm spike.
 
     In a loop: :meth:`attach` the optimizers once, then per optimizer step call :meth:`observe_loss` (and
     :meth:`observe_batch`) for each micro-batch, :meth:`step` after the last backward and before
@@ -105,6 +107,7 @@ class ClipEngine:
         log_norms: str = "layer",
         spike_skip: SpikeDetector | None = None,
         name: str | None = None,
+        loss_spike: SpikeDetector | None = None,
     ) -> None:
         M.check_instance_name(name)
         self.rule = rule if rule is not None else NormClip()
@@ -113,16 +116,20 @@ class ClipEngine:
             raise ValueError(f"`rule` must be a lightning_clip.rules.ClipRule, got {self.rule!r}.")
         if not isinstance(self.remedy, Remedy):
             raise ValueError(f"`remedy` must be a lightning_clip.remedies.Remedy, got {self.remedy!r}.")
-        if spike_skip is not None and not self.remedy.skips_steps:
-            raise ValueError(
-                f"skipping spikes (`skip_spikes`) needs a nan_policy that skips steps ('skip', 'halve_lr'); got "
-                f"nan_policy={self.remedy.policy!r}."
-            )
+        for setting, detector in (("skip_spikes", spike_skip), ("loss_spikes", loss_spike)):
+            if detector is not None and not self.remedy.skips_steps:
+                raise ValueError(
+                    f"`{setting}` needs a nan_policy that skips steps ('skip', 'halve_lr', 'rollback'); got "
+                    f"nan_policy={self.remedy.policy!r}."
+                )
         # Prototypes: each optimizer gets its own copies (SlotUnits), with their own statistics and state.
         self.spike_skip = spike_skip
+        self.loss_spike = loss_spike
         self.spike_top_k = 3  # layers named when a logged step holds a spike
         self.name = name  # tags get the suffix /<name>
-        self.detector = BadStepDetector(check_inputs, check_loss=self.remedy.checks_loss)
+        self.detector = BadStepDetector(
+            check_inputs, check_loss=self.remedy.checks_loss, keep_losses=loss_spike is not None
+        )
         self.configure(norm_type=norm_type, eps=eps, log_norms=log_norms, check_inputs=check_inputs)
         self.warn: Callable[[str], None] = warn_at_caller
         self._slots: list[Slot] = []
@@ -209,12 +216,14 @@ class ClipEngine:
             slot.units.remedy.finish(RunEnd(i, counts, step, epoch, failed, self.warn))
 
     def _bind(self, slot: Slot, optimizer: Optimizer) -> None:
-        slot.tracker.track(optimizer)
-        slot.units.remedy.attach(optimizer)
+        # A closure optimizer that moves the weights between evaluations (LBFGS) is snapshotted at each step start
+        # under a remedy that skips: a bad evaluation anywhere in the step restores it, so the step is a no-op.
+        slot.tracker.track(optimizer, guard=slot.units.remedy.skips_steps and _moves_between_evaluations(optimizer))
+        slot.units.remedy.attach(optimizer, slot.units.statistics)
 
     def _slot_at(self, i: int) -> Slot:
         while len(self._slots) <= i:
-            self._slots.append(Slot(SlotUnits.copies_of(self.rule, self.remedy, self.spike_skip)))
+            self._slots.append(Slot(SlotUnits.copies_of(self.rule, self.remedy, self.spike_skip, self.loss_spike)))
         return self._slots[i]
 
     def _slot_of(self, optimizer: Optimizer) -> tuple[int, Slot]:
@@ -321,7 +330,7 @@ class ClipEngine:
         if layout.dtensor:  # DTensor gradients (FSDP2, tensor parallel): the math runs on the local shards, in place
             grads, specs = F.local_shards(grads, layout.names)
         reevaluation = slot.tracker.reevaluation()
-        if reevaluation and units.remedy.skips_steps:
+        if reevaluation and units.remedy.skips_steps and not slot.tracker.guard:
             _refuse_moving_closure(optimizer, units.remedy)
         requested = units.take_requested_skip() if not reevaluation else False
         false = counters.false
@@ -401,6 +410,8 @@ class ClipEngine:
         """Stage 3: the loss and input evidence (agreed across ranks), then the bad-step flag."""
         if self.detector.active:
             step.data_bad = self.detector.flag(step.device, agree=distributed, params={id(p) for p in step.params})
+            step.loss = self.detector.step_loss(step.device)
+        step.distributed = distributed
         if step.finite_measured:
             self._judge(step)
 
@@ -424,8 +435,14 @@ class ClipEngine:
             step.finite, step.norms = result.finite, list(result.tensor_norms)
             self._judge(step)
             step.total = torch.full((), math.nan, device=step.device)
-        if slot.units.spikes is not None and step.update_statistics:  # the total is the same on every rank
-            step.spike = slot.units.spikes.flag(step.total, step.bad | step.overflow)
+        units = slot.units
+        if units.spikes is not None and step.update_statistics:  # the total is the same on every rank
+            step.spike = units.spikes.flag(step.total, step.bad | step.overflow)
+        if units.loss_spikes is not None and step.update_statistics and step.loss is not None:
+            loss_spike = units.loss_spikes.flag(step.loss, step.bad | step.overflow)
+            if step.distributed:  # each rank has its own loss: the ranks skip together
+                loss_spike = agree_any(loss_spike)
+            step.spike = loss_spike if step.spike is None else step.spike | loss_spike
         clipped = result.clipped & ~step.skip
         if step.sharded:
             # Element-wise rules (value, AGC) see only this rank's shard: every rank must count the same step.
@@ -445,14 +462,17 @@ class ClipEngine:
         if not (remedy.needs_read(step) or step.log):
             return {}
         values = self._read(step)
-        counts = slot.units.counters.from_values(values["counts"])
+        counts = {**slot.units.counters.from_values(values["counts"]), **remedy.counts()}
         counts["skipped_steps"] = self._skipped(counts)
         read = StepRead(
             bool(values["bad"]), int(values["streak"]), bool(values["overflow"]), counts, bool(values["skip"])
         )
         request = remedy.on_host(step, read)
+        if read.skip and slot.tracker.guard:
+            slot.tracker.restore_after_step()  # LBFGS: undo the moves of the evaluations before this one
         if request is not None:
             self._honour(slot, request)
+        counts.update(remedy.counts())  # what this step changed (a rollback)
         return self._report(i, slot, step, values, counts) if step.log else {}
 
     def _read(self, step: StepRecord) -> dict[str, Any]:
@@ -574,18 +594,23 @@ class ClipEngine:
     def counters(self) -> dict[str, int]:
         """Cumulative counts over all optimizers (reads the device: not for the hot path)."""
         out = dict.fromkeys(("steps", *COUNTERS), 0)
-        for slot in self._slots:
-            for k, v in slot.units.counters.totals().items():
-                if k in out:
-                    out[k] += v
+        for i in range(len(self._slots)):
+            for k, v in self.counters_of(i).items():
+                if k != "nonfinite_streak" and k != "skipped_steps":
+                    out[k] = out.get(k, 0) + v
         out["skipped_steps"] = self._skipped(out)
         return out
 
     def counters_of(self, optimizer_idx: int) -> dict[str, int]:
         """Counts of one optimizer, with its current run of bad steps (``nonfinite_streak``)."""
-        out = self._slots[optimizer_idx].units.counters.totals()
+        units = self._slots[optimizer_idx].units
+        out = {**units.counters.totals(), **units.remedy.counts()}
         out["skipped_steps"] = self._skipped(out)
         return out
+
+    def skipped_windows(self) -> list[dict[str, Any]]:
+        """The data windows the remedies skipped (rollbacks), each with its ``optimizer`` index."""
+        return [{"optimizer": i, **w} for i, s in enumerate(self._slots) for w in s.units.remedy.skipped_windows()]
 
     def _skipped(self, counts: dict[str, int]) -> int:
         # Skipped steps: bad ones, spikes and requested ones, under a remedy that skips.
@@ -608,6 +633,12 @@ def _copy_options(new: ClipRule | Remedy, targets: Sequence[ClipRule | Remedy]) 
     for target in targets:
         for option in new.options:
             setattr(target, option, getattr(new, option))
+
+
+def _moves_between_evaluations(optimizer: Optimizer) -> bool:
+    """A closure optimizer that evaluates several times per step and moves the weights in between (LBFGS)."""
+    defaults = optimizer.defaults
+    return int(defaults.get("max_iter", 1) or 1) > 1 or defaults.get("line_search_fn") is not None
 
 
 def _refuse_moving_closure(optimizer: Optimizer, remedy: Remedy) -> None:

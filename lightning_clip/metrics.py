@@ -35,6 +35,8 @@ NONFINITE_STEPS = "grad_clip/nonfinite_steps"
 SKIPPED_STEPS = "grad_clip/skipped_steps"
 AMP_OVERFLOWS = "grad_clip/amp_overflows"
 SPIKE_SKIPS = "grad_clip/spike_skips"
+REQUESTED_SKIPS = "grad_clip/requested_skips"  # steps of a data window a remedy asked to skip
+ROLLBACKS = "grad_clip/rollbacks"  # nan_policy="rollback" only
 LR_SCALE = "grad_clip/lr_scale"
 MAX_NORM = "grad_clip/max_norm"
 THRESHOLD = "grad_clip/threshold"
@@ -49,6 +51,8 @@ COUNTER_TAGS = {
     "skipped_steps": SKIPPED_STEPS,
     "amp_overflows": AMP_OVERFLOWS,
     "spike_skips": SPIKE_SKIPS,
+    "requested_skips": REQUESTED_SKIPS,
+    "rollbacks": ROLLBACKS,
 }
 
 _TOTAL_RE = re.compile(rf"^{re.escape(TOTAL)}(?:_opt(\d+))?(?:/([^/]+))?$")
@@ -116,7 +120,7 @@ def step_metrics(
         CLIPPED + end: values["clipped"],
         LR_SCALE + end: values["lr_scale"],
     }
-    out.update({name + end: float(counts[key]) for key, name in COUNTER_TAGS.items()})
+    out.update({name + end: float(counts[key]) for key, name in COUNTER_TAGS.items() if key in counts})
     for key, name in (("threshold", THRESHOLD), ("max_norm", MAX_NORM)):
         if values.get(key) is not None:
             out[name + end] = values[key]

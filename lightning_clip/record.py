@@ -2,8 +2,8 @@
 
 The engine builds one :class:`StepRecord` per optimizer step and runs its stages over it
 (:mod:`lightning_clip.engine`): *layout* sets the parameters, gradients and names; *measure* the norms, the total and
-``finite``; *detect* ``bad``, ``overflow`` and ``spike``; *clip* lets the rule clip in place (``result``,
-``clipped``); then the remedy acts on the same record. Every tensor field is on the device: nothing here reads one.
+``finite``; *detect* ``bad`` and ``overflow``; *clip* lets the rule clip in place (``result``, ``clipped``) and flags
+a ``spike``; then the remedy acts on the same record. Every tensor field is on the device: nothing here reads one.
 
 Values come to the host once per step, by name: :class:`HostRead` collects the tensors a step needs, makes one
 transfer, and hands back :class:`StepRead` (what a remedy acts on) and a name -> value dict (what is logged).
@@ -95,6 +95,7 @@ class StepRecord:
     # (a closure); None when the update has not begun (plain loops, fp16)
     state_before: set[int] | None = None
     read_every: int = 50  # a sync-free remedy reads its counters at least this often
+    distributed: bool = False  # several ranks take this step together
     global_step: int = 0
     epoch: int = 0
     batch_idx: int = -1
@@ -107,6 +108,7 @@ class StepRecord:
     finite_measured: bool = True
     # --- detect
     data_bad: Tensor | None = None  # the loss and input evidence (None: not watched)
+    loss: Tensor | None = None  # the step's mean loss, when kept (loss_spikes)
     bad: Tensor = field(default_factory=_false)
     overflow: Tensor = field(default_factory=_false)  # a GradScaler overflow (fp16), not divergence
     spike: Tensor | None = None  # an outlier norm to skip (skip_spikes); None: not looked for

@@ -23,6 +23,8 @@ from lightning_clip.counters import StepCounters
 from lightning_clip.detect import SpikeDetector
 from lightning_clip.remedies import Remedy
 from lightning_clip.rules import ClipRule
+from lightning_clip.snapshot import Snapshot
+from lightning_clip.state import DeviceState
 
 _DTYPE, _DEVICE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("layout")
 
@@ -34,12 +36,21 @@ class SlotUnits:
     counters: StepCounters
     rule: ClipRule
     remedy: Remedy
-    spikes: SpikeDetector | None = None
+    spikes: SpikeDetector | None = None  # total-norm spikes (skip_spikes)
+    loss_spikes: SpikeDetector | None = None  # loss spikes (loss_spikes)
     skip_remaining: int = 0  # steps a remedy asked the loop to skip (Request.skip_steps), still to come
 
     @classmethod
-    def copies_of(cls, rule: ClipRule, remedy: Remedy, spikes: SpikeDetector | None) -> SlotUnits:
-        return cls(StepCounters(), copy.deepcopy(rule), copy.deepcopy(remedy), copy.deepcopy(spikes))
+    def copies_of(
+        cls, rule: ClipRule, remedy: Remedy, spikes: SpikeDetector | None, loss_spikes: SpikeDetector | None
+    ) -> SlotUnits:
+        return cls(StepCounters(), *copy.deepcopy((rule, remedy, spikes, loss_spikes)))
+
+    def statistics(self) -> list[DeviceState]:
+        """The device statistics of this optimizer's units (the rule's, the spike histories), as a snapshot
+        keeps them. Looked up on each call: loading a checkpoint may replace them."""
+        units = (self.rule, self.spikes, self.loss_spikes)
+        return [v for unit in units if unit is not None for v in vars(unit).values() if isinstance(v, DeviceState)]
 
     def take_requested_skip(self) -> bool:
         """Is this step one a remedy asked to skip? (Counts it off.)"""
@@ -56,6 +67,7 @@ class SlotUnits:
             "skip_remaining": self.skip_remaining,
             "rule": self.rule.state_dict(),
             "spikes": self.spikes.state_dict() if self.spikes is not None else {},
+            **({"loss_spikes": self.loss_spikes.state_dict()} if self.loss_spikes is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -67,10 +79,17 @@ class SlotUnits:
             self.rule.load_state_dict(state["rule"])
         if state.get("spikes") and self.spikes is not None:
             self.spikes.load_state_dict(state["spikes"])
+        if state.get("loss_spikes") and self.loss_spikes is not None:
+            self.loss_spikes.load_state_dict(state["loss_spikes"])
 
 
 class StepTracker:
-    """Watch ``optimizer.step()``: a second engine step inside one call is a re-evaluated closure (LBFGS)."""
+    """Watch ``optimizer.step()``: a second engine step inside one call is a re-evaluated closure (LBFGS).
+
+    With ``guard`` (a closure optimizer that moves the weights between evaluations, under a remedy that skips) it
+    snapshots the weights and the optimizer state at each step start, and :meth:`restore_after_step` puts them
+    back once the step is over: a bad evaluation anywhere in the step makes the whole step a no-op.
+    """
 
     def __init__(self) -> None:
         self.optimizer: Optimizer | None = None
@@ -79,25 +98,48 @@ class StepTracker:
         self.seen_call = -1  # the call the engine last saw
         self.handles: tuple[Any, ...] = ()
         self.state_at_step_start: set[int] = set()
+        self.guard = False
+        self._start: Snapshot | None = None
+        self._restore: Any = None  # the one-shot post-hook of a pending restore
 
-    def track(self, optimizer: Optimizer) -> None:
+    def track(self, optimizer: Optimizer, guard: bool = False) -> None:
         self.untrack()
-        self.optimizer = optimizer
+        self.optimizer, self.guard = optimizer, guard
+        self._start = Snapshot() if guard else None
         # Bound methods, not closures: the callback must pickle (ddp_spawn, torch.save of a Trainer) mid-fit too.
         self.handles = (optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post))
 
     def _pre(self, optimizer: Optimizer, *_: Any) -> None:
+        self._drop_restore()  # the last step's, once it ran (not from inside the post-hooks: they are iterated)
         self.step_calls += 1
         self.in_step = True
         # Closure optimizers (LBFGS) create state before they evaluate the closure that decides a skip.
         self.state_at_step_start = {id(p) for p in optimizer.state}
+        if self._start is not None:
+            self._start.take(optimizer, self.step_calls)
 
     def _post(self, *_: Any) -> None:
         self.in_step = False
 
+    def restore_after_step(self) -> None:
+        """Undo the running step once it ends (registered now, so after any hook a remedy added for it)."""
+        if self._restore is None and self.in_step and self.optimizer is not None:
+            self._restore = self.optimizer.register_step_post_hook(self._restore_start)
+
+    def _restore_start(self, optimizer: Optimizer, *_: Any) -> None:
+        if self._start is not None and self._start.taken:
+            self._start.restore(optimizer)
+            self._start.step = -1  # restored once
+
+    def _drop_restore(self) -> None:
+        if self._restore is not None:
+            self._restore.remove()
+            self._restore = None
+
     def untrack(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self._drop_restore()
         self.handles, self.in_step = (), False
 
     def reevaluation(self) -> bool:

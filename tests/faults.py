@@ -49,6 +49,7 @@ class FaultModel(pl.LightningModule):
         inf_grad_at: tuple[int, ...] = (),
         scheduler: str | None = None,
         loss_scale: float = 1.0,
+        nan_rank: int | None = None,
     ) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -59,11 +60,12 @@ class FaultModel(pl.LightningModule):
         self.inf_grad_at = set(inf_grad_at)
         self.scheduler_name = scheduler
         self.loss_scale = loss_scale
+        self.nan_rank = nan_rank  # the NaN loss on this rank only (None: every rank)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
         loss = torch.nn.functional.mse_loss(self.net(x), y) * self.loss_scale
-        if self.global_step in self.nan_loss_at:
+        if self.global_step in self.nan_loss_at and self.nan_rank in (None, self.global_rank):
             loss = loss * float("nan")
         return loss
 
@@ -204,3 +206,26 @@ class RecordingLogger(Logger):
 
     def series(self, tag: str) -> list[float]:
         return [m[tag] for _, m in self.records if tag in m]
+
+
+class DumpPerRank(pl.Callback):
+    """At the end of fit, each rank writes its GradientClipping counters, skipped windows and a weights checksum to
+    ``<dirpath>/rank<r>.json`` (for multi-process tests: the callbacks run in spawned processes)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+        from pathlib import Path
+
+        from lightning_clip import GradientClipping
+
+        (cb,) = [c for c in trainer.callbacks if isinstance(c, GradientClipping)]
+        weights = [p.detach().double() for p in pl_module.parameters()]
+        record = {
+            "counters": cb.counters,
+            "windows": cb.engine.skipped_windows(),
+            "checksum": float(sum(w.sum() for w in weights)),
+        }
+        Path(self.dirpath, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

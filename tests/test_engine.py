@@ -114,6 +114,7 @@ def test_logging_step_makes_one_host_read_and_returns_float64_reference_norms_pe
         M.SKIPPED_STEPS: 0.0,
         M.AMP_OVERFLOWS: 0.0,
         M.SPIKE_SKIPS: 0.0,
+        M.REQUESTED_SKIPS: 0.0,
         **{
             M.norm_tag(M.LAYER_GROUP, layer, 0): ref_norm([before[n] for n in names], p)
             for layer, names in layers.items()

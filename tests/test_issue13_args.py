@@ -42,7 +42,7 @@ def set_grads(model, scale):
 # ----------------------------------------------------------------------------- numpy scalars are numbers
 @pytest.mark.parametrize("np_float", [np.float16, np.float32, np.float64])
 def test_numpy_float_thresholds_are_accepted_and_stored_as_the_same_python_float(np_float):
-    cb = GradientClipping(max_norm=np_float(0.5), lr_factor=np_float(0.25), eps=np_float(0.0))
+    cb = GradientClipping(max_norm=np_float(0.5), lr_factor=np_float(0.25), eps=np_float(0.0), nan_policy="halve_lr")
     assert type(cb.engine.rule.max_norm) is float and cb.engine.rule.max_norm == 0.5
     assert cb.max_norm == 0.5 and cb.lr_factor == 0.25 and cb.engine.eps == 0.0
     rule = GradientClipping(mode="value", clip_value=np_float(0.125)).engine.rule

@@ -789,9 +789,9 @@ def test_a_logged_spike_warning_names_the_three_largest_layers_with_their_share(
 
 
 # ----------------------------------------------------------------------------- closures (LBFGS)
-def lbfgs_run(remedy, max_iter, nan_at=None):
+def lbfgs_run(remedy, max_iter, nan_at=None, model=None):
     torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
+    model = torch.nn.Linear(3, 1) if model is None else model
     opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=max_iter)
     engine = make_engine(model, opt, NormClip(1e6), remedy)
     x, y = torch.randn(8, 3), torch.randn(8, 1)
@@ -810,13 +810,54 @@ def lbfgs_run(remedy, max_iter, nan_at=None):
     return engine, calls[0]
 
 
-def test_a_closure_evaluated_again_within_one_step_is_refused_under_skip_with_the_fix():
+class TwiceSGD(torch.optim.Optimizer):
+    """A closure optimizer that evaluates twice per step and moves in between, declaring neither max_iter nor a
+    line search: the engine cannot know it in advance."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        closure()
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
+        return closure()
+
+
+def test_a_closure_evaluated_again_by_an_undeclared_optimizer_is_refused_under_skip_with_the_fix():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = TwiceSGD(model.parameters(), lr=0.1)
+    engine = make_engine(model, opt, NormClip(1e6), Skip())
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.randn(8, 3)).pow(2).mean()
+        engine.observe_loss(loss)
+        loss.backward()
+        engine.step(opt)
+        return loss
+
     with pytest.raises(ValueError) as err:
-        lbfgs_run(Skip(), max_iter=3)
+        opt.step(closure)
     message = str(err.value)
-    assert message.startswith("LBFGS evaluated its closure more than once in one step()")
+    assert message.startswith("TwiceSGD evaluated its closure more than once in one step()")
     assert "nan_policy='skip' cannot undo a move made before a bad evaluation." in message
     assert message.endswith("Use nan_policy='raise' or 'ignore' with it, or LBFGS(max_iter=1, line_search_fn=None).")
+
+
+@pytest.mark.parametrize("nan_at", [1, 2, 3])
+def test_lbfgs_with_several_evaluations_skips_the_whole_step_on_a_bad_one(nan_at):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    engine, calls = lbfgs_run(Skip(), max_iter=5, nan_at=nan_at, model=model)
+    assert calls >= nan_at  # the bad evaluation happened inside the step
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the step is a no-op
+    assert engine.counters_of(0)["steps"] == 1
 
 
 def test_raise_policy_stops_at_a_bad_closure_re_evaluation():

@@ -365,7 +365,7 @@ def test_after_detach_a_fused_optimizer_steps_normally_again():
 
 
 def test_remedy_registry_and_build_remedy():
-    assert set(REMEDIES) == {"skip", "halve_lr", "raise", "ignore"}
+    assert set(REMEDIES) == {"skip", "halve_lr", "raise", "ignore", "rollback"}
     assert isinstance(build_remedy("halve_lr", lr_factor=0.25), HalveLR)
     assert build_remedy("halve_lr", lr_factor=0.25).lr_factor == 0.25
     with pytest.raises(ValueError, match="`nan_policy`"):

@@ -1,16 +1,26 @@
 """NaN/Inf remedies: one small class per ``nan_policy``, registered by name.
 
-A remedy decides what happens to a bad step (see :class:`~lightning_clip.remedies.base.Remedy`). To add one:
-write ``remedies/<name>.py`` with a ``Remedy`` subclass that sets ``policy`` (and ``options``), then add it
-to :data:`REMEDIES` below.
+A remedy decides what happens to a bad step (see :class:`~lightning_clip.remedies.base.Remedy`). The engine
+gives each optimizer its own copy and never asks which class it holds: it reads what the remedy declares --
+``skips_steps`` (a bad step is not applied; only such a remedy may return a :class:`Request`), ``checks_loss``
+(False: only the gradient decides) and ``lr_scale`` -- and calls its hooks (``attach``, ``detach``,
+``on_exception``, ``needs_read``, ``on_device``, ``on_host``, ``finish``, ``state_dict``/``load_state_dict``).
+
+To add one: write ``remedies/<name>.py`` with a ``Remedy`` subclass that sets ``policy`` (and ``options``, the
+flat ``GradientClipping`` arguments it is built from), then add it to :data:`REMEDIES` below. Nothing else
+changes: ``GradientClipping(nan_policy="<name>")`` works, and so does ``nan_policy=<object>`` (YAML:
+``class_path``), which needs no registry entry. ``tests/test_remedy_units.py`` has a worked example
+(``SkipWindow``: ``on_host`` returns ``Request(skip_steps=window)``).
 
 Example::
 
     >>> from lightning_clip.remedies import REMEDIES, build_remedy
     >>> sorted(REMEDIES)
-    ['halve_lr', 'ignore', 'raise', 'skip']
+    ['halve_lr', 'ignore', 'raise', 'rollback', 'skip']
     >>> build_remedy("halve_lr", lr_recovery_steps=100).lr_recovery_steps
     100
+    >>> [(REMEDIES[name].skips_steps, REMEDIES[name].checks_loss) for name in ("skip", "raise", "ignore")]
+    [(True, True), (False, True), (False, False)]
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from lightning_clip.remedies.base import Remedy, Request, StepRead
 from lightning_clip.remedies.halve_lr import HalveLR
 from lightning_clip.remedies.ignore import Ignore
 from lightning_clip.remedies.raise_error import RaiseError
+from lightning_clip.remedies.rollback import Rollback
 from lightning_clip.remedies.skip import Skip
 from lightning_clip.validation import check_choice, check_read
 
@@ -29,6 +40,7 @@ __all__ = [
     "HalveLR",
     "Ignore",
     "RaiseError",
+    "Rollback",
     "Remedy",
     "Request",
     "Skip",
@@ -36,7 +48,7 @@ __all__ = [
     "build_remedy",
 ]
 
-REMEDIES: dict[str, type[Remedy]] = {r.policy: r for r in (Skip, HalveLR, RaiseError, Ignore)}
+REMEDIES: dict[str, type[Remedy]] = {r.policy: r for r in (Skip, HalveLR, RaiseError, Ignore, Rollback)}
 
 
 def build_remedy(nan_policy: str, strict: dict[str, Any] | None = None, **options: Any) -> Remedy:

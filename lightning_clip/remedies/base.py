@@ -25,8 +25,14 @@ from torch.optim import Optimizer
 from lightning_clip.diagnosis import BadStep, describe
 from lightning_clip.errors import NonFiniteGradientError
 from lightning_clip.record import Request, RunEnd, StepRead, StepRecord
+from lightning_clip.snapshot import Statistics
+from lightning_clip.state import DeviceState
 
 __all__ = ["Remedy", "Request", "RunEnd", "StateGuard", "StepRead", "StepRecord", "skip_step"]
+
+
+def no_statistics() -> list[DeviceState]:
+    return []
 
 
 class Remedy:
@@ -48,8 +54,10 @@ class Remedy:
         """Build from the callback's arguments named in :attr:`options`."""
         return cls(**{k: v for k, v in options.items() if k in cls.options})
 
-    def attach(self, optimizer: Optimizer) -> None:
-        """Training starts (or the optimizer was re-created) with ``optimizer``: e.g. install LR hooks."""
+    def attach(self, optimizer: Optimizer, statistics: Statistics = no_statistics) -> None:
+        """Training starts (or the optimizer was re-created) with ``optimizer``: e.g. install LR hooks.
+        ``statistics`` gives the optimizer's device statistics (rule, spike histories), for a remedy that
+        snapshots them."""
 
     def detach(self) -> None:
         """Undo :meth:`attach` (training ended or failed)."""
@@ -71,6 +79,14 @@ class Remedy:
 
     def finish(self, end: RunEnd) -> None:
         """Training is over (``end.failed``: by an exception): report what the sync-free path has not read yet."""
+
+    def counts(self) -> dict[str, int]:
+        """Counters this remedy keeps on the host (e.g. ``rollbacks``), reported and logged beside the engine's."""
+        return {}
+
+    def skipped_windows(self) -> list[dict[str, Any]]:
+        """The data windows this remedy skipped (e.g. after a rollback), to persist beside the logs."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         """This optimizer's remedy state, saved flat beside its counters."""
@@ -109,14 +125,19 @@ class StateGuard:
             for p in params
             if state.get(p) and id(p) not in gone
         }
+        self.done = False
         self.handle: Any = optimizer.register_step_post_hook(self._after_step)
 
     def _after_step(self, *_: Any) -> None:
+        if self.done:
+            return
         for p in self.missing:
             self.optimizer.state.pop(p, None)
         for p, saved in self.numbers.items():
             self.optimizer.state[p].update(saved)
-        self.remove()
+        # Once only; the hook itself is removed later (remove()): removing it while the optimizer iterates over
+        # its post-hooks fails when a hook registered after it (an LBFGS restore) is still to run.
+        self.done = True
 
     def remove(self) -> None:
         if self.handle is not None:

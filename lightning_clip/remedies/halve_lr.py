@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 from torch.optim import Optimizer
 
 from lightning_clip.lr_scale import StepLRScale
-from lightning_clip.remedies.base import Request, StepRead, StepRecord, optional_int
+from lightning_clip.remedies.base import Request, StepRead, StepRecord, no_statistics, optional_int
 from lightning_clip.remedies.skip import Skip
+from lightning_clip.snapshot import Statistics
 from lightning_clip.validation import check_count, check_in_range
 
 # The scale never reaches 0.0 (lr_factor=1e-200 would underflow), so recovery can always bring it back.
@@ -54,7 +55,7 @@ class HalveLR(Skip):
         self.healthy_steps = 0  # in a row, since the last reduction (recovery)
         self._hook: StepLRScale | None = None
 
-    def attach(self, optimizer: Optimizer) -> None:
+    def attach(self, optimizer: Optimizer, statistics: Statistics = no_statistics) -> None:
         if self._hook is not None:
             self._hook.remove()
         self._hook = StepLRScale(optimizer, self.lr_scale, deferred=True)
@@ -101,6 +102,10 @@ class HalveLR(Skip):
             self._healthy()
         return None
 
+    def _recovery_factor(self) -> float:
+        """The factor one recovery undoes."""
+        return self.lr_factor
+
     def _lower_lr(self, step: StepRecord) -> None:
         self.lr_scale = max(self.lr_scale * self.lr_factor, self.min_lr_scale or _SMALLEST_SCALE)
         self.healthy_steps = 0
@@ -110,5 +115,5 @@ class HalveLR(Skip):
             return
         self.healthy_steps += 1
         if self.healthy_steps >= self.lr_recovery_steps:  # like GradScaler's growth interval
-            self.lr_scale = min(1.0, self.lr_scale / self.lr_factor)
+            self.lr_scale = min(1.0, self.lr_scale / self._recovery_factor())
             self.healthy_steps = 0

@@ -1,0 +1,253 @@
+"""``nan_policy="rollback"``: go back to a healthy in-memory snapshot and skip the data window (PaLM's recipe).
+
+PaLM (Chowdhery et al. 2022, §5.1) met about 20 loss spikes at 540B despite clipping; each time they restarted by
+hand from about 100 steps before the spike and skipped 200-500 batches: the spikes came from data x state, and
+skipping one step cannot undo a state that has already drifted. This remedy automates it, in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_clip.diagnosis import describe
+from lightning_clip.remedies.base import (
+    Request,
+    StepRead,
+    StepRecord,
+    diagnose,
+    no_statistics,
+    raise_nonfinite,
+    warn_due,
+)
+from lightning_clip.remedies.halve_lr import _SMALLEST_SCALE, HalveLR
+from lightning_clip.snapshot import Snapshot, Statistics
+from lightning_clip.validation import check_count, check_in_range
+
+_KEPT = 2  # snapshots kept: the newest is restored; the one before it stays until the next is taken
+
+
+class Rollback(HalveLR):
+    """On a bad step (NaN/Inf loss or gradient, or a spike from ``skip_spikes``/``loss_spikes``): restore the newest
+    healthy snapshot, skip the data window, and lower the LR.
+
+    Args:
+        snapshot_every: after every ``snapshot_every``-th step (k * snapshot_every steps done), when the steps since
+            the last snapshot were healthy, keep a snapshot of this optimizer's weights, its state and the
+            callback's statistics (rule, spike histories). One more is taken when training starts. At most two are
+            kept, in pinned host memory for GPU parameters (``snapshot_on_device``: on the device), sync-free.
+        rollback_after: this many bad steps in a row trigger a rollback; fewer are skipped as ``skip`` does.
+        rollback_skip_steps: after a rollback, skip the bad step and this many more optimizer steps (the data
+            window; under accumulation a step is a whole window).
+        rollback_lr_factor: multiply the LR by this at each rollback, on top of any scheduler (1.0 keeps it);
+            ``lr_recovery_steps`` and ``min_lr_scale`` work as under ``halve_lr``.
+        max_consecutive_nonfinite: raise :class:`~lightning_clip.NonFiniteGradientError` after this many bad steps
+            without a healthy step in between, rollbacks included: a run that stays bad stops.
+
+    Counters and the LR schedule keep the Trainer's timeline: a rollback restores the weights, the optimizer state
+    and the statistics, not the param groups' hyperparameters, the counters or the global step. One host read per
+    step (the decision is taken on the host). Counted in ``rollbacks``; each skipped window (global steps, epoch,
+    batch) is kept in :meth:`skipped_windows` and the checkpoint.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_clip import ClipEngine
+        >>> from lightning_clip.remedies import Rollback
+        >>> from lightning_clip.rules import NormClip
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> engine = ClipEngine(NormClip(), Rollback(snapshot_every=2, rollback_skip_steps=1, rollback_lr_factor=1.0))
+        >>> engine.attach([opt], model.named_parameters())
+        >>> engine.warn = lambda message: None
+        >>> for step in range(6):
+        ...     loss = model(torch.ones(1, 2)).sum() * (float("nan") if step == 3 else 1.0)
+        ...     engine.observe_loss(loss)
+        ...     loss.backward()
+        ...     _ = engine.step(opt)
+        ...     opt.step()
+        ...     opt.zero_grad()
+        >>> engine.counters["rollbacks"], engine.skipped_windows()[0]["snapshot_step"]
+        (1, 2)
+    """
+
+    policy: ClassVar[str] = "rollback"
+    options: ClassVar[tuple[str, ...]] = (
+        "snapshot_every",
+        "rollback_after",
+        "rollback_skip_steps",
+        "rollback_lr_factor",
+        "min_lr_scale",
+        "lr_recovery_steps",
+        "max_consecutive_nonfinite",
+    )
+    action: ClassVar[str] = "rolled back"
+
+    def __init__(
+        self,
+        snapshot_every: int = 50,
+        rollback_after: int = 1,
+        rollback_skip_steps: int = 0,
+        rollback_lr_factor: float = 0.5,
+        min_lr_scale: float | None = None,
+        lr_recovery_steps: int | None = None,
+        max_consecutive_nonfinite: int | None = 10,
+        snapshot_on_device: bool = False,
+    ) -> None:
+        super().__init__(0.5, min_lr_scale, lr_recovery_steps, max_consecutive_nonfinite)
+        check_count("snapshot_every", snapshot_every, allow_none=False)
+        check_count("rollback_after", rollback_after, allow_none=False)
+        if isinstance(rollback_skip_steps, bool) or not isinstance(rollback_skip_steps, int) or rollback_skip_steps < 0:
+            raise ValueError(f"`rollback_skip_steps` must be an integer >= 0, got {rollback_skip_steps!r}.")
+        check_in_range("rollback_lr_factor", rollback_lr_factor, 0.0, 1.0, high_open=False)
+        if not isinstance(snapshot_on_device, bool):
+            raise ValueError(f"`snapshot_on_device` must be True or False, got {snapshot_on_device!r}.")
+        self.snapshot_every = int(snapshot_every)
+        self.rollback_after = int(rollback_after)
+        self.rollback_skip_steps = int(rollback_skip_steps)
+        self.rollback_lr_factor = float(rollback_lr_factor)
+        self.snapshot_on_device = snapshot_on_device
+        self.rollbacks = 0
+        self.windows: list[dict[str, Any]] = []
+        self._snapshots: deque[Snapshot] = deque()
+        self._optimizer: Optimizer | None = None
+        self._statistics: Statistics = no_statistics
+        self._bad_run = 0  # bad steps in a row (towards rollback_after)
+        self._unhealthy = 0  # bad steps since the last healthy one, rollbacks included (max_consecutive_nonfinite)
+        self._clean = True  # every step since the newest snapshot was healthy
+        self._steps = 0  # the engine's step count when last seen (labels snapshots)
+        self._snapshot_due = False
+        self._after: Any = None
+
+    # --- binding
+    def attach(self, optimizer: Optimizer, statistics: Statistics = no_statistics) -> None:
+        super().attach(optimizer, statistics)
+        if self._after is not None:
+            self._after.remove()
+        self._optimizer, self._statistics = optimizer, statistics
+        self._after = optimizer.register_step_post_hook(self._after_step)
+        self._snapshots.clear()
+        self._take()  # the state training starts (or resumes) from: a rollback target from step one
+
+    def detach(self) -> None:
+        super().detach()
+        if self._after is not None:
+            self._after.remove()
+            self._after = None
+
+    def _take(self) -> None:
+        assert self._optimizer is not None
+        # Recycle the oldest snapshot's buffers once two are kept.
+        snap = self._snapshots.popleft() if len(self._snapshots) >= _KEPT else Snapshot(self.snapshot_on_device)
+        snap.take(self._optimizer, self._steps, self._statistics)
+        self._snapshots.append(snap)
+        self._clean = True
+
+    def _after_step(self, *_: Any) -> None:
+        if self._snapshot_due:  # this step's update is in: k * snapshot_every steps are done
+            self._snapshot_due = False
+            self._take()
+
+    # --- the step
+    def on_host(self, step: StepRecord, read: StepRead) -> Request | None:
+        if self._hook is not None:  # this step's update uses the scale in force before it
+            self._hook.scale = self.lr_scale
+            self._hook.arm()
+        self._steps = read.counts["steps"]
+        bad = read.bad or (read.skip and not step.requested)  # NaN/Inf, or a spike
+        request = None
+        if bad:
+            request = self._bad_step(step, read)
+        elif read.skip:  # a step of the data window: the state does not move
+            self._skip(step)
+        elif not read.overflow:  # a GradScaler-skipped step is neither healthy nor bad
+            self._bad_run = self._unhealthy = 0
+            self._healthy()
+        if self._steps % self.snapshot_every == 0:  # a snapshot point: the state after this step, if all was well
+            self._snapshot_due = self._clean and not read.skip
+            self._clean = True  # the next period starts
+        return request
+
+    def _bad_step(self, step: StepRecord, read: StepRead) -> Request | None:
+        self.reported_nonfinite = read.counts["nonfinite_steps"]
+        self._clean = False
+        self._bad_run += 1
+        self._unhealthy += 1
+        limit = self.max_consecutive_nonfinite
+        if limit is not None and self._unhealthy >= limit:
+            self.on_exception()
+            info = diagnose(step, read, "raised NonFiniteGradientError", self.lr_scale, stopping=True)
+            raise_nonfinite(
+                info,
+                f"{self._unhealthy} bad steps without a healthy one in between, {self.rollbacks} rollback(s) "
+                f"(max_consecutive_nonfinite={limit}).\n",
+            )
+        if self._bad_run < self.rollback_after or not self._snapshots:
+            self._skip(step)
+            if read.bad and warn_due(read.counts["nonfinite_steps"]):
+                step.warn(describe(diagnose(step, read, "step skipped", self.lr_scale, stopping=False)))
+            return None
+        return self._roll_back(step, read)
+
+    def _roll_back(self, step: StepRecord, read: StepRead) -> Request | None:
+        assert self._optimizer is not None
+        snap = self._snapshots[-1]
+        snap.restore(self._optimizer, self._statistics)
+        self._skip(step)  # after the restore: the bad step's own update is a no-op
+        self._bad_run = 0
+        self.lr_scale = max(self.lr_scale * self.rollback_lr_factor, self.min_lr_scale or _SMALLEST_SCALE)
+        self.healthy_steps = 0
+        self.rollbacks += 1
+        self._clean = True  # the state is the snapshot's again
+        first, last = step.global_step, step.global_step + self.rollback_skip_steps
+        window: dict[str, Any] = {
+            "global_step": step.global_step,
+            "epoch": step.epoch,
+            "batch_idx": step.batch_idx,
+            "snapshot_step": snap.step,
+            "skipped": [first, last],
+        }
+        self.windows.append(window)
+        step.warn(
+            f"Rolled back at global step {step.global_step} (epoch {step.epoch}, batch {step.batch_idx}, optimizer "
+            f"{step.optimizer_idx}, {'NaN/Inf' if read.bad else 'spike'}): restored the snapshot taken after "
+            f"{snap.step} steps; skipping global steps {first}..{last}; LR scale "
+            f"now {self.lr_scale:.4g}; {self.rollbacks} rollback(s) so far. Largest layers of the step: "
+            f"{_top_layers(step)}."
+        )
+        return Request(skip_steps=self.rollback_skip_steps) if self.rollback_skip_steps else None
+
+    def _recovery_factor(self) -> float:
+        return self.rollback_lr_factor  # a recovery undoes one rollback's reduction
+
+    # --- reporting and state
+    def counts(self) -> dict[str, int]:
+        return {"rollbacks": self.rollbacks}
+
+    def skipped_windows(self) -> list[dict[str, Any]]:
+        return list(self.windows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rollbacks": self.rollbacks, "windows": [dict(w) for w in self.windows]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.windows = [dict(w) for w in state.get("windows", [])]
+        self._steps = int(state.get("steps", 0))
+
+
+def _top_layers(step: StepRecord, k: int = 3) -> str:
+    """The parameters with the largest gradient norms of this step, non-finite first (a host read: bad path)."""
+    if not step.norms:
+        return "not measured"
+    norms = torch.stack([n.to(step.device, torch.float64) for n in step.norms]).tolist()
+    ranked = sorted(zip(step.names, norms), key=lambda pair: -math.inf if not math.isfinite(pair[1]) else -pair[1])
+    return ", ".join(f"{name} ({norm:.3g})" for name, norm in ranked[:k])
+
+
+__all__ = ["Rollback"]

@@ -1,0 +1,133 @@
+"""In-memory snapshots of one optimizer's training state: weights, optimizer state and device statistics.
+
+A :class:`Snapshot` copies, without a host sync, every parameter the optimizer steps, every tensor of its state
+and the buffers of the statistics it is given (the rule's, the spike histories'); :meth:`Snapshot.restore` puts
+them back bit for bit. The param groups' hyperparameters (the LR a scheduler sets) are not part of it: a restore
+leaves the schedule on the Trainer's timeline.
+
+Copies go to pinned host memory with ``non_blocking`` copies when the parameters live on a GPU (the device memory
+is not doubled), or stay on the device with ``on_device=True``; on the CPU they are plain copies. The buffers are
+allocated on the first snapshot and reused by the next ones of the same layout. Sharded parameters (FSDP2, tensor
+parallel DTensors) are copied as this rank's local shards.
+
+Example::
+
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> opt = torch.optim.SGD([w], lr=0.5, momentum=0.9)
+    >>> snap = Snapshot()
+    >>> snap.take(opt, step=0)
+    >>> w.grad = torch.ones(2); opt.step()
+    >>> w.data, len(opt.state)
+    (tensor([0.5000, 0.5000]), 1)
+    >>> snap.restore(opt)
+    >>> w.data, len(opt.state)      # weights and (empty) optimizer state as they were
+    (tensor([1., 1.]), 0)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_clip.state import DeviceState
+
+__all__ = ["Snapshot", "Statistics"]
+
+# The units whose device statistics a snapshot keeps (called when taken and when restored: a load may replace them).
+Statistics = Callable[[], Sequence[DeviceState]]
+
+
+def _local(t: Tensor) -> Tensor:
+    """The tensor a rank holds: a DTensor's local shard, else the tensor itself (detached)."""
+    local = getattr(t, "_local_tensor", None)
+    return (local if local is not None else t).detach()
+
+
+def _no_statistics() -> Sequence[DeviceState]:
+    return ()
+
+
+class Snapshot:
+    """One optimizer's weights, optimizer state and device statistics at one step (``step``: its label)."""
+
+    def __init__(self, on_device: bool = False) -> None:
+        self.on_device = on_device
+        self.step = -1
+        self._params: list[Tensor] = []
+        self._state: dict[int, dict[str, Any]] = {}  # by parameter position: its state, tensors copied
+        self._devices: dict[int, dict[str, torch.device]] = {}  # where each state tensor lived
+        self._stats: list[dict[str, Tensor]] = []
+
+    @property
+    def taken(self) -> bool:
+        return self.step >= 0
+
+    def nbytes(self) -> int:
+        """Memory held by the copies."""
+        tensors = [*self._params, *(t for s in self._stats for t in s.values())]
+        tensors += [v for state in self._state.values() for v in state.values() if isinstance(v, Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _copy(self, source: Tensor, into: Any) -> Tensor:
+        if not isinstance(into, Tensor) or into.shape != source.shape or into.dtype != source.dtype:
+            if source.device.type == "cpu" or self.on_device:
+                into = torch.empty_like(source)
+            else:  # pinned host memory: the copy below does not block the host
+                into = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+        return into.copy_(source, non_blocking=True)
+
+    def take(self, optimizer: Optimizer, step: int, statistics: Statistics = _no_statistics) -> None:
+        """Copy the state of ``optimizer`` (its parameters and their state) and of ``statistics``. No host read."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        old: list[Tensor | None] = [*self._params, *[None] * (len(params) - len(self._params))]
+        self._params = [self._copy(_local(p), buf) for p, buf in zip(params, old)]
+        state, devices = {}, {}
+        for i, p in enumerate(params):
+            entry = optimizer.state.get(p)
+            if entry:
+                before = self._state.get(i, {})
+                state[i] = {
+                    k: self._copy(_local(v), before.get(k)) if isinstance(v, Tensor) else copy.deepcopy(v)
+                    for k, v in entry.items()
+                }
+                devices[i] = {k: v.device for k, v in entry.items() if isinstance(v, Tensor)}
+        self._state, self._devices = state, devices
+        self._stats = [{name: b.clone() for name, b in unit.live.items()} for unit in statistics()]
+        self.step = step
+
+    def restore(self, optimizer: Optimizer, statistics: Statistics = _no_statistics) -> None:
+        """Put everything back as it was when taken (the param groups' LR and settings excepted)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if len(params) != len(self._params):
+            raise RuntimeError(f"the snapshot holds {len(self._params)} parameters; the optimizer has {len(params)}")
+        with torch.no_grad():
+            for p, saved in zip(params, self._params):
+                _local(p).copy_(saved, non_blocking=True)
+        for i, p in enumerate(params):
+            saved_state = self._state.get(i)
+            if saved_state is None:
+                optimizer.state.pop(p, None)  # created after the snapshot
+                continue
+            current = optimizer.state.get(p, {})
+            devices = self._devices[i]
+            optimizer.state[p] = {k: _restored(v, current.get(k), devices.get(k)) for k, v in saved_state.items()}
+        for unit, buffers in zip(statistics(), self._stats):
+            live = unit.live
+            for name, value in buffers.items():
+                live[name] = value.clone()
+
+
+def _restored(saved: Any, current: Any, device: torch.device | None) -> Any:
+    """A saved state value back in the optimizer: copied into the tensor it holds when it can (no allocation)."""
+    if not isinstance(saved, Tensor):
+        return copy.deepcopy(saved)
+    if isinstance(current, Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
+        _local(current).copy_(saved, non_blocking=True)
+        return current
+    return saved.to(device if device is not None else saved.device, copy=True)
