@@ -1339,3 +1339,59 @@ def test_the_rule_given_to_the_engine_keeps_no_statistics_of_any_optimizer():
     engine = make_engine(model, opt, rule, Skip())
     train_step(model, opt, engine)
     assert rule.seen == [] and engine.rule_of(0).seen == [1]
+
+
+# ----------------------------------------------------------------------------- the step record and device state
+def test_a_hand_built_record_defaults_to_a_healthy_unmeasured_step():
+    from lightning_clip.record import StepRecord
+
+    g = [torch.ones(2)]
+    step = StepRecord(params=[torch.zeros(2)], grads=g)
+    assert step.skip.dtype == torch.bool and not bool(step.skip) and not step.requested
+    assert math.isnan(float(step.total)) and step.loss_nonfinite() is False and step.input_problems() == []
+    with pytest.warns(RuntimeWarning, match="^a message$"):
+        step.warn("a message")
+    requested = StepRecord(params=[torch.zeros(2)], grads=g, requested=True)
+    assert bool(requested.skip)
+    spiking = StepRecord(params=[torch.zeros(2)], grads=g, spike=torch.tensor(True))
+    assert bool(spiking.skip)
+
+
+def test_the_host_read_returns_floats_of_every_added_value_in_float64():
+    from lightning_clip.record import HostRead
+
+    read = HostRead(torch.device("cpu"))
+    read.add("big", torch.tensor(2**40 + 1))  # exact in float64, not in float32
+    read.add("flag", torch.tensor(True))
+    read.add_all("none", [])
+    read.add_all("halves", torch.tensor([0.5, 1.5], dtype=torch.float16))
+    values = read.read()
+    assert values == {"big": 2.0**40 + 1, "flag": 1.0, "none": [], "halves": [0.5, 1.5]}
+    assert all(type(v) is float for v in (values["big"], values["flag"], *values["halves"]))
+    assert HostRead(torch.device("cpu")).read() == {}
+
+
+def test_device_state_is_moved_and_cast_once_and_keeps_integer_buffers():
+    from lightning_clip.state import NormHistory
+
+    history = NormHistory(4)
+    assert history.on(torch.device("cpu"), torch.float32) is history
+    assert history.values.dtype == torch.float32 and history.pos.dtype == torch.long
+    history.record(torch.tensor(2.0), torch.tensor(True))
+    assert history.on(torch.device("cpu"), torch.float32).values[0] == 2.0  # placed: left as it is
+    assert history.on(torch.device("cpu"), torch.float64).values.dtype == torch.float64
+    assert history.count.dtype == torch.long and int(history.count) == 1
+
+
+def test_norm_history_keeps_the_newest_values_when_a_checkpoint_does_not_fit():
+    from lightning_clip.state import NormHistory
+
+    big = NormHistory(6)
+    for x in range(1, 9):  # 8 values through a ring of 6: 3..8 kept, 7 is in slot 0
+        big.record(torch.tensor(float(x)), torch.tensor(True))
+    small = NormHistory(4)
+    small.restore(big.export())
+    assert small.values.tolist() == [5.0, 6.0, 7.0, 8.0] and int(small.pos) == 0 and int(small.count) == 8
+    roomy = NormHistory(10)
+    roomy.restore(big.export())
+    assert roomy.values[:6].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0] and int(roomy.pos) == 6
