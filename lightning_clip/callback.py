@@ -21,9 +21,11 @@ from torch.optim import Optimizer
 
 from lightning_clip import functional as F
 from lightning_clip import metrics as M
+from lightning_clip import tensorboard as TB
 from lightning_clip._namespaces import CallbackBase
 from lightning_clip.detect import SpikeDetector
 from lightning_clip.engine import ClipEngine
+from lightning_clip.health import VanishingMonitor
 from lightning_clip.remedies import Remedy, build_remedy
 from lightning_clip.rules import ClipRule, build_rule
 from lightning_clip.validation import check_count, check_in_range, check_positive
@@ -69,6 +71,7 @@ _FLOATS = (
     "skip_spikes",
     "loss_spikes",
     "rollback_lr_factor",
+    "vanishing_ratio",
 )
 _INTS = (
     "lr_recovery_steps",
@@ -77,6 +80,7 @@ _INTS = (
     "snapshot_every",
     "rollback_after",
     "rollback_skip_steps",
+    "vanishing_patience",
 )
 
 
@@ -200,6 +204,12 @@ class GradientClipping(CallbackBase):
         rollback_skip_steps: ``rollback``: after a rollback, skip the bad step and this many more steps (the
             data window).
         rollback_lr_factor: ``rollback``: multiply the LR by this at each rollback, in (0, 1] (1.0 keeps it).
+        vanishing_ratio: on logging steps, warn about layers whose ``||grad W|| / ||W||`` stays below this (and
+            below 1e-3 of the largest layer's) on ``vanishing_patience`` logging steps in a row: the article's
+            vanishing gradients, named shallowest first (at most 3 warnings a run); counted in
+            ``grad_health/vanishing_layers``. The default 1e-8 sits between a 20-layer sigmoid MLP's first layers
+            (~1e-18) and healthy or converged models (above 1e-6). None: off (no weight norms measured).
+        vanishing_patience: logging steps in a row below ``vanishing_ratio`` before a layer is named.
 
     Logged on logging steps (``Trainer(log_every_n_steps)``) to every logger of the Trainer:
     ``grad_norm/total`` (before clipping), ``grad_norm/total_clipped`` (after), ``grad_norm_layer/<name>``
@@ -245,6 +255,8 @@ class GradientClipping(CallbackBase):
         rollback_after: int = 1,
         rollback_skip_steps: int = 0,
         rollback_lr_factor: float = 0.5,
+        vanishing_ratio: float | None = 1e-8,
+        vanishing_patience: int = 3,
     ) -> None:
         super().__init__()
         check_count("spike_window", spike_window, allow_none=False)  # checked also while skip_spikes is off
@@ -256,6 +268,8 @@ class GradientClipping(CallbackBase):
         warmup = min(20, spike_window)
         spikes = None if skip_spikes is None else SpikeDetector(skip_spikes, spike_window, warmup)
         losses = None if loss_spikes is None else SpikeDetector(loss_spikes, spike_window, warmup, "loss_spikes")
+        check_count("vanishing_patience", vanishing_patience, allow_none=False)
+        vanishing = None if vanishing_ratio is None else VanishingMonitor(vanishing_ratio, vanishing_patience)
         self.engine = ClipEngine(
             rule,
             _build_remedy(settings),
@@ -266,6 +280,7 @@ class GradientClipping(CallbackBase):
             spike_skip=spikes,
             name=name,
             loss_spike=losses,
+            vanishing=vanishing,
         )
         self._windows_written = 0
         self.engine.warn = _warn
@@ -281,6 +296,8 @@ class GradientClipping(CallbackBase):
     rule = _Setting(fixed="it is the clip rule itself")
     skip_spikes = _Setting(fixed="it decides whether spike statistics are kept")
     loss_spikes = _Setting(fixed="it decides whether loss statistics are kept")
+    vanishing_ratio = _Setting(fixed="it decides whether weight norms are measured")
+    vanishing_patience = _Setting(fixed="it is part of the vanishing monitor's state")
     spike_window = _Setting(fixed="it sizes the spike history")
     max_norm = _Setting(unit="rule")
     clip_value = _Setting(unit="rule")
@@ -379,6 +396,7 @@ class GradientClipping(CallbackBase):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.engine.attach(trainer.optimizers, pl_module.named_parameters())
+        TB.add_layout(trainer, self.engine)  # the Custom Scalars charts of this callback's tags
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         # The sync-free path reads its counters only every so often: a run that ends first is reported here.

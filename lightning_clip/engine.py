@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import types
 import warnings
@@ -60,6 +61,7 @@ from lightning_clip import functional as F
 from lightning_clip import metrics as M
 from lightning_clip.counters import COUNTERS
 from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
+from lightning_clip.health import VanishingMonitor, describe_vanishing, layer_of, ratios
 from lightning_clip.record import HostRead, Request, RunEnd, StepRead, StepRecord
 from lightning_clip.remedies import Remedy, build_remedy
 from lightning_clip.rules import ClipRule, NormClip
@@ -90,6 +92,9 @@ class ClipEngine:
         name: tells this engine's metrics apart from another's: every tag gets the suffix ``/<name>``.
         loss_spike: a :class:`~lightning_clip.detect.SpikeDetector` on the step's loss (the mean of its
             micro-batches' losses passed to :meth:`observe_loss`): a loss spike is skipped like a norm spike.
+        vanishing: a :class:`~lightning_clip.health.VanishingMonitor`: on logging steps, each layer's
+            ``||grad W|| / ||W||`` (the weight norms come in the same transfer) and a warning naming the layers that
+            stay below its ratio; logged as ``grad_health/vanishing_layers`` (and per layer, ``log_norms="layer"``).
 
     In a loop: :meth:`attach` the optimizers once, then per optimizer step call :meth:`observe_loss` (and
     :meth:`observe_batch`) for each micro-batch, :meth:`step` after the last backward and before
@@ -108,6 +113,7 @@ class ClipEngine:
         spike_skip: SpikeDetector | None = None,
         name: str | None = None,
         loss_spike: SpikeDetector | None = None,
+        vanishing: VanishingMonitor | None = None,
     ) -> None:
         M.check_instance_name(name)
         self.rule = rule if rule is not None else NormClip()
@@ -125,6 +131,7 @@ class ClipEngine:
         # Prototypes: each optimizer gets its own copies (SlotUnits), with their own statistics and state.
         self.spike_skip = spike_skip
         self.loss_spike = loss_spike
+        self.vanishing = vanishing
         self.spike_top_k = 3  # layers named when a logged step holds a spike
         self.name = name  # tags get the suffix /<name>
         self.detector = BadStepDetector(
@@ -223,7 +230,8 @@ class ClipEngine:
 
     def _slot_at(self, i: int) -> Slot:
         while len(self._slots) <= i:
-            self._slots.append(Slot(SlotUnits.copies_of(self.rule, self.remedy, self.spike_skip, self.loss_spike)))
+            units = SlotUnits.copies_of(self.rule, self.remedy, self.spike_skip, self.loss_spike, self.vanishing)
+            self._slots.append(Slot(units))
         return self._slots[i]
 
     def _slot_of(self, optimizer: Optimizer) -> tuple[int, Slot]:
@@ -461,13 +469,15 @@ class ClipEngine:
         remedy.on_device(step)
         if not (remedy.needs_read(step) or step.log):
             return {}
-        values = self._read(step)
+        values = self._read(slot, step)
         counts = {**slot.units.counters.from_values(values["counts"]), **remedy.counts()}
         counts["skipped_steps"] = self._skipped(counts)
         read = StepRead(
             bool(values["bad"]), int(values["streak"]), bool(values["overflow"]), counts, bool(values["skip"])
         )
         request = remedy.on_host(step, read)
+        if step.log and not read.skip:
+            self._watch_update(slot, step)
         if read.skip and slot.tracker.guard:
             slot.tracker.restore_after_step()  # LBFGS: undo the moves of the evaluations before this one
         if request is not None:
@@ -475,7 +485,7 @@ class ClipEngine:
         counts.update(remedy.counts())  # what this step changed (a rollback)
         return self._report(i, slot, step, values, counts) if step.log else {}
 
-    def _read(self, step: StepRecord) -> dict[str, Any]:
+    def _read(self, slot: Slot, step: StepRecord) -> dict[str, Any]:
         """The one device-to-host transfer of this step, by name."""
         assert step.counters is not None
         read = HostRead(step.device)
@@ -486,6 +496,8 @@ class ClipEngine:
         read.add("spike", step.counters.false if step.spike is None else step.spike)
         read.add_all("counts", step.counters.counts)
         names: list[str] = []
+        health: list[str] = []
+        updates: list[str] = []
         if step.log:
             result = step.result
             assert result is not None
@@ -496,8 +508,16 @@ class ClipEngine:
             read.add("threshold", torch.as_tensor(math.nan if threshold is None else threshold, device=step.device))
             names, norms = self._layer_norms(step)
             read.add_all("layer_norms", norms)
+            if self.vanishing is not None and step.all_reduce is None:  # flat FSDP1 shards: no per-layer norms
+                health, grads, weights = self._layer_health(step)
+                read.add_all("health_grads", grads)
+                read.add_all("health_weights", weights)
+            pending = slot.units.update_ratios
+            if pending is not None:  # the last logging step's update, measured after it was applied
+                updates, slot.units.update_ratios = pending[0], None
+                read.add_all("update_ratios", pending[1])
         values = read.read()
-        values["layer_names"] = names
+        values["layer_names"], values["health_layers"], values["update_layers"] = names, health, updates
         return values
 
     def _honour(self, slot: Slot, request: Request) -> None:
@@ -522,11 +542,48 @@ class ClipEngine:
         group = {"layer": M.LAYER_GROUP, "parameter": M.PARAM_GROUP}.get(self.log_norms)
         names, norms = values["layer_names"], values["layer_norms"]
         out = M.step_metrics(i, step_values, counts, group, names, norms, self.name)
+        if values["health_layers"]:
+            out.update(self._health(i, slot, step, values))
         spiked = bool(values["spike"]) or (slot.units.rule.reports_spikes and step_values["clipped"] > 0)
         if spiked and norms:
             share = self._attribute_spike(step, bool(values["spike"]), step_values, names, norms)
             out[M.tag(M.TOP_LAYER_SHARE, i, self.name)] = share
         return out
+
+    def _health(self, i: int, slot: Slot, step: StepRecord, values: dict[str, Any]) -> dict[str, float]:
+        """Vanishing layers from this logging step's host values: a rate-limited warning and the tags."""
+        monitor = slot.units.vanishing
+        assert monitor is not None
+        layer_ratios = ratios(values["health_layers"], values["health_grads"], values["health_weights"])
+        flagged = monitor.update(layer_ratios)
+        if flagged is not None:
+            self.warn(describe_vanishing(flagged, monitor.ratio, monitor.patience, step.global_step))
+        out = {M.tag(M.VANISHING_LAYERS, i, self.name): float(monitor.flagged)}
+        if self.log_norms == "layer":
+            out.update({M.norm_tag(M.GRAD_RATIO_GROUP, k, i, self.name): v for k, v in layer_ratios.items()})
+            updates = dict(zip(values["update_layers"], values.get("update_ratios", [])))
+            out.update({M.norm_tag(M.UPDATE_RATIO_GROUP, k, i, self.name): v for k, v in updates.items()})
+            finite = sorted(v for v in updates.values() if math.isfinite(v))
+            if finite:
+                summary = (finite[0], statistics.median(finite), finite[-1])
+                out.update({M.tag(name, i, self.name): v for name, v in zip(M.UPDATE_RATIO_SUMMARY, summary)})
+        return out
+
+    def _watch_update(self, slot: Slot, step: StepRecord) -> None:
+        """On a logging step (layer norms, health on): measure ``||dW|| / ||W||`` per layer once the optimizer has
+        applied this step's update; read at the next logging step. One copy of the weights, on logging steps only."""
+        if self.vanishing is None or self.log_norms != "layer" or step.sharded:
+            return
+        weights = [p.detach() for p in step.params]
+        before = torch._foreach_mul(weights, 1.0)  # a copy, in one kernel per group
+
+        def measure() -> None:
+            torch._foreach_sub_(before, weights)  # before - after: the update (its norm is all that is kept)
+            layers, moves = self._by_layer(step.names, F.grad_norms(before, self.norm_type))
+            sizes = self._by_layer(step.names, F.grad_norms(weights, self.norm_type))[1]
+            slot.units.update_ratios = (layers, torch.stack(moves).to(step.device) / torch.stack(sizes).to(step.device))
+
+        slot.tracker.after_update = measure
 
     def _attribute_spike(
         self, step: StepRecord, skipped: bool, values: dict[str, Any], names: Sequence[str], norms: Sequence[float]
@@ -563,15 +620,30 @@ class ClipEngine:
     def _layer_norms(self, step: StepRecord) -> tuple[list[str], list[Tensor]]:
         if self.log_norms in ("total", "none"):
             return [], []
-        moved = [n.to(step.device) for n in step.norms]
-        if step.inv_scale is not None:
-            moved = [n * step.inv_scale for n in moved]
         if self.log_norms == "parameter":
-            return list(step.names), [n.float() for n in moved]
+            return list(step.names), [n.float() for n in self._true_norms(step)]
+        return self._by_layer(step.names, self._true_norms(step))
+
+    def _true_norms(self, step: StepRecord) -> list[Tensor]:
+        moved = [n.to(step.device) for n in step.norms]
+        return moved if step.inv_scale is None else [n * step.inv_scale for n in moved]
+
+    def _by_layer(self, names: Sequence[str], norms: Sequence[Tensor]) -> tuple[list[str], list[Tensor]]:
         layers: dict[str, list[Tensor]] = {}
-        for name, n in zip(step.names, moved):
-            layers.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(n)
+        for name, n in zip(names, norms):
+            layers.setdefault(layer_of(name), []).append(n)
         return list(layers), [F.total_norm(ns, self.norm_type).float() for ns in layers.values()]
+
+    def _layer_health(self, step: StepRecord) -> tuple[list[str], list[Tensor], list[Tensor]]:
+        """Per layer, the gradient norm and the weight norm (logging steps: vanishing_ratio)."""
+        weights = [_local(p) for p in step.params]
+        weight_norms = [n.to(step.device) for n in F.grad_norms(weights, self.norm_type)]
+        if step.specs:  # DTensor shards: the whole tensors' norms
+            weight_norms = [
+                n.to(step.device) for n in F.reduce_sharded_norms(weight_norms, step.specs, self.norm_type)[0]
+            ]
+        layers, grads = self._by_layer(step.names, self._true_norms(step))
+        return layers, grads, self._by_layer(step.names, weight_norms)[1]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -658,6 +730,11 @@ def warn_at_caller(message: str) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+def _local(t: Tensor) -> Tensor:
+    local = getattr(t, "_local_tensor", None)  # a DTensor's shard on this rank
+    return (local if local is not None else t).detach()
 
 
 def _param_ids(optimizer: Optimizer) -> set[int]:

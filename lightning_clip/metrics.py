@@ -41,6 +41,14 @@ LR_SCALE = "grad_clip/lr_scale"
 MAX_NORM = "grad_clip/max_norm"
 THRESHOLD = "grad_clip/threshold"
 CLIPPED = "grad_clip/clipped"
+VANISHING_LAYERS = "grad_health/vanishing_layers"  # layers flagged by vanishing_ratio (logging steps)
+GRAD_RATIO_GROUP = "grad_health/grad_ratio"  # per layer: ||grad W|| / ||W||, with vanishing_ratio and log_norms="layer"
+UPDATE_RATIO_GROUP = "grad_health/update_ratio"  # per layer: ||dW|| / ||W|| of the last applied update
+UPDATE_RATIO_SUMMARY = (
+    "grad_health/update_ratio_min",
+    "grad_health/update_ratio_median",
+    "grad_health/update_ratio_max",
+)
 TOP_LAYER_SHARE = "grad_clip/top_layer_share"  # logged on spike steps: the largest layer's share of the norm^2
 
 # counter name (as in ``GradientClipping.counters``) -> tag

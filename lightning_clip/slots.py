@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch.optim import Optimizer
 from lightning_clip import functional as F
 from lightning_clip.counters import StepCounters
 from lightning_clip.detect import SpikeDetector
+from lightning_clip.health import VanishingMonitor
 from lightning_clip.remedies import Remedy
 from lightning_clip.rules import ClipRule
 from lightning_clip.snapshot import Snapshot
@@ -38,13 +40,21 @@ class SlotUnits:
     remedy: Remedy
     spikes: SpikeDetector | None = None  # total-norm spikes (skip_spikes)
     loss_spikes: SpikeDetector | None = None  # loss spikes (loss_spikes)
+    vanishing: VanishingMonitor | None = None  # vanishing layers (vanishing_ratio)
     skip_remaining: int = 0  # steps a remedy asked the loop to skip (Request.skip_steps), still to come
+    # the last applied update's ||dW|| / ||W|| per layer (device), measured after a logging step's update
+    update_ratios: tuple[list[str], Tensor] | None = None
 
     @classmethod
     def copies_of(
-        cls, rule: ClipRule, remedy: Remedy, spikes: SpikeDetector | None, loss_spikes: SpikeDetector | None
+        cls,
+        rule: ClipRule,
+        remedy: Remedy,
+        spikes: SpikeDetector | None,
+        loss_spikes: SpikeDetector | None,
+        vanishing: VanishingMonitor | None = None,
     ) -> SlotUnits:
-        return cls(StepCounters(), *copy.deepcopy((rule, remedy, spikes, loss_spikes)))
+        return cls(StepCounters(), *copy.deepcopy((rule, remedy, spikes, loss_spikes, vanishing)))
 
     def statistics(self) -> list[DeviceState]:
         """The device statistics of this optimizer's units (the rule's, the spike histories), as a snapshot
@@ -68,6 +78,7 @@ class SlotUnits:
             "rule": self.rule.state_dict(),
             "spikes": self.spikes.state_dict() if self.spikes is not None else {},
             **({"loss_spikes": self.loss_spikes.state_dict()} if self.loss_spikes is not None else {}),
+            **({"vanishing": self.vanishing.state_dict()} if self.vanishing is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -81,6 +92,8 @@ class SlotUnits:
             self.spikes.load_state_dict(state["spikes"])
         if state.get("loss_spikes") and self.loss_spikes is not None:
             self.loss_spikes.load_state_dict(state["loss_spikes"])
+        if state.get("vanishing") and self.vanishing is not None:
+            self.vanishing.load_state_dict(state["vanishing"])
 
 
 class StepTracker:
@@ -99,6 +112,7 @@ class StepTracker:
         self.handles: tuple[Any, ...] = ()
         self.state_at_step_start: set[int] = set()
         self.guard = False
+        self.after_update: Callable[[], None] | None = None  # run once the running step's update is in
         self._start: Snapshot | None = None
         self._restore: Any = None  # the one-shot post-hook of a pending restore
 
@@ -120,6 +134,9 @@ class StepTracker:
 
     def _post(self, *_: Any) -> None:
         self.in_step = False
+        if self.after_update is not None:
+            after, self.after_update = self.after_update, None
+            after()
 
     def restore_after_step(self) -> None:
         """Undo the running step once it ends (registered now, so after any hook a remedy added for it)."""

@@ -119,7 +119,8 @@ def test_a_0_1_0_checkpoint_resumes_with_its_lr_scale_and_counters(tmp_path):
     assert resumed.pop("clipped_steps") >= 2
     # 0.1.0's entries, plus what later versions added (spike_skips, requested skips, rule and spike-history state)
     added = {"spike_skips": 0, "requested_skips": 0, "skip_remaining": 0, "rule": {}, "spikes": {}}
-    expected = {**V1_STATE["optimizers"][0], "steps": 6, "healthy_steps": 4, **added}
+    vanishing = {"vanishing": {"streaks": {}, "warned": [], "warnings": 0}}  # the callback's default monitor
+    expected = {**V1_STATE["optimizers"][0], "steps": 6, "healthy_steps": 4, **added, **vanishing}
     del expected["clipped_steps"]
     assert resumed == expected
 

@@ -1,0 +1,137 @@
+"""A TensorBoard *Custom Scalars* layout for the tags a :class:`~lightning_clip.GradientClipping` logs.
+
+At fit start the callback gives every ``TensorBoardLogger`` of the Trainer a layout (:func:`add_layout`): one
+category per optimizer and callback ``name``, titled like the tags' suffix (``lightning_clip``,
+``lightning_clip_opt1``, ``lightning_clip/monitor``, ...), with three multiline charts:
+
+* ``gradient norm``: ``grad_norm/total``, ``grad_norm/total_clipped`` and ``grad_clip/threshold`` (the latter
+  only for a rule with a threshold: not ``mode="none"``);
+* ``counters``: the cumulative counters the callback logs (:data:`~lightning_clip.metrics.COUNTER_TAGS` but
+  ``steps``: ``clipped_steps``, ``nonfinite_steps``, ``skipped_steps``, ..., ``rollbacks`` under
+  ``nan_policy="rollback"``);
+* ``LR scale``: ``grad_clip/lr_scale``.
+
+Each chart lists one anchored, escaped regular expression per tag (``^grad_norm/total_opt1/monitor$``), so two
+optimizers or two named callbacks never share a chart. The dictionary is what ``SummaryWriter.add_custom_scalars``
+takes (torch's and tensorboardX's).
+
+TensorBoard's custom-scalars plugin reads one layout per run (the last one written: its ``layout`` route reads
+the newest point of the ``custom_scalars__config__`` tag) and merges those of different runs by category title.
+So two callbacks writing to one logger must not each write their own: every call of :func:`add_layout` writes the
+layout of every callback that wrote to that ``SummaryWriter`` so far, the newest version of each.
+
+Example::
+
+    >>> charts = layout(2, name="monitor", threshold=False, counters=["steps", "clipped_steps", "rollbacks"])
+    >>> list(charts)
+    ['lightning_clip/monitor', 'lightning_clip_opt1/monitor']
+    >>> charts["lightning_clip_opt1/monitor"]  # doctest: +NORMALIZE_WHITESPACE
+    {'gradient norm': ['Multiline', ['^grad_norm/total_opt1/monitor$', '^grad_norm/total_clipped_opt1/monitor$']],
+     'counters': ['Multiline', ['^grad_clip/clipped_steps_opt1/monitor$', '^grad_clip/rollbacks_opt1/monitor$']],
+     'LR scale': ['Multiline', ['^grad_clip/lr_scale_opt1/monitor$']]}
+    >>> layout(1)["lightning_clip"]["gradient norm"][1]
+    ['^grad_norm/total$', '^grad_norm/total_clipped$', '^grad_clip/threshold$']
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lightning_clip import metrics as M
+from lightning_clip.counters import COUNTERS
+
+if TYPE_CHECKING:
+    from lightning_clip.engine import ClipEngine
+
+__all__ = ["CATEGORY", "CONFIG_TAG", "add_layout", "engine_layout", "layout", "tag_regex", "tensorboard_loggers"]
+
+CATEGORY = "lightning_clip"  # the title of the categories, before the tag suffix
+CONFIG_TAG = "custom_scalars__config__"  # the tag the layout is stored under (plugin ``custom_scalars``)
+NORM_CHART, COUNTERS_CHART, LR_CHART = "gradient norm", "counters", "LR scale"
+
+# What the engine's counters always report (``steps`` and the device counters, plus ``skipped_steps``).
+ENGINE_COUNTERS = ("steps", *COUNTERS, "skipped_steps")
+
+Layout = dict[str, dict[str, list[Any]]]  # {category: {chart: ["Multiline", [tag regexes]]}}
+
+# SummaryWriter -> {callback name: its layout}: what every callback wrote to that writer so far.
+_WRITTEN: weakref.WeakKeyDictionary[Any, dict[str | None, Layout]] = weakref.WeakKeyDictionary()
+
+
+def tag_regex(name: str, optimizer_idx: int = 0, instance: str | None = None) -> str:
+    """The regex matching exactly the tag ``name`` of optimizer ``optimizer_idx`` of the callback ``instance``.
+
+    >>> tag_regex(M.TOTAL, 1, "a.b")
+    '^grad_norm/total_opt1/a\\\\.b$'
+    """
+    return f"^{re.escape(M.tag(name, optimizer_idx, instance))}$"
+
+
+def layout(
+    optimizers: int,
+    name: str | None = None,
+    threshold: bool = True,
+    counters: Iterable[str] = ENGINE_COUNTERS,
+) -> Layout:
+    """The custom-scalars layout of one callback: a category per optimizer (``optimizers`` of them).
+
+    Args:
+        optimizers: how many optimizers the callback logs (optimizer ``i > 0`` has the suffix ``_opt<i>``).
+        name: the callback's ``name`` (every tag ends in ``/<name>``), or None.
+        threshold: whether ``grad_clip/threshold`` is logged (False for ``mode="none"``).
+        counters: the counter names logged (keys of :data:`~lightning_clip.metrics.COUNTER_TAGS`); ``steps`` is
+            left out of the chart, in which it would dwarf the others.
+    """
+    present = set(counters)
+    counter_names = [M.COUNTER_TAGS[k] for k in M.COUNTER_TAGS if k in present and k != "steps"]
+    norm_names = [M.TOTAL, M.TOTAL_CLIPPED] + ([M.THRESHOLD] if threshold else [])
+    out: Layout = {}
+    for i in range(optimizers):
+        out[CATEGORY + M.suffix(i, name)] = {
+            NORM_CHART: ["Multiline", [tag_regex(t, i, name) for t in norm_names]],
+            COUNTERS_CHART: ["Multiline", [tag_regex(t, i, name) for t in counter_names]],
+            LR_CHART: ["Multiline", [tag_regex(M.LR_SCALE, i, name)]],
+        }
+    return out
+
+
+def engine_layout(engine: ClipEngine, optimizers: int) -> Layout:
+    """:func:`layout` of what ``engine`` logs for ``optimizers`` optimizers (empty when it logs nothing)."""
+    if engine.log_norms == "none" or optimizers < 1:
+        return {}
+    counters = [*ENGINE_COUNTERS, *engine.remedy.counts()]  # the remedy's own counters: ``rollbacks``
+    return layout(optimizers, engine.name, threshold=engine.rule.mode != "none", counters=counters)
+
+
+def tensorboard_loggers(loggers: Sequence[Any]) -> list[Any]:
+    """The ``TensorBoardLogger`` instances among ``loggers``, of ``pytorch_lightning`` or ``lightning.pytorch``."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    kinds: list[type] = [TensorBoardLogger]
+    if "lightning.pytorch" in sys.modules:  # a lightning.pytorch logger exists only once that package is loaded
+        from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
+
+        kinds.append(LightningTensorBoardLogger)
+    return [logger for logger in loggers if isinstance(logger, tuple(kinds))]
+
+
+def add_layout(trainer: Any, engine: ClipEngine) -> int:
+    """Write the layout of ``engine`` (with those of the callbacks that wrote before it) to every
+    ``TensorBoardLogger`` of ``trainer``, on global rank zero; returns how many loggers got one."""
+    if not trainer.is_global_zero:  # the loggers' experiment is a no-op stand-in on the other ranks
+        return 0
+    mine = engine_layout(engine, len(trainer.optimizers))
+    if not mine:
+        return 0
+    written = 0
+    for logger in tensorboard_loggers(trainer.loggers):
+        writer = logger.experiment
+        owners = _WRITTEN.setdefault(writer, {})
+        owners[engine.name] = mine  # names are unique among the callbacks that log (checked in ``setup``)
+        writer.add_custom_scalars({category: charts for each in owners.values() for category, charts in each.items()})
+        written += 1
+    return written
