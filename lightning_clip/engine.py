@@ -206,9 +206,11 @@ class ClipEngine:
             slot.tracker.untrack()
 
     def on_exception(self) -> None:
-        """An exception interrupted training (maybe mid-step): every remedy puts the scheduler's LR back."""
+        """An exception interrupted training (maybe mid-step): every remedy puts the scheduler's LR back, and a
+        guarded closure optimizer (LBFGS) interrupted inside ``step()`` gets the weights of the step's start back."""
         for slot in self._slots:
             slot.units.remedy.on_exception()
+            slot.tracker.abandon()
 
     def finish(self, global_step: int | None = None, epoch: int = 0, failed: bool = False) -> None:
         """Training is over: read the counters once and let each remedy report what the sync-free path has not

@@ -148,6 +148,14 @@ class StepTracker:
             self._start.restore(optimizer)
             self._start.step = -1  # restored once
 
+    def abandon(self) -> None:
+        """An exception left ``step()`` half done (torch's strong-Wolfe line search fails on a NaN loss): put the
+        weights and the state of the step's start back."""
+        if self.in_step and self._start is not None and self._start.taken and self.optimizer is not None:
+            self._start.restore(self.optimizer)
+            self._start.step = -1
+        self.in_step = False
+
     def _drop_restore(self) -> None:
         if self._restore is not None:
             self._restore.remove()

@@ -6,6 +6,7 @@ that never saw the discarded window. Real Trainer (and a plain loop), CPU.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -17,7 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_clip import ClipEngine, GradientClipping, NonFiniteGradientError
-from lightning_clip.remedies import Rollback, Skip
+from lightning_clip.remedies import HalveLR, Rollback, Skip
 from lightning_clip.rules import PercentileClip
 
 NAN = float("nan")
@@ -285,3 +286,48 @@ def test_ddp_ranks_roll_back_at_the_same_step_when_one_rank_sees_the_nan(tmp_pat
     assert ranks[0]["counters"]["rollbacks"] == ranks[1]["counters"]["rollbacks"] == 1
     assert ranks[0]["windows"] == ranks[1]["windows"] and ranks[0]["windows"][0]["global_step"] == 5
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the replicas stayed equal
+
+
+# ----------------------------------------------------------------------------- LBFGS: a true skip of the whole step
+@pytest.mark.parametrize("policy", ["skip", "halve_lr", "rollback"])
+@pytest.mark.parametrize("line_search", [None, "strong_wolfe"])
+def test_lbfgs_with_a_line_search_skips_a_step_with_a_bad_evaluation_as_a_whole(policy, line_search):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))  # not solved in 20
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=20, line_search_fn=line_search)
+    remedy = {"skip": Skip(), "halve_lr": HalveLR(), "rollback": Rollback(snapshot_every=1)}[policy]
+    engine = ClipEngine(remedy=remedy)
+    engine.attach([opt], model.named_parameters())
+    engine.warn = lambda message: None
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    calls = [0]
+
+    def closure(nan_at):
+        def evaluate():
+            opt.zero_grad()
+            calls[0] += 1
+            loss = torch.nn.functional.mse_loss(model(x), y) * (NAN if calls[0] == nan_at else 1.0)
+            engine.observe_loss(loss)
+            loss.backward()
+            engine.step(opt)
+            return loss
+
+        return evaluate
+
+    opt.step(closure(nan_at=None))  # a good step: LBFGS state and history exist
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in opt.state[opt._params[0]].items()}
+    start = calls[0]
+    if line_search is None:
+        opt.step(closure(nan_at=start + 3))  # the third evaluation of this step is bad
+    else:
+        # torch's strong-Wolfe search itself fails on a NaN loss inside the step (IndexError in lbfgs.py): the
+        # exception path (the callback's on_exception) puts the step's start back.
+        with pytest.raises(IndexError):
+            opt.step(closure(nan_at=start + 3))
+        engine.on_exception()
+    assert calls[0] >= start + 3
+    assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+    assert states_equal(dict(opt.state[opt._params[0]]), state)
+    opt.step(closure(nan_at=None))  # and training goes on from there
+    assert not all(torch.equal(a, p) for a, p in zip(weights, model.parameters())) and all_finite(model)
