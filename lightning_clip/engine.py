@@ -631,10 +631,20 @@ class ClipEngine:
         return moved if step.inv_scale is None else [n * step.inv_scale for n in moved]
 
     def _by_layer(self, names: Sequence[str], norms: Sequence[Tensor]) -> tuple[list[str], list[Tensor]]:
-        layers: dict[str, list[Tensor]] = {}
-        for name, n in zip(names, norms):
-            layers.setdefault(layer_of(name), []).append(n)
-        return list(layers), [F.total_norm(ns, self.norm_type).float() for ns in layers.values()]
+        """Per-tensor norms combined per layer, all layers in one scatter (logging steps)."""
+        index: dict[str, int] = {}
+        positions = [index.setdefault(layer_of(name), len(index)) for name in names]
+        if not norms:
+            return [], []
+        stacked = torch.stack([n.to(norms[0].device, torch.float64) for n in norms])
+        where = torch.tensor(positions, device=stacked.device)
+        if math.isinf(self.norm_type):
+            layer = torch.zeros(len(index), dtype=torch.float64, device=stacked.device)
+            layer = layer.scatter_reduce(0, where, stacked, reduce="amax", include_self=False)
+        else:
+            powers = torch.zeros(len(index), dtype=torch.float64, device=stacked.device)
+            layer = powers.index_add_(0, where, stacked.pow(self.norm_type)).pow(1.0 / self.norm_type)
+        return list(index), list(layer.float().unbind())
 
     def _layer_health(self, step: StepRecord) -> tuple[list[str], list[Tensor], list[Tensor]]:
         """Per layer, the gradient norm and the weight norm (logging steps: vanishing_ratio)."""
