@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "train.py"
 CONFIGS = REPO / "examples" / "configs"
-SCENARIOS = ("norm", "value", "nan_recovery", "monitor")
+SCENARIOS = ("norm", "value", "nan_recovery", "monitor", "rollback")
 # Past the injected NaN batches (30, 31, 60) of nan_recovery.yaml; the configs log every 5 steps.
 STEPS = 70
 TIMEOUT = 240
