@@ -21,6 +21,7 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 DEMO_STEPS = 60  # the plain run goes NaN after ~35 steps
+DEMO_RUNS = ("plain", "clipped", "sigmoid_plain", "sigmoid_residual")  # log sub-directories, exploding then vanishing
 TIMEOUT = 240
 
 
@@ -88,7 +89,7 @@ def _read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 # ------------------------------------------------------------------------------------------- demo
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
-    """One short demo run with the default --logdir, in a fresh working directory."""
+    """One short demo run (both scenarios) with the default --logdir, in a fresh working directory."""
     cwd = tmp_path_factory.mktemp("demo")
     return cwd, _run(["demo", "--steps", str(DEMO_STEPS)], cwd)
 
@@ -142,6 +143,85 @@ def test_demo_writes_tensorboard_logs_that_show_the_divergence(demo: tuple[Path,
     assert _row(result.stdout, "first non-finite step") == [str(first_bad), "-"]
 
 
+# ------------------------------------------------------------------------------- demo: vanishing scenario
+VANISHING_HEADER = ["plain deep sigmoid", "residual + LayerNorm"]
+
+
+def _table(stdout: str, header: list[str]) -> dict[str, list[str]]:
+    """The value cells of each row of the demo table whose header row is ``header``."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.split(r"\s{2,}", line.strip()) == header)
+    assert set(lines[start + 1].replace(" ", "")) == {"-"}, lines[start + 1]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        assert len(cells) == 3, line
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_demo_tells_the_vanishing_story_after_the_exploding_one(demo: tuple[Path, Result]) -> None:
+    _, result = demo
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.index("Exploding-gradient demo") < out.index("Vanishing-gradient demo")
+    assert "[3/4] plain deep sigmoid" in out and "[4/4] residual + LayerNorm" in out
+    rows = _table(out, VANISHING_HEADER)
+    # The plain net: the callback warned within the first logging steps and named its first layers.
+    plain_warnings, residual_warnings = rows["vanishing-layer warnings"]
+    found = re.fullmatch(r"([1-3]) \(first at step (\d+)\)", plain_warnings)
+    assert found and int(found.group(2)) < 10, plain_warnings
+    assert residual_warnings == "0"
+    plain_named, residual_named = rows["layers named vanishing"]
+    named = re.fullmatch(r"(\d+) of 21: hidden\.0, hidden\.1, hidden\.2, \.\.\.", plain_named)
+    assert named and int(named.group(1)) >= 5, plain_named
+    assert residual_named == "none"
+    plain_ratio, residual_ratio = rows["||grad W|| / ||W||, hidden.0 (first)"]
+    assert float(plain_ratio) < 1e-12 and float(residual_ratio) > 1e-3
+    # Its loss stays at the targets' variance (1: it predicts their mean); the residual net trains.
+    plain_val, residual_val = (float(v) for v in rows["final val MSE (torchmetrics)"])
+    assert plain_val > 0.8 and residual_val < 0.5 * plain_val
+    assert "With residual connections and LayerNorm the same depth got no warning" in out
+    # The warning's first line is shown once, its layer list cut short; the remedies once; nothing on stderr.
+    assert out.count('"Vanishing gradients at global step') == 1
+    assert "shallowest first: hidden.0 (" in out and "more). These layers barely learn" in out
+    assert out.count("residual connections around deep blocks") == 1 and "What to try" not in out
+    assert "Vanishing gradients" not in result.stderr and "Traceback" not in result.stderr
+    # The exploding table has the same row: the clipped run is never flagged.
+    assert _row(out, "vanishing-layer warnings")[1] == "0"
+    assert "lightning_logs/demo/version_0: plain, clipped, sigmoid_plain, sigmoid_residual" in out
+
+
+def test_demo_logs_the_vanishing_layers_for_the_report(demo: tuple[Path, Result]) -> None:
+    cwd, result = demo
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = cwd / "lightning_logs" / "demo" / "version_0"
+    plain, residual = _read_scalars(root / "sigmoid_plain"), _read_scalars(root / "sigmoid_residual")
+    assert [s for s, _ in plain["grad_norm/total"]] == list(range(DEMO_STEPS))
+    flagged = [v for _, v in plain["grad_health/vanishing_layers"]]
+    assert flagged[:2] == [0, 0] and min(flagged[2:]) >= 5  # patience 3, then from the third logging step on
+    assert all(v < 1e-12 for _, v in plain["grad_health/grad_ratio/hidden.0"])
+    assert {v for _, v in residual["grad_health/vanishing_layers"]} == {0}
+    assert min(v for _, v in residual["grad_health/grad_ratio/hidden.0"]) > 1e-3
+    named = int(_table(result.stdout, VANISHING_HEADER)["layers named vanishing"][0].split()[0])
+    assert named >= max(flagged)  # every layer flagged in the logs was named in a warning
+
+
+def test_demo_runs_one_scenario_when_asked(tmp_path: Path) -> None:
+    result = _run(["demo", "--scenario", "vanishing", "--steps", "4", "--logdir", "logs"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Exploding-gradient demo" not in result.stdout
+    assert "[1/2] plain deep sigmoid" in result.stdout and "[2/2] residual + LayerNorm" in result.stdout
+    assert "shallowest first: hidden.0 (" in result.stdout  # step 2 is the third logging step
+    assert sorted(p.name for p in (tmp_path / "logs" / "demo" / "version_0").iterdir()) == [
+        "sigmoid_plain",
+        "sigmoid_residual",
+    ]
+    assert re.search(r"Wall time: \d+\.\d s for 2 runs\.", result.stdout)
+
+
 # ------------------------------------------------------------------------------------------- report
 @pytest.fixture(scope="module")
 def report(demo: tuple[Path, Result]) -> tuple[Path, Result]:
@@ -167,7 +247,7 @@ def test_report_numbers_match_the_event_files(report: tuple[Path, Result]) -> No
     cwd, result = report
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _report_rows(result.stdout)
-    assert set(rows) == {"demo/version_0/plain", "demo/version_0/clipped"}
+    assert set(rows) == {f"demo/version_0/{run}" for run in DEMO_RUNS}
     for name, row in rows.items():
         scalars = _read_scalars(cwd / "lightning_logs" / name)
         norms = np.array([v for _, v in scalars["grad_norm/total"]])

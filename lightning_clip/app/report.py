@@ -9,7 +9,13 @@ logs on logging steps:
 * ``grad_clip/steps``, ``grad_clip/clipped_steps``, ``grad_clip/nonfinite_steps``,
   ``grad_clip/skipped_steps`` -- cumulative counters: the last logged value is the run's total, and
   the clipped fraction is ``clipped_steps / steps``;
-* ``grad_clip/lr_scale`` (last value) and ``grad_clip/max_norm`` (the clip threshold, plotted).
+* ``grad_clip/lr_scale`` (last value) and ``grad_clip/max_norm`` (the clip threshold, plotted);
+* gradient health: ``grad_health/vanishing_layers`` (last value: the layers the callback flags as vanishing now)
+  and, per layer, ``grad_norm_layer/<layer>``, ``grad_health/grad_ratio/<layer>`` (``||grad W|| / ||W||``) and
+  ``grad_health/update_ratio/<layer>`` (``||dW|| / ||W||`` of the last applied update): the depth profile.
+
+Layers are in *depth order*: the order in which the callback logs them (the model's ``named_parameters()``
+order), which is the order in which their tags first appear in the event files -- TensorBoard's reader keeps it.
 
 Counters are read at the last *logging* step, so with ``Trainer(log_every_n_steps=n)`` they can
 trail the true end of the run by up to ``n - 1`` steps.
@@ -20,7 +26,7 @@ Example::
 
     runs = load_runs("lightning_logs")      # ReportError if there is nothing to report
     print(format_table(runs, "lightning_logs"))
-    plot(runs, "grad_norms.png")
+    plot(runs, "grad_norms.png")            # and grad_norms_depth.png when per-layer tags were logged
 
 The same from a shell: ``lightning-clip report lightning_logs --plot grad_norms.png``.
 """
@@ -33,20 +39,41 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:  # imported for real in load_runs(): only the report command needs TensorBoard's reader
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_clip import metrics as M
 
-__all__ = ["ReportError", "RunReport", "find_run_dirs", "load_runs", "format_table", "plot", "percentile"]
+__all__ = [
+    "ReportError",
+    "RunReport",
+    "LayerHealth",
+    "find_run_dirs",
+    "load_runs",
+    "format_table",
+    "plot",
+    "plot_depth",
+    "depth_path",
+    "percentile",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 class ReportError(Exception):
     """Nothing to report: the log directory is missing, holds no event files, or no gradient norms."""
+
+
+@dataclass
+class LayerHealth:
+    """One layer's values at a run's depth-profile step (:attr:`RunReport.depth_step`); None: not logged then."""
+
+    name: str
+    grad_norm: float | None = None  # grad_norm_layer/<name>
+    grad_ratio: float | None = None  # grad_health/grad_ratio/<name>: ||grad W|| / ||W||
+    update_ratio: float | None = None  # grad_health/update_ratio/<name>: ||dW|| / ||W|| of the last applied update
 
 
 @dataclass
@@ -59,6 +86,14 @@ class RunReport:
     ``steps``, ``clipped_steps``, ``nonfinite_steps``, ``skipped_steps`` and ``lr_scale`` are the last
     logged values of the callback's counters (None when the tag is missing). ``median``, ``p99`` and
     ``max`` are over the logged finite values of ``grad_norm/total`` (NaN when there are none).
+
+    ``vanishing`` is the last logged ``grad_health/vanishing_layers`` (None when not logged) and
+    ``vanishing_layers`` names that many layers, with their ratio, in depth order: those with the smallest
+    ``||grad W|| / ||W||`` at that logging step. The callback flags the layers below one bound, so these are the
+    flagged ones -- unless a layer crossed the bound within its last ``vanishing_patience`` logging steps (not
+    flagged yet) with a smaller ratio than a flagged one. ``layers`` is the depth profile: every layer in depth
+    order with its values at ``depth_step``, the last logging step whose per-layer norms and ratios are all finite
+    (the last logging step when none is).
     """
 
     run: str
@@ -78,6 +113,10 @@ class RunReport:
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)
     # the ``name`` of the callback that logged it (its tags end in /<name>); None for an unnamed one
     instance: str | None = None
+    vanishing: int | None = None
+    vanishing_layers: list[tuple[str, float]] = field(default_factory=list)
+    layers: list[LayerHealth] = field(default_factory=list, repr=False)
+    depth_step: int | None = None
 
     @property
     def name(self) -> str:
@@ -171,6 +210,80 @@ def _as_int(value: float | None) -> int | None:
     return None if value is None or not math.isfinite(value) else round(value)
 
 
+# per-layer tag group -> the LayerHealth field it fills
+_LAYER_GROUPS = {M.LAYER_GROUP: "grad_norm", M.GRAD_RATIO_GROUP: "grad_ratio", M.UPDATE_RATIO_GROUP: "update_ratio"}
+
+
+def _layer_tags(tags: Sequence[str], suffixes: Sequence[str]) -> dict[str, list[tuple[str, str, str]]]:
+    """Per tag suffix (:func:`lightning_clip.metrics.suffix` of an optimizer and callback name found in the run),
+    its per-layer tags in reading order, as ``(tag, field, layer)``.
+
+    A per-layer tag is ``<group>/<layer><suffix>``: it belongs to the longest known suffix it ends with, so
+    ``grad_norm_layer/net.0_opt1/monitor`` is optimizer 1's ``net.0`` of the callback named ``monitor`` when the run
+    has ``grad_norm/total_opt1/monitor``, and never optimizer 0's layer ``net.0_opt1``.
+
+    Example::
+
+        >>> found = _layer_tags(["grad_norm_layer/a.0", "grad_norm_layer/a.0_opt1/m", "grad_norm/total"],
+        ...                     ["", "_opt1/m"])
+        >>> found[""], found["_opt1/m"]
+        ([('grad_norm_layer/a.0', 'grad_norm', 'a.0')], [('grad_norm_layer/a.0_opt1/m', 'grad_norm', 'a.0')])
+    """
+    longest_first = sorted(set(suffixes), key=len, reverse=True)
+    out: dict[str, list[tuple[str, str, str]]] = {end: [] for end in longest_first}
+    for tag in tags:
+        for group, kind in _LAYER_GROUPS.items():
+            if not tag.startswith(group + "/"):
+                continue
+            rest = tag[len(group) + 1 :]
+            end = next((e for e in longest_first if rest.endswith(e) and len(rest) > len(e)), None)
+            if end is not None:
+                out[end].append((tag, kind, rest[: len(rest) - len(end)]))
+            break
+    return out
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _depth_profile(
+    acc: EventAccumulator, entries: Sequence[tuple[str, str, str]]
+) -> tuple[dict[str, dict[str, dict[int, float]]], list[LayerHealth], int | None]:
+    """The per-layer series (layer -> field -> step -> value, layers in depth order) and the depth profile: every
+    layer's values at the last logging step whose logged norms and ratios are all finite (else the last step)."""
+    series: dict[str, dict[str, dict[int, float]]] = {}
+    for tag, kind, layer in entries:  # reading order: the first tag of a layer places it
+        series.setdefault(layer, {})[kind] = dict(_scalars(acc, tag))
+    steps = sorted({s for by in series.values() for k in ("grad_norm", "grad_ratio") for s in by.get(k, {})})
+    if not steps:
+        return series, [], None
+
+    def finite_at(step: int) -> bool:
+        values = [by[k][step] for by in series.values() for k in ("grad_norm", "grad_ratio") if step in by.get(k, {})]
+        return all(math.isfinite(v) for v in values)
+
+    at = next((s for s in reversed(steps) if finite_at(s)), steps[-1])
+    layers = [
+        LayerHealth(layer, *(by.get(k, {}).get(at) for k in ("grad_norm", "grad_ratio", "update_ratio")))
+        for layer, by in series.items()
+    ]
+    return series, layers, at
+
+
+def _vanishing_layers(
+    count: list[tuple[int, float]], series: dict[str, dict[str, dict[int, float]]]
+) -> tuple[int | None, list[tuple[str, float]]]:
+    """The last logged vanishing count and as many layers, in depth order: the smallest ratios at that step."""
+    n = _as_int(_last(count))
+    if not n:
+        return n, []
+    at = count[-1][0]
+    logged = [(layer, by["grad_ratio"][at]) for layer, by in series.items() if at in by.get("grad_ratio", {})]
+    smallest = {layer for layer, _ in sorted((p for p in logged if math.isfinite(p[1])), key=lambda p: p[1])[:n]}
+    return n, [(layer, r) for layer, r in logged if layer in smallest]
+
+
 def _run_label(run_dir: Path, root: Path) -> str:
     """A run's label: its path under ``root``; for a run directly at ``root``, the directory's own name
     (``version_0``, not ``.``; the absolute path where the directory has no name, as ``/``)."""
@@ -199,16 +312,17 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
     for run_dir in run_dirs:
         acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
         acc.Reload()
-        tags = set(acc.Tags().get("scalars", []))
-        for tag in sorted(tags):
-            # The tag names are the callback's (lightning_clip.metrics): grad_norm/total[_opt<i>][/<name>].
-            parsed = M.parse_total_tag(tag)
-            if parsed is None:
-                continue
-            opt, instance = parsed
+        in_order = list(acc.Tags().get("scalars", []))  # as first read: the order the callback logged them in
+        tags = set(in_order)
+        # The tag names are the callback's (lightning_clip.metrics): grad_norm/total[_opt<i>][/<name>].
+        found = {tag: parsed for tag in sorted(tags) if (parsed := M.parse_total_tag(tag)) is not None}
+        per_layer = _layer_tags(in_order, [M.suffix(opt, instance) for opt, instance in found.values()])
+        for tag, (opt, instance) in found.items():
             suffix = M.suffix(opt, instance)
 
             get = functools.partial(_optional_scalars, acc, tags, suffix)
+            layer_series, layers, depth_step = _depth_profile(acc, per_layer[suffix])
+            vanishing, vanishing_layers = _vanishing_layers(get(M.VANISHING_LAYERS), layer_series)
             total = _scalars(acc, tag)
             finite = [v for _, v in total if math.isfinite(v)]
             first_bad = next((s for s, v in total if not math.isfinite(v)), None)
@@ -235,6 +349,10 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
                         "skipped_steps": get(M.SKIPPED_STEPS),
                     },
                     instance=instance,
+                    vanishing=vanishing,
+                    vanishing_layers=vanishing_layers,
+                    layers=layers,
+                    depth_step=depth_step,
                 )
             )
     if not reports:
@@ -267,9 +385,28 @@ def format_table(reports: Sequence[RunReport], logdir: PathLike | None = None) -
         ...               first_nonfinite_step=None, steps=10, clipped_steps=4, nonfinite_steps=1,
         ...               skipped_steps=1, lr_scale=0.5)
         >>> print(format_table([r]).splitlines()[-1])
-        a       10       3       1  2.96    3           1    40.0%        1       0.5
+        a       10       3       1  2.96    3           1    40.0%        1       0.5          -
+
+    The ``vanishing`` column is the last logged ``grad_health/vanishing_layers``; the layers it counts are named
+    under the table (see :class:`RunReport`)::
+
+        >>> r.vanishing, r.vanishing_layers = 2, [("net.0", 3e-15), ("net.1.lin", 2e-13)]
+        >>> print(format_table([r]).splitlines()[-1])
+          a: net.0 (3e-15), net.1.lin (2e-13)
     """
-    header = ["run", "steps", "logged", "median", "p99", "max", "non-finite", "clipped", "skipped", "LR scale"]
+    header = [
+        "run",
+        "steps",
+        "logged",
+        "median",
+        "p99",
+        "max",
+        "non-finite",
+        "clipped",
+        "skipped",
+        "LR scale",
+        "vanishing",
+    ]
     rows = [
         [
             r.name,
@@ -282,6 +419,7 @@ def format_table(reports: Sequence[RunReport], logdir: PathLike | None = None) -
             _fmt_fraction(r),
             _fmt(r.skipped_steps, "d"),
             _fmt(r.lr_scale),
+            _fmt(r.vanishing, "d"),
         ]
         for r in reports
     ]
@@ -296,18 +434,48 @@ def format_table(reports: Sequence[RunReport], logdir: PathLike | None = None) -
         out.append(f"Gradient norms under {logdir} ({_count_label(reports)})")
         out.append("")
     out += [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+    named = [r for r in reports if r.vanishing]
+    if named:
+        out += ["", "vanishing layers (smallest ||grad W|| / ||W|| at the last logging step, shallowest first):"]
+        out += [_vanishing_line(r) for r in named]
     if logdir is not None:
         out += [
             "",
             "median/p99/max: grad_norm/total (before clipping) over the logged steps, non-finite values left out.",
             "non-finite, skipped: optimizer steps with NaN/Inf (whole run); clipped: clipped_steps / steps.",
         ]
+        if any(r.vanishing is not None for r in reports):
+            out.append(
+                "vanishing: last grad_health/vanishing_layers, layers whose ||grad W|| / ||W|| stays below "
+                "vanishing_ratio (-: not logged)."
+            )
         if any(r.clipped_sampled and r.clipped_fraction is not None for r in reports):
             out.append(
                 "*: no clipped_steps counter (mode 'value' or 'none'): share of logged steps where "
                 "clipping changed the norm."
             )
     return "\n".join(out)
+
+
+_MAX_NAMED = 8  # vanishing layers named per row under the table; the rest are counted
+_WRAP = 110  # characters per line of that list
+
+
+def _vanishing_line(r: RunReport) -> str:
+    """``  <run>: net.0 (3e-15), net.1.lin (2e-13)``, wrapped; the count alone when the ratios were not logged."""
+    if not r.vanishing_layers:
+        return f"  {r.name}: {r.vanishing} (no per-layer ratios logged: log_norms='layer' names them)"
+    shown = [f"{name} ({ratio:.2g})" for name, ratio in r.vanishing_layers[:_MAX_NAMED]]
+    more = len(r.vanishing_layers) - len(shown)
+    if more:
+        shown.append(f"... and {more} more (deeper)")
+    lines = [f"  {r.name}:"]
+    for i, entry in enumerate(shown):  # wrapped between entries, never inside one
+        entry += "," if i < len(shown) - 1 else ""
+        if len(lines[-1]) + 1 + len(entry) > _WRAP and not lines[-1].endswith(":"):
+            lines.append("   ")
+        lines[-1] += " " + entry
+    return "\n".join(lines)
 
 
 def _nonfinite_spans(series: Sequence[tuple[int, float]]) -> list[tuple[int, int]]:
@@ -335,11 +503,26 @@ def _count_label(reports: Sequence[RunReport]) -> str:
     return label if runs == len(reports) else f"{label}, {len(reports)} series"
 
 
-def plot(reports: Sequence[RunReport], path: PathLike) -> Path:
+def depth_path(path: PathLike) -> Path:
+    """Where :func:`plot` writes the depth plot: ``<stem>_depth<suffix>`` next to ``path``.
+
+    Example::
+
+        >>> depth_path("plots/grad_norms.png").as_posix()
+        'plots/grad_norms_depth.png'
+    """
+    p = Path(path)
+    return p.with_name(f"{p.stem}_depth{p.suffix}")
+
+
+def plot(reports: Sequence[RunReport], path: PathLike, depth: bool = True) -> Path:
     """Write a PNG: per run, the total gradient norm over steps (log scale), the clip threshold,
     the norm after clipping, and markers for non-finite norms and skipped steps.
 
-    Uses matplotlib's Agg canvas directly (no GUI, no global backend change). Returns the path.
+    With ``depth`` (the default), when a run has per-layer tags, also write :func:`plot_depth` to
+    :func:`depth_path` of ``path`` (``grad_norms.png`` -> ``grad_norms_depth.png``).
+
+    Uses matplotlib's Agg canvas directly (no GUI, no global backend change). Returns ``path``.
     """
     from matplotlib.figure import Figure
 
@@ -395,6 +578,97 @@ def plot(reports: Sequence[RunReport], path: PathLike) -> Path:
             ax.legend(loc="best", fontsize=8, framealpha=0.9)
     axes[-1].set_xlabel("step (Lightning logging step)")
     fig.suptitle("Total gradient norm per run (lightning-clip report)", fontsize=11)
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True)
+    fig.savefig(out, dpi=110)
+    if depth and any(r.layers for r in reports):
+        plot_depth(reports, depth_path(out))
+    return out
+
+
+# (LayerHealth field, legend label, colour, marker) of the depth plot's curves
+_DEPTH_CURVES = (
+    ("grad_norm", r"gradient norm $\|\nabla W\|$ (grad_norm_layer)", "tab:blue", "o"),
+    ("grad_ratio", r"$\|\nabla W\| \,/\, \|W\|$ (grad_health/grad_ratio)", "tab:orange", "s"),
+    ("update_ratio", r"$\|\Delta W\| \,/\, \|W\|$ of the last update (grad_health/update_ratio)", "tab:green", "^"),
+)
+_MAX_TICK_LABELS = 32  # more layers than this: every k-th layer's name on the x-axis
+
+
+def _depth_panel(ax: Any, r: RunReport) -> None:
+    """One run's panel of :func:`plot_depth`: its curves, shading, ticks and title."""
+    drawn = False
+    for attr, label, color, marker in _DEPTH_CURVES:
+        values = [(i, getattr(layer, attr)) for i, layer in enumerate(r.layers)]
+        points = [(i, v) for i, v in values if _finite(v) and v > 0]
+        if points:
+            ax.plot(*zip(*points), marker=marker, ms=4, lw=1.2, color=color, label=label)
+            drawn = True
+        zeros = [i for i, v in values if v == 0]
+        if zeros and attr != "grad_ratio":  # a zero gradient is a zero ratio too: one marker for both
+            # No gradient (a saturated or cut-off layer) or no update: on the bottom edge, not left out.
+            ax.plot(
+                zeros,
+                [0.0] * len(zeros),
+                marker="v",
+                ls="none",
+                ms=7,
+                color="black" if attr == "grad_norm" else color,
+                clip_on=False,
+                zorder=3,
+                transform=ax.get_xaxis_transform(),
+                label=f"{'gradient' if attr == 'grad_norm' else 'update'} exactly 0 (on the bottom edge)",
+            )
+    flagged = {name for name, _ in r.vanishing_layers}
+    for i, layer in enumerate(r.layers):
+        if layer.name in flagged:
+            ax.axvspan(i - 0.5, i + 0.5, color="tab:red", alpha=0.13, lw=0, label="vanishing layers (see the table)")
+    if drawn:
+        ax.set_yscale("log")
+    every = max(1, math.ceil(len(r.layers) / _MAX_TICK_LABELS))
+    ticks = list(range(0, len(r.layers), every))
+    ax.set_xticks(ticks, [r.layers[i].name for i in ticks], rotation=60, ha="right", rotation_mode="anchor")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlim(-0.6, len(r.layers) - 0.4)
+    ax.set_xlabel("layer by depth, input on the left" + (f" (one name every {every} layers)" if every > 1 else ""))
+    ax.grid(True, which="major", alpha=0.3)
+    vanishing = "-" if r.vanishing is None else str(r.vanishing)
+    ax.set_title(
+        f"{r.name}: {len(r.layers)} layers at logging step {r.depth_step}, vanishing {vanishing}",
+        fontsize=10,
+        loc="left",
+    )
+
+
+def plot_depth(reports: Sequence[RunReport], path: PathLike) -> Path:
+    """Write a PNG of each run's depth profile (:attr:`RunReport.layers`): x is the layer's depth (input on the
+    left), y (log scale) its gradient norm, gradient-to-weight ratio and, when logged, update-to-weight ratio at
+    :attr:`RunReport.depth_step`. Vanishing gradients show as a slope down towards the input; the layers named
+    in :attr:`RunReport.vanishing_layers` are shaded. Runs without per-layer tags are left out.
+
+    Raises ValueError when no run has per-layer tags. Returns the path.
+    """
+    from matplotlib.figure import Figure
+
+    runs = [r for r in reports if r.layers]
+    if not runs:
+        raise ValueError("no run has per-layer tags (grad_norm_layer/, grad_health/grad_ratio/) to plot by depth")
+    out = Path(path)
+    widest = max(len(r.layers) for r in runs)
+    longest = max(len(layer.name) for r in runs for layer in r.layers)
+    fig = Figure(
+        figsize=(min(16.0, max(9.0, 3.0 + 0.3 * min(widest, _MAX_TICK_LABELS))), (3.0 + 0.06 * longest) * len(runs)),
+        layout="constrained",
+    )
+    axes = fig.subplots(len(runs), 1, squeeze=False)[:, 0]
+    legend: dict[str, Any] = {}  # label -> handle, over every panel: one legend for the figure
+    for ax, r in zip(axes, runs):
+        _depth_panel(ax, r)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.suptitle("Per-layer gradient health against depth (lightning-clip report)", fontsize=11)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=2, fontsize=8)
     if not out.parent.exists():
         out.parent.mkdir(parents=True)
     fig.savefig(out, dpi=110)
