@@ -173,11 +173,12 @@ class GradientClipping(CallbackBase):
             ``"rollback"`` restores the newest healthy in-memory snapshot, skips a data window and lowers the LR
             (:class:`~lightning_clip.remedies.Rollback`). Or a :class:`~lightning_clip.remedies.Remedy` object with
             its own settings (in YAML: a ``class_path``).
-        lr_factor: ``halve_lr``: the factor applied per bad step, in (0, 1).
-        min_lr_scale: ``halve_lr``: the LR scale never goes below this (in (0, 1]); None for no floor.
-        lr_recovery_steps: ``halve_lr``: after this many healthy steps in a row, undo one reduction
+        lr_factor: ``halve_lr``: the factor applied per bad step, in (0, 1) (refused, when changed, under a policy
+            that does not read it).
+        min_lr_scale: ``halve_lr``/``rollback``: the LR scale never goes below this (in (0, 1]); None for no floor.
+        lr_recovery_steps: ``halve_lr``/``rollback``: after this many healthy steps in a row, undo one reduction
             (never above 1.0). None never recovers.
-        max_consecutive_nonfinite: ``skip``/``halve_lr``: raise after this many bad steps in a row of one
+        max_consecutive_nonfinite: ``skip``/``halve_lr``/``rollback``: raise after this many bad steps in a row of one
             optimizer (None: never). With a fused optimizer under ``skip`` the check runs at the next
             logging step (or every ``log_every_n_steps`` steps when nothing logs), to stay sync-free.
         check_inputs: check each training batch's floating tensors for NaN/Inf before the forward pass.
@@ -190,8 +191,9 @@ class GradientClipping(CallbackBase):
             rules with options of their own.
         skip_spikes: skip (not clip) a step whose total norm exceeds the mean + ``skip_spikes`` standard
             deviations of the last ``spike_window`` healthy norms (OLMo-core's skip-step rule), through the same
-            sync-free skip as NaN steps; counted in ``grad_clip/spike_skips``. Needs ``nan_policy`` ``"skip"``
-            or ``"halve_lr"`` (a spike does not lower the LR). None: off.
+            sync-free skip as NaN steps; counted in ``grad_clip/spike_skips``. Needs a ``nan_policy`` that skips
+            (``"skip"``, ``"halve_lr"``: a spike does not lower the LR; ``"rollback"``: a spike is a bad step). None:
+            off.
         spike_window: how many recent healthy norms ``skip_spikes`` (and losses ``loss_spikes``) compare with
             (the first 20 only collect).
         loss_spikes: a step whose loss (the mean over its micro-batches) exceeds the mean + ``loss_spikes``

@@ -73,6 +73,12 @@ class StepCounters(DeviceState):
         buffers["counts"].add_(torch.stack(flags))  # type: ignore[union-attr]
         buffers["streak"].add_(1).mul_(bad)  # type: ignore[union-attr]  # reset to 0 by a good step
 
+    def count_late_bad(self, late: Tensor) -> None:
+        """A step already counted as fine turned bad at a later closure evaluation (LBFGS): count it as bad."""
+        buffers = self._buffers
+        buffers["counts"][1].add_(late)  # type: ignore[index]  # nonfinite_steps
+        buffers["streak"].add_(late)  # type: ignore[union-attr]  # it was reset by the fine evaluation
+
     def from_values(self, values: list[float]) -> dict[str, int]:
         """Counts from values already read back (in :data:`COUNTERS` order), plus ``steps``."""
         out = {"steps": self.steps}

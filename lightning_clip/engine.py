@@ -460,9 +460,15 @@ class ClipEngine:
         step.result, step.clipped = result, clipped
 
     def _count(self, slot: Slot, step: StepRecord) -> None:
-        """Stage 5: the device counters (optimizer steps, not closure evaluations)."""
+        """Stage 5: the device counters (optimizer steps, not closure evaluations: a step whose first evaluation was
+        fine and a later one bad counts once, as bad)."""
+        tracker = slot.tracker
         if not step.reevaluation:
             slot.units.counters.update(step.clipped, step.bad, step.overflow, step.spike, step.requested)
+            tracker.step_bad = step.bad
+        elif tracker.step_bad is not None:
+            slot.units.counters.count_late_bad(step.bad & ~tracker.step_bad)
+            tracker.step_bad = tracker.step_bad | step.bad
 
     def _remedy(self, i: int, slot: Slot, step: StepRecord) -> dict[str, float]:
         """Stage 6: the remedy's device part; its host part (and the report) only when it or logging needs the
@@ -524,6 +530,8 @@ class ClipEngine:
 
     def _honour(self, slot: Slot, request: Request) -> None:
         """What a remedy asked of the loop, for this optimizer's next steps."""
+        if request.restored:
+            slot.tracker.restart_from_here()
         if request.skip_steps:
             if not slot.units.remedy.skips_steps:
                 raise ValueError(f"{slot.units.remedy!r} asked to skip steps but does not declare `skips_steps`.")
@@ -728,9 +736,9 @@ def _moves_between_evaluations(optimizer: Optimizer) -> bool:
 def _refuse_moving_closure(optimizer: Optimizer, remedy: Remedy) -> None:
     raise ValueError(
         f"{type(optimizer).__name__} evaluated its closure more than once in one step() and moves the weights "
-        f"between evaluations (LBFGS with max_iter > 1 or a line search): nan_policy={remedy.policy!r} "
-        "cannot undo a move made before a bad evaluation. Use nan_policy='raise' or 'ignore' with it, or "
-        "LBFGS(max_iter=1, line_search_fn=None)."
+        "between evaluations, but declares neither `max_iter` nor `line_search_fn` in its defaults (as LBFGS does, "
+        f"which is snapshotted at each step start): nan_policy={remedy.policy!r} cannot undo a move made before a "
+        "bad evaluation. Use nan_policy='raise' or 'ignore' with it, or declare `max_iter` in its defaults."
     )
 
 

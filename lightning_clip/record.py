@@ -163,10 +163,12 @@ class Request:
 
     ``skip_steps``: skip this optimizer's next ``skip_steps`` steps whatever their gradients (a data window: under
     accumulation a step is a whole window). Only a remedy that :attr:`~lightning_clip.remedies.Remedy.skips_steps`
-    may ask it. Counted in ``requested_skips``.
+    may ask it. Counted in ``requested_skips``. ``restored``: the remedy restored the weights and the optimizer
+    state (a rollback); a closure optimizer's step in progress (LBFGS) ends in that state, not at its own start.
     """
 
     skip_steps: int = 0
+    restored: bool = False  # the remedy put the training state back itself: a step in progress ends there
 
 
 @dataclass

@@ -113,6 +113,7 @@ class StepTracker:
         self.state_at_step_start: set[int] = set()
         self.guard = False
         self.after_update: Callable[[], None] | None = None  # run once the running step's update is in
+        self.step_bad: Tensor | None = None  # device flag: an evaluation of the running step was bad
         self._start: Snapshot | None = None
         self._restore: Any = None  # the one-shot post-hook of a pending restore
 
@@ -147,6 +148,11 @@ class StepTracker:
         if self._start is not None and self._start.taken:
             self._start.restore(optimizer)
             self._start.step = -1  # restored once
+
+    def restart_from_here(self) -> None:
+        """The state was restored mid-step (a rollback): the running step, if guarded, ends in this state."""
+        if self.in_step and self._start is not None and self.optimizer is not None:
+            self._start.take(self.optimizer, self.step_calls)
 
     def abandon(self) -> None:
         """An exception left ``step()`` half done (torch's strong-Wolfe line search fails on a NaN loss): put the

@@ -1,6 +1,7 @@
 """The fault matrix: {fault} x {optimizer} x {policy} x {precision} on a real Trainer (CPU).
 
-The promise under test: with ``nan_policy="skip"`` or ``"halve_lr"`` a non-finite step never reaches the weights
+The promise under test: with ``nan_policy="skip"``, ``"halve_lr"`` or ``"rollback"`` a non-finite step never reaches
+the weights
 or the optimizer state. This module builds the cells (used by ``tests/test_fault_matrix.py``) and, run as a
 script, regenerates ``docs/fault_matrix.md`` from a pytest run of that file::
 
@@ -12,7 +13,7 @@ optimizer step ``bad``, and records the weights and the whole ``optimizer.state_
 
 * ``noop``: the bad step changed no weight and no optimizer state (``torch.equal`` on every tensor), two more
   good steps move the weights and leave everything finite, one step was counted as skipped, and under
-  ``halve_lr`` the LR scale is 0.5;
+  ``halve_lr`` and ``rollback`` the LR scale is 0.5;
 * ``overflow``: under ``16-mixed`` an Inf put into an (already scaled) gradient is a GradScaler overflow: the
   step is still a no-op, but it is counted in ``amp_overflows`` (not as divergence) and the LR is not halved;
 * ``refused``: the configuration is rejected at the first step (step 1 when step 0 was skipped) with an
@@ -340,8 +341,8 @@ def known_bug(cell: Cell) -> str | None:
     return None
 
 
-# The full optimizer x policy x fault product runs at 32-true (368 cells, ~25 s). Under AMP a cell costs ~3x
-# as much, so bf16-mixed and 16-mixed run every fault and both policies on a representative set of optimizers:
+# The full optimizer x policy x fault product runs at 32-true. Under AMP a cell costs ~3x
+# as much, so bf16-mixed and 16-mixed run every fault and every policy on a representative set of optimizers:
 # each skip path (grad=None with and without momentum/weight decay, device-side found_inf, the fused-SGD
 # first-step exception, eager state (Adagrad), the closure optimizer) and, under 16-mixed, every fused optimizer
 # (their gradients are still scaled in the hook) plus the Lightning refusal of LBFGS.
@@ -484,7 +485,7 @@ def check(run: Run, expected: Expectation) -> None:
         assert counters["amp_overflows"] == 1 and counters["skipped_steps"] == 0, counters
         assert cb.lr_scales == [1.0]
     else:
-        # (c) exactly one step counted as skipped; (d) halve_lr halved once
+        # (c) exactly one step counted as skipped; (d) halve_lr and rollback halved once
         assert counters["skipped_steps"] == 1 and counters["nonfinite_steps"] == 1, counters
         assert counters["amp_overflows"] == 0, counters
         if cell.policy in LR_SCALED:
@@ -541,18 +542,21 @@ def render(results: dict[str, str], wall: float) -> str:
     lines = [
         "# Fault matrix: a non-finite step is never applied",
         "",
-        '**Promise.** With `nan_policy="skip"` or `"halve_lr"`, a non-finite step never reaches the weights or '
-        "the optimizer state.",
+        '**Promise.** With `nan_policy="skip"`, `"halve_lr"` or `"rollback"`, a non-finite step never reaches the '
+        "weights or the optimizer state. Rollback runs with `snapshot_every=1`: its snapshot is the state before the "
+        "bad step, so the no-op check is also a check that the restore is bit-exact.",
         "",
         '**Cell.** A real `Trainer(accelerator="cpu")` trains Linear(4,8)-Tanh-Linear(8,1) on batches of 4 with '
-        "`GradientClipping(max_norm=1.0, nan_policy=...)`, no logger, no checkpointing. A recorder copies the "
+        "`GradientClipping(max_norm=1.0, nan_policy=...)` (`snapshot_every=1` under rollback), no logger, no "
+        "checkpointing. A recorder copies the "
         "optimizer's parameters and its whole `state_dict()` (state and param groups) at every `global_step`. "
         "A cell passes when:",
         "",
         "- **no-op** (✓): (a) across the bad step every weight and every optimizer-state tensor is bit-identical "
         "(`torch.equal`); (b) after two more good steps the weights moved and weights and optimizer state are "
         "finite; (c) the callback counted exactly one skipped (non-finite) step and no AMP overflow; (d) under "
-        "`halve_lr`, `cb.lr_scales == [0.5]`. For the exception faults also: the weights and optimizer state at the "
+        "`halve_lr` and `rollback`, `cb.lr_scales == [0.5]`. For the exception faults also: the weights and "
+        "optimizer state at the "
         'crash equal those after the previous step, and `param_groups[*]["lr"]` is the unscaled LR.',
         "- **overflow** (O): `16-mixed` only, Inf put into a gradient with a finite loss: GradScaler skips the "
         "step (a and b hold), it is counted in `amp_overflows` rather than as divergence, and the LR is not "
@@ -566,14 +570,15 @@ def render(results: dict[str, str], wall: float) -> str:
         f"- **optimizers** ({len(opts)}): every class in `torch.optim` "
         f"({', '.join(c.__name__ for c in OPTIMIZER_CLASSES)}), `foreach=True` and `fused=True` where the class "
         "constructs with it on CPU, SGD also with momentum and with nesterov + weight decay, LBFGS with "
-        "`max_iter=1` and `max_iter=20`. Muon takes the 2-D weights only (it refuses 1-D biases); the biases stay "
-        "out of its optimizer.",
-        "- **policies** (2): `skip`, `halve_lr`.",
+        "`max_iter=1` and `max_iter=20` (the weights and LBFGS state are snapshotted at each step start and a bad "
+        "evaluation anywhere in the step puts them back). Muon takes the 2-D weights only (it refuses 1-D biases); "
+        "the biases stay out of its optimizer.",
+        f"- **policies** ({len(POLICIES)}): " + ", ".join(f"`{p}`" for p in POLICIES) + ".",
         '- **precisions** (3): `32-true`, `bf16-mixed`, `16-mixed` (a `GradScaler("cpu", init_scale=2**8)`, so '
         "the model never overflows by itself).",
         "",
         f"**Coverage.** The full fault x optimizer x policy product at `32-true` ({n_full} cells). An AMP cell costs "
-        "about 3x as much, so `bf16-mixed` and `16-mixed` run every fault and both policies on a representative "
+        "about 3x as much, so `bf16-mixed` and `16-mixed` run every fault and every policy on a representative "
         "set: one optimizer per skip path (`grad=None` with and without momentum/weight decay, the fused "
         "device-side `found_inf` skip, fused SGD's first-step exception, eager state (Adagrad), the closure "
         "optimizer) and, under `16-mixed`, every fused optimizer (their gradients are still scaled in the hook). "
@@ -582,14 +587,14 @@ def render(results: dict[str, str], wall: float) -> str:
         f"**{len(results)} cells, {passed} passed** ({counts.get('noop', 0)} no-op, {counts.get('overflow', 0)} "
         f"overflow, {counts.get('refused', 0)} refused), **{counts.get('xfail', 0)} xfail**"
         + "".join(f", {counts[k]} {k}" for k in counts if k not in ("noop", "overflow", "refused", "xfail"))
-        + f"; {wall:.0f} s wall for the pytest run on 2 CPU cores (35-60 s seen, depending on the load).",
+        + f"; {wall:.0f} s wall for the pytest run on 2 CPU cores (it varies with the load).",
         "",
     ]
     for precision in PRECISIONS:
         lines += [
             f"## {precision}",
             "",
-            "One symbol when both policies agree, else `skip`/`halve_lr`.",
+            "One symbol when every policy agrees, else " + "/".join(f"`{p}`" for p in POLICIES) + ".",
             "",
             "| optimizer | " + " | ".join(faults) + " |",
             "| --- |" + " --- |" * len(faults),

@@ -331,3 +331,62 @@ def test_lbfgs_with_a_line_search_skips_a_step_with_a_bad_evaluation_as_a_whole(
     assert states_equal(dict(opt.state[opt._params[0]]), state)
     opt.step(closure(nan_at=None))  # and training goes on from there
     assert not all(torch.equal(a, p) for a, p in zip(weights, model.parameters())) and all_finite(model)
+
+
+def lbfgs_loop(remedy, steps: int, bad_step: int, bad_evaluation: int = 3):
+    """LBFGS(max_iter=5) on a small tanh net; the given evaluation of ``bad_step`` is NaN. Weights after each step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=5)
+    engine = ClipEngine(remedy=remedy)
+    engine.attach([opt], model.named_parameters())
+    engine.warn = lambda message: None
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    after = []
+    for step in range(steps):
+        evaluations = [0]
+
+        def closure(step=step, evaluations=evaluations):
+            opt.zero_grad()
+            evaluations[0] += 1
+            bad = step == bad_step and evaluations[0] == bad_evaluation
+            loss = torch.nn.functional.mse_loss(model(x), y) * (NAN if bad else 1.0)
+            engine.observe_loss(loss)
+            loss.backward()
+            engine.step(opt)
+            return loss
+
+        opt.step(closure)
+        after.append([p.detach().clone() for p in model.parameters()])
+    return engine, after
+
+
+def test_lbfgs_under_rollback_ends_the_step_in_the_snapshot_not_at_its_own_start():
+    engine, after = lbfgs_loop(Rollback(snapshot_every=5), steps=8, bad_step=6)
+    assert engine.counters["rollbacks"] == 1 and engine.skipped_windows()[0]["snapshot_step"] == 5
+    assert all(torch.equal(a, b) for a, b in zip(after[4], after[6]))  # back to 5 steps done
+    assert not all(torch.equal(a, b) for a, b in zip(after[5], after[6]))
+
+
+def test_a_later_bad_lbfgs_evaluation_counts_the_step_as_bad_once():
+    engine, after = lbfgs_loop(Skip(), steps=3, bad_step=1, bad_evaluation=3)
+    counts = engine.counters
+    assert (counts["steps"], counts["nonfinite_steps"], counts["skipped_steps"]) == (3, 1, 1)
+    assert engine.counters_of(0)["nonfinite_streak"] == 0  # step 2 was fine again
+    assert all(torch.equal(a, b) for a, b in zip(after[0], after[1]))
+
+
+def test_a_rollback_right_after_a_resume_restores_the_resumed_optimizer_state(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = GradientClipping(nan_policy="rollback", snapshot_every=50)
+    fit(trainer(tmp_path, [first, ckpt], max_steps=4, enable_checkpointing=True), FaultModel(optimizer="adamw"), data())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["optimizer_states"][0]["state"]
+    resumed = GradientClipping(nan_policy="rollback", snapshot_every=50)
+    rec = StepRecorder()
+    t = trainer(tmp_path, [resumed, rec], max_steps=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(FaultModel(optimizer="adamw", nan_loss_at=(5,)), data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.counters["rollbacks"] == 1 and resumed.engine.skipped_windows()[0]["snapshot_step"] == 4
+    bad = next(s for s in rec.steps if s["global_step"] == 5)
+    assert states_equal(bad["opt_after"], saved)  # Adam's moments of the resume point, not an empty state

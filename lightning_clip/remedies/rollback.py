@@ -121,7 +121,9 @@ class Rollback(HalveLR):
         self._clean = True  # every step since the newest snapshot was healthy
         self._steps = 0  # the engine's step count when last seen (labels snapshots)
         self._snapshot_due = False
+        self._initial_due = False
         self._after: Any = None
+        self._before: Any = None
 
     # --- binding
     def attach(self, optimizer: Optimizer, statistics: Statistics = no_statistics) -> None:
@@ -130,14 +132,18 @@ class Rollback(HalveLR):
             self._after.remove()
         self._optimizer, self._statistics = optimizer, statistics
         self._after = optimizer.register_step_post_hook(self._after_step)
+        self._before = optimizer.register_step_pre_hook(self._before_step)
         self._snapshots.clear()
-        self._take()  # the state training starts (or resumes) from: a rollback target from step one
+        # The state training starts (or resumes) from, a rollback target from step one: taken when the first step
+        # begins, since Lightning restores a resumed optimizer's state after the callbacks are attached.
+        self._initial_due = True
 
     def detach(self) -> None:
         super().detach()
-        if self._after is not None:
-            self._after.remove()
-            self._after = None
+        for handle in (self._after, self._before):
+            if handle is not None:
+                handle.remove()
+        self._after = self._before = None
 
     def _take(self) -> None:
         assert self._optimizer is not None
@@ -146,6 +152,14 @@ class Rollback(HalveLR):
         snap.take(self._optimizer, self._steps, self._statistics)
         self._snapshots.append(snap)
         self._clean = True
+
+    def _before_step(self, *_: Any) -> None:
+        self._take_initial()
+
+    def _take_initial(self) -> None:
+        if self._initial_due:
+            self._initial_due = False
+            self._take()
 
     def _after_step(self, *_: Any) -> None:
         if self._snapshot_due:  # this step's update is in: k * snapshot_every steps are done
@@ -157,6 +171,9 @@ class Rollback(HalveLR):
         if self._hook is not None:  # this step's update uses the scale in force before it
             self._hook.scale = self.lr_scale
             self._hook.arm()
+        if self._initial_due and not step.reevaluation:  # a plain loop: step() has not begun, no update is in yet
+            self._steps = read.counts["steps"] - 1
+            self._take_initial()
         self._steps = read.counts["steps"]
         bad = read.bad or (read.skip and not step.requested)  # NaN/Inf, or a spike
         request = None
@@ -216,10 +233,10 @@ class Rollback(HalveLR):
             f"Rolled back at global step {step.global_step} (epoch {step.epoch}, batch {step.batch_idx}, optimizer "
             f"{step.optimizer_idx}, {'NaN/Inf' if read.bad else 'spike'}): restored the snapshot taken after "
             f"{snap.step} steps; skipping global steps {first}..{last}; LR scale "
-            f"now {self.lr_scale:.4g}; {self.rollbacks} rollback(s) so far. Largest layers of the step: "
+            f"now {self.lr_scale:.4g}; {self.rollbacks} rollback(s) so far. Largest gradients of the step: "
             f"{_top_layers(step)}."
         )
-        return Request(skip_steps=self.rollback_skip_steps) if self.rollback_skip_steps else None
+        return Request(skip_steps=self.rollback_skip_steps, restored=True)
 
     def _recovery_factor(self) -> float:
         return self.rollback_lr_factor  # a recovery undoes one rollback's reduction
