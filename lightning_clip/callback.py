@@ -210,7 +210,7 @@ class GradientClipping(CallbackBase):
             below 1e-3 of the largest layer's) on ``vanishing_patience`` logging steps in a row: the article's
             vanishing gradients, named shallowest first (at most 3 warnings a run); counted in
             ``grad_health/vanishing_layers``. The default 1e-8 sits between a 20-layer sigmoid MLP's first layers
-            (~1e-18) and healthy or converged models (above 1e-6). None: off (no weight norms measured).
+            (~1e-18) and healthy or converged models (7e-6 and above, measured). None: off (no weight norms measured).
         vanishing_patience: logging steps in a row below ``vanishing_ratio`` before a layer is named.
 
     Logged on logging steps (``Trainer(log_every_n_steps)``) to every logger of the Trainer:
