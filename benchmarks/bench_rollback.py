@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,22 +29,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_hook import Deep, attach
+from bench_hook import Deep, attach, timed
 
 from lightning_clip import GradientClipping
 from lightning_clip.rules import PercentileClip
 from lightning_clip.snapshot import Snapshot
-
-
-def timed(fn: Callable[[], None], device: str, iters: int = 1) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters * 1e3
 
 
 def snapshot_costs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: str, repeats: int) -> dict:
@@ -61,8 +49,8 @@ def snapshot_costs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dev
 
     snap = Snapshot()
     snap.take(optimizer, 0, statistics_of)  # allocates its buffers once
-    take = [timed(lambda: snap.take(optimizer, 1, statistics_of), device) for _ in range(repeats)]
-    restore = [timed(lambda: snap.restore(optimizer, statistics_of), device) for _ in range(repeats)]
+    take = [timed(lambda: snap.take(optimizer, 1, statistics_of), 1, device) for _ in range(repeats)]
+    restore = [timed(lambda: snap.restore(optimizer, statistics_of), 1, device) for _ in range(repeats)]
     weights = sum(p.numel() * p.element_size() for p in params)
     return {
         "take_ms": statistics.median(take),
@@ -119,7 +107,7 @@ def main() -> None:
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.repeats):
         for k, fn in variants.items():
-            samples[k].append(timed(fn, device, args.iters))
+            samples[k].append(timed(fn, args.iters, device))
     base = statistics.median(samples["torch clip_grad_norm_(foreach)"])
     n = len(params)
     print(
