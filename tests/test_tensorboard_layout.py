@@ -7,12 +7,8 @@ scalar tags the run actually logged: a chart covers exactly the tags it is meant
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -24,6 +20,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from tb_server import free_port, get_json, tensorboard_exe
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
@@ -266,27 +263,11 @@ def test_a_second_fit_on_the_same_logger_replaces_the_callbacks_layout(tmp_path:
 
 
 # ----------------------------------------------------------------------------- a real TensorBoard server
-def _tensorboard() -> str | None:
-    script = Path(sys.executable).parent / "tensorboard"
-    return str(script) if script.is_file() else shutil.which("tensorboard")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.load(response)
-
-
 def test_tensorboard_serves_the_merged_layout(runs: dict[str, Path], tmp_path: Path) -> None:
-    exe = _tensorboard()
+    exe = tensorboard_exe()
     if exe is None:
         pytest.skip("the tensorboard executable is not installed")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}/data/plugin/custom_scalars"
     log_path = tmp_path / "tensorboard.log"
     with log_path.open("w") as log:
@@ -304,7 +285,7 @@ def test_tensorboard_serves_the_merged_layout(runs: dict[str, Path], tmp_path: P
             if server.poll() is not None:
                 pytest.skip(f"tensorboard could not start:\n{log_path.read_text()[-2000:]}")
             try:
-                layout = _get_json(f"{base}/layout")
+                layout = get_json(f"{base}/layout")
                 answered = True
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -321,7 +302,7 @@ def test_tensorboard_serves_the_merged_layout(runs: dict[str, Path], tmp_path: P
         # and the plugin's own data route finds each tag of the chart in the run
         for regex, tag in zip(regexes, ("grad_norm/total", "grad_norm/total_clipped", "grad_clip/threshold")):
             query = urllib.parse.urlencode({"run": "two_callbacks/version_0", "tag": regex})
-            data = _get_json(f"{base}/scalars?{query}")
+            data = get_json(f"{base}/scalars?{query}")
             assert data["regex_valid"] and list(data["tag_to_events"]) == [tag]
             assert len(data["tag_to_events"][tag]) == 3  # one point per logged step
     finally:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,25 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tb_server import free_port, get_json, tensorboard_exe
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 60.0
-
-
-def _tensorboard() -> str | None:
-    script = Path(sys.executable).parent / "tensorboard"
-    return str(script) if script.is_file() else shutil.which("tensorboard")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.load(response)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +41,10 @@ def example_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_tensorboard_serves_the_gradient_norms(example_logs: Path, tmp_path: Path) -> None:
-    exe = _tensorboard()
+    exe = tensorboard_exe()
     if exe is None:
         pytest.skip("the tensorboard executable is not installed")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "tensorboard.log").open("w")
     server = subprocess.Popen(
@@ -77,7 +59,7 @@ def test_tensorboard_serves_the_gradient_norms(example_logs: Path, tmp_path: Pat
         while time.monotonic() < deadline:
             assert server.poll() is None, f"tensorboard exited:\n{(tmp_path / 'tensorboard.log').read_text()}"
             try:
-                tags = _get_json(f"{base}/data/plugin/scalars/tags")
+                tags = get_json(f"{base}/data/plugin/scalars/tags")
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 tags = {}
             if any("grad_norm/total" in run_tags for run_tags in tags.values()):
@@ -94,7 +76,7 @@ def test_tensorboard_serves_the_gradient_norms(example_logs: Path, tmp_path: Pat
         )
         # The series itself: logging steps 4 and 9 of the 10-step run, positive finite norms.
         query = urllib.parse.urlencode({"run": "version_0", "tag": "grad_norm/total"})
-        points = _get_json(f"{base}/data/plugin/scalars/scalars?{query}")
+        points = get_json(f"{base}/data/plugin/scalars/scalars?{query}")
         assert [step for _, step, _ in points] == [4, 9]
         assert all(0 < value < float("inf") for _, _, value in points)
     finally:
