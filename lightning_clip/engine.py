@@ -66,6 +66,7 @@ from lightning_clip.record import HostRead, Request, RunEnd, StepRead, StepRecor
 from lightning_clip.remedies import Remedy, build_remedy
 from lightning_clip.rules import ClipRule, NormClip
 from lightning_clip.slots import Slot, SlotUnits
+from lightning_clip.snapshot import local_tensor
 from lightning_clip.validation import check_choice, check_finite, check_positive
 
 LOG_NORMS = ("layer", "parameter", "total", "none")
@@ -656,7 +657,7 @@ class ClipEngine:
 
     def _layer_health(self, step: StepRecord) -> tuple[list[str], list[Tensor], list[Tensor]]:
         """Per layer, the gradient norm and the weight norm (logging steps: vanishing_ratio)."""
-        weights = [_local(p) for p in step.params]
+        weights = [local_tensor(p) for p in step.params]
         weight_norms = [n.to(step.device) for n in F.grad_norms(weights, self.norm_type)]
         if step.specs:  # DTensor shards: the whole tensors' norms
             weight_norms = [
@@ -750,11 +751,6 @@ def warn_at_caller(message: str) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
-
-
-def _local(t: Tensor) -> Tensor:
-    local = getattr(t, "_local_tensor", None)  # a DTensor's shard on this rank
-    return (local if local is not None else t).detach()
 
 
 def _param_ids(optimizer: Optimizer) -> set[int]:

@@ -37,19 +37,20 @@ from torch.optim import Optimizer
 
 from lightning_clip.state import DeviceState
 
-__all__ = ["Snapshot", "Statistics"]
+__all__ = ["Snapshot", "Statistics", "local_tensor", "no_statistics"]
 
 # The units whose device statistics a snapshot keeps (called when taken and when restored: a load may replace them).
 Statistics = Callable[[], Sequence[DeviceState]]
 
 
-def _local(t: Tensor) -> Tensor:
+def local_tensor(t: Tensor) -> Tensor:
     """The tensor a rank holds: a DTensor's local shard, else the tensor itself (detached)."""
     local = getattr(t, "_local_tensor", None)
     return (local if local is not None else t).detach()
 
 
-def _no_statistics() -> Sequence[DeviceState]:
+def no_statistics() -> Sequence[DeviceState]:
+    """No statistics: the default of :data:`Statistics` arguments."""
     return ()
 
 
@@ -82,18 +83,18 @@ class Snapshot:
                 into = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
         return into.copy_(source, non_blocking=True)
 
-    def take(self, optimizer: Optimizer, step: int, statistics: Statistics = _no_statistics) -> None:
+    def take(self, optimizer: Optimizer, step: int, statistics: Statistics = no_statistics) -> None:
         """Copy the state of ``optimizer`` (its parameters and their state) and of ``statistics``. No host read."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         old: list[Tensor | None] = [*self._params, *[None] * (len(params) - len(self._params))]
-        self._params = [self._copy(_local(p), buf) for p, buf in zip(params, old)]
+        self._params = [self._copy(local_tensor(p), buf) for p, buf in zip(params, old)]
         state, devices = {}, {}
         for i, p in enumerate(params):
             entry = optimizer.state.get(p)
             if entry:
                 before = self._state.get(i, {})
                 state[i] = {
-                    k: self._copy(_local(v), before.get(k)) if isinstance(v, Tensor) else copy.deepcopy(v)
+                    k: self._copy(local_tensor(v), before.get(k)) if isinstance(v, Tensor) else copy.deepcopy(v)
                     for k, v in entry.items()
                 }
                 devices[i] = {k: v.device for k, v in entry.items() if isinstance(v, Tensor)}
@@ -101,14 +102,14 @@ class Snapshot:
         self._stats = [{name: b.clone() for name, b in unit.live.items()} for unit in statistics()]
         self.step = step
 
-    def restore(self, optimizer: Optimizer, statistics: Statistics = _no_statistics) -> None:
+    def restore(self, optimizer: Optimizer, statistics: Statistics = no_statistics) -> None:
         """Put everything back as it was when taken (the param groups' LR and settings excepted)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if len(params) != len(self._params):
             raise RuntimeError(f"the snapshot holds {len(self._params)} parameters; the optimizer has {len(params)}")
         with torch.no_grad():
             for p, saved in zip(params, self._params):
-                _local(p).copy_(saved, non_blocking=True)
+                local_tensor(p).copy_(saved, non_blocking=True)
         for i, p in enumerate(params):
             saved_state = self._state.get(i)
             if saved_state is None:
@@ -128,6 +129,6 @@ def _restored(saved: Any, current: Any, device: torch.device | None) -> Any:
     if not isinstance(saved, Tensor):
         return copy.deepcopy(saved)
     if isinstance(current, Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
-        _local(current).copy_(saved, non_blocking=True)
+        local_tensor(current).copy_(saved, non_blocking=True)
         return current
     return saved.to(device if device is not None else saved.device, copy=True)

@@ -25,14 +25,9 @@ from torch.optim import Optimizer
 from lightning_clip.diagnosis import BadStep, describe
 from lightning_clip.errors import NonFiniteGradientError
 from lightning_clip.record import Request, RunEnd, StepRead, StepRecord
-from lightning_clip.snapshot import Statistics
-from lightning_clip.state import DeviceState
+from lightning_clip.snapshot import Statistics, no_statistics
 
 __all__ = ["Remedy", "Request", "RunEnd", "StateGuard", "StepRead", "StepRecord", "skip_step"]
-
-
-def no_statistics() -> list[DeviceState]:
-    return []
 
 
 class Remedy:
