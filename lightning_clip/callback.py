@@ -284,7 +284,7 @@ class GradientClipping(CallbackBase):
             loss_spike=losses,
             vanishing=vanishing,
         )
-        self._windows_written = 0
+        self._windows_written: list[dict[str, Any]] = []
         self.engine.warn = _warn
         settings.update(_plain(settings))  # checked by now: numpy scalars become Python numbers
 
@@ -421,8 +421,8 @@ class GradientClipping(CallbackBase):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         windows = self.engine.skipped_windows()
-        if len(windows) != self._windows_written:  # a rollback skipped a data window: keep it beside the logs
-            self._windows_written = len(windows)
+        if windows != self._windows_written:  # a rollback skipped (more of) a data window: keep it beside the logs
+            self._windows_written = windows
             path = self.windows_path(trainer)  # on every rank: trainer.log_dir is a collective under DDP
             if trainer.is_global_zero:
                 path.write_text(json.dumps(windows, indent=1))

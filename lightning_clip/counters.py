@@ -1,7 +1,8 @@
 """Per-optimizer step counters kept on the device, so the hot path never reads them back.
 
 Each optimizer gets one :class:`StepCounters`: cumulative counts (an int64 buffer on the gradients' device,
-updated with in-place adds of device flags) and the run of consecutive bad steps. Values come to the host only
+updated with in-place adds of device flags) and the run of consecutive bad steps (NaN/Inf, or spikes skipped:
+``nonfinite_streak``; the steps of a skipped data window leave it as it is). Values come to the host only
 when asked: on logging steps, at checkpoint time, or through :meth:`StepCounters.totals`.
 
 Example::
@@ -71,7 +72,9 @@ class StepCounters(DeviceState):
         # A requested step that is also bad counts as bad only: skipped_steps adds the two.
         flags = [clipped, bad, overflow, false if spike is None else spike, ~bad if requested else false]
         buffers["counts"].add_(torch.stack(flags))  # type: ignore[union-attr]
-        buffers["streak"].add_(1).mul_(bad)  # type: ignore[union-attr]  # reset to 0 by a good step
+        if not requested:  # a step of a skipped data window is neither healthy nor bad: the streak stays
+            unhealthy = bad if spike is None else bad | spike  # a skipped spike is not a healthy step either
+            buffers["streak"].add_(1).mul_(unhealthy)  # type: ignore[union-attr]  # reset to 0 by a good step
 
     def count_late_bad(self, late: Tensor) -> None:
         """A step already counted as fine turned bad at a later closure evaluation (LBFGS): count it as bad."""

@@ -1,4 +1,4 @@
-"""Turn a bad (NaN/Inf) step into a message a user can act on, with the article's remedies.
+"""Turn a bad step (NaN/Inf, or a finite spike) into a message a user can act on, with the article's remedies.
 
 Only called on bad steps, so it may read values back to the host freely.
 """
@@ -33,6 +33,21 @@ class BadStep:
     skipped_total: int = 0
     lr_scale: float = 1.0
     action: str = "skipped"
+    # (what, value, threshold) of the spike tests this step failed: a finite spike, not NaN/Inf, when not empty
+    spikes: Sequence[tuple[str, float, float]] = ()
+
+    @property
+    def is_spike(self) -> bool:
+        """A finite step flagged as an outlier (``skip_spikes``/``loss_spikes``), not a NaN/Inf one."""
+        return bool(self.spikes) and not self.nonfinite_names and not self.loss_nonfinite and not self.input_problems
+
+
+SPIKE_REMEDIES = (
+    "lower the learning rate (nan_policy='rollback' restores a snapshot and lowers it), or lengthen the warm-up",
+    "a lasting rise in the loss (harder data, a curriculum step) is a new level, not a spike: raise loss_spikes "
+    "(more sigmas) or set it to None",
+    "look at the batches of these steps: a bad shard spikes the loss without NaN",
+)
 
 
 def failure_mode(step: BadStep) -> str:
@@ -50,19 +65,33 @@ def failure_mode(step: BadStep) -> str:
 
 def describe(step: BadStep, max_names: int = 5) -> str:
     """The multi-line diagnosis used by the warning and by ``NonFiniteGradientError``."""
-    names = list(step.nonfinite_names)
-    shown = ", ".join(names[:max_names]) + (f" (+{len(names) - max_names} more)" if len(names) > max_names else "")
-    lines = [
-        f"Non-finite gradients at global step {step.global_step} (epoch {step.epoch}, batch {step.batch_idx}, "
-        f"optimizer {step.optimizer_idx}): {len(names)} of {step.num_params} parameters"
-        + (f": {shown}." if names else "."),
-        f"Mode of failure: {failure_mode(step)}.",
-    ]
-    lines += [f"Input check: {p}." for p in step.input_problems]
+    where = (
+        f"at global step {step.global_step} (epoch {step.epoch}, batch {step.batch_idx}, optimizer "
+        f"{step.optimizer_idx})"
+    )
+    if step.is_spike:
+        lines = [f"Spike {where}: " + "; ".join(describe_spike(*spike) for spike in step.spikes) + "."]
+        lines.append("Mode of failure: the loss and the gradients are finite, but far above their recent level.")
+        remedies: Sequence[str] = SPIKE_REMEDIES
+    else:
+        names = list(step.nonfinite_names)
+        shown = ", ".join(names[:max_names]) + (f" (+{len(names) - max_names} more)" if len(names) > max_names else "")
+        lines = [
+            f"Non-finite gradients {where}: {len(names)} of {step.num_params} parameters"
+            + (f": {shown}." if names else "."),
+            f"Mode of failure: {failure_mode(step)}.",
+        ]
+        lines += [f"Input check: {p}." for p in step.input_problems]
+        remedies = REMEDIES
     lines.append(
         f"Action: {step.action}; {step.consecutive} bad step(s) in a row, {step.skipped_total} skipped in total; "
         f"LR scale now {step.lr_scale:g}."
     )
     lines.append("What to try:")
-    lines += [f"  - {r}" for r in REMEDIES]
+    lines += [f"  - {r}" for r in remedies]
     return "\n".join(lines)
+
+
+def describe_spike(what: str, value: float, threshold: float) -> str:
+    """``loss spike: 12.3 above the threshold 1.05`` (the threshold is mean + k sigma of recent healthy values)."""
+    return f"{what} spike: {value:.4g} above the threshold {threshold:.4g} (mean + k sigma of the recent healthy ones)"

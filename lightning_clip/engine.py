@@ -62,7 +62,7 @@ from lightning_clip import metrics as M
 from lightning_clip.counters import COUNTERS
 from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
 from lightning_clip.health import VanishingMonitor, describe_vanishing, layer_of, ratios
-from lightning_clip.record import HostRead, Request, RunEnd, StepRead, StepRecord
+from lightning_clip.record import HostRead, Request, RunEnd, SpikeCheck, StepRead, StepRecord
 from lightning_clip.remedies import Remedy, build_remedy
 from lightning_clip.rules import ClipRule, NormClip
 from lightning_clip.slots import Slot, SlotUnits
@@ -449,10 +449,12 @@ class ClipEngine:
         units = slot.units
         if units.spikes is not None and step.update_statistics:  # the total is the same on every rank
             step.spike = units.spikes.flag(step.total, step.bad | step.overflow)
+            step.spike_checks.append(SpikeCheck("gradient norm", step.total, units.spikes.threshold, step.spike))
         if units.loss_spikes is not None and step.update_statistics and step.loss is not None:
             loss_spike = units.loss_spikes.flag(step.loss, step.bad | step.overflow)
             if step.distributed:  # each rank has its own loss: the ranks skip together
                 loss_spike = agree_any(loss_spike)
+            step.spike_checks.append(SpikeCheck("loss", step.loss, units.loss_spikes.threshold, loss_spike))
             step.spike = loss_spike if step.spike is None else step.spike | loss_spike
         clipped = result.clipped & ~step.skip
         if step.sharded:
@@ -517,6 +519,9 @@ class ClipEngine:
             read.add("threshold", torch.as_tensor(math.nan if threshold is None else threshold, device=step.device))
             names, norms = self._layer_norms(step)
             read.add_all("layer_norms", norms)
+            # (flag, value, threshold) of each spike test, to say which spiked (a loss or the gradient norm)
+            checks = [(c.value, c.threshold, c.flag) for c in step.spike_checks]
+            read.add_all("spike_checks", [t.to(step.device, torch.float64) for check in checks for t in check])
             if self.vanishing is not None and step.all_reduce is None:  # flat FSDP1 shards: no per-layer norms
                 health, grads, weights = self._layer_health(step)
                 read.add_all("health_grads", grads)
@@ -557,7 +562,13 @@ class ClipEngine:
             out.update(self._health(i, slot, step, values))
         spiked = bool(values["spike"]) or (slot.units.rule.reports_spikes and step_values["clipped"] > 0)
         if spiked and norms:
-            share = self._attribute_spike(step, bool(values["spike"]), step_values, names, norms)
+            triples = values["spike_checks"]
+            failed = [
+                (check.what, *triples[3 * j : 3 * j + 2])
+                for j, check in enumerate(step.spike_checks)
+                if triples[3 * j + 2]
+            ]
+            share = self._attribute_spike(step, bool(values["spike"]), step_values, names, norms, failed)
             out[M.tag(M.TOP_LAYER_SHARE, i, self.name)] = share
         return out
 
@@ -597,21 +608,36 @@ class ClipEngine:
         slot.tracker.after_update = measure
 
     def _attribute_spike(
-        self, step: StepRecord, skipped: bool, values: dict[str, Any], names: Sequence[str], norms: Sequence[float]
+        self,
+        step: StepRecord,
+        skipped: bool,
+        values: dict[str, Any],
+        names: Sequence[str],
+        norms: Sequence[float],
+        spikes: Sequence[tuple[str, float, float]] = (),
     ) -> float:
         """Name the layers that carried a spike (host values of this logging step: no extra read); return the
-        top layer's share of the squared norm."""
+        top layer's share of the squared norm. ``spikes``: the spike tests that failed (what, value, threshold)."""
         ranked = sorted(zip(names, norms), key=lambda pair: -pair[1] if math.isfinite(pair[1]) else math.inf)
         squares = sum(n * n for _, n in ranked if math.isfinite(n)) or 1.0
         top = ranked[: self.spike_top_k]
         listed = ", ".join(f"{name} ({norm:.3g}, {100 * norm * norm / squares:.0f}%)" for name, norm in top)
         threshold = values["threshold"]
+        if spikes:  # skip_spikes / loss_spikes: their own thresholds (mean + k sigma), not the clip threshold
+            kind = "Loss" if all(what == "loss" for what, _, _ in spikes) else "Gradient"
+            measured = "; ".join(
+                f"{'total norm' if what == 'gradient norm' else what} {value:.4g}, threshold {limit:.4g}"
+                for what, value, limit in spikes
+            )
+        else:
+            kind = "Gradient"
+            measured = f"total norm {values['total']:.4g}" + (
+                f", threshold {threshold:.4g}" if threshold is not None else ""
+            )
         self.warn(
-            f"Gradient spike {'skipped' if skipped else 'clipped'} at global step {step.global_step} (optimizer "
-            f"{step.optimizer_idx}): total norm {values['total']:.4g}"
-            + (f", threshold {threshold:.4g}" if threshold is not None else "")
-            + f". Largest {'layers' if self.log_norms == 'layer' else 'parameters'} (norm, share of the squared "
-            f"norm): {listed}."
+            f"{kind} spike {'skipped' if skipped else 'clipped'} at global step {step.global_step} (optimizer "
+            f"{step.optimizer_idx}): {measured}. Largest {'layers' if self.log_norms == 'layer' else 'parameters'} "
+            f"(norm, share of the squared norm): {listed}."
         )
         return top[0][1] ** 2 / squares if top and math.isfinite(top[0][1]) else math.nan
 

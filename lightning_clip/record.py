@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from lightning_clip.counters import StepCounters
     from lightning_clip.rules.base import ClipResult, ClipRule
 
-__all__ = ["HostRead", "Request", "RunEnd", "StepRead", "StepRecord"]
+__all__ = ["HostRead", "Request", "RunEnd", "SpikeCheck", "StepRead", "StepRecord"]
 
 
 def _false() -> Tensor:
@@ -57,6 +57,17 @@ def _no_losses() -> bool:
 
 def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@dataclass(frozen=True, eq=False)
+class SpikeCheck:
+    """One spike test of a step, on the device: ``what`` (``"loss"`` or ``"gradient norm"``) was ``value`` against
+    ``threshold`` (mean + k sigma of the recent healthy values; NaN while warming up) and ``flag`` says it spiked."""
+
+    what: str
+    value: Tensor
+    threshold: Tensor
+    flag: Tensor
 
 
 @dataclass(eq=False)
@@ -111,7 +122,8 @@ class StepRecord:
     loss: Tensor | None = None  # the step's mean loss, when kept (loss_spikes)
     bad: Tensor = field(default_factory=_false)
     overflow: Tensor = field(default_factory=_false)  # a GradScaler overflow (fp16), not divergence
-    spike: Tensor | None = None  # an outlier norm to skip (skip_spikes); None: not looked for
+    spike: Tensor | None = None  # an outlier norm or loss to skip (skip_spikes, loss_spikes); None: not looked for
+    spike_checks: list[SpikeCheck] = field(default_factory=list)  # what ``spike`` was made of, for messages
     requested: bool = False  # skipped because a remedy asked for it (a data window)
     # --- clip
     result: ClipResult | None = None
@@ -132,6 +144,12 @@ class StepRecord:
         """0-dim bool on the device: the step is not to be applied."""
         skip = self.bad if self.spike is None else self.bad | self.spike
         return skip | True if self.requested else skip
+
+    def spikes(self) -> list[tuple[str, float, float]]:
+        """``(what, value, threshold)`` of the spike tests this step failed (host reads: the bad path only)."""
+        return [
+            (c.what, float(c.value), float(c.threshold)) for c in self.spike_checks if bool(c.flag.to("cpu", copy=True))
+        ]
 
     @property
     def grads_scaled(self) -> bool:

@@ -60,6 +60,7 @@ class Snapshot:
     def __init__(self, on_device: bool = False) -> None:
         self.on_device = on_device
         self.step = -1
+        self.param_ids: tuple[int, ...] = ()  # the parameters it holds, by identity, in the optimizer's order
         self._params: list[Tensor] = []
         self._state: dict[int, dict[str, Any]] = {}  # by parameter position: its state, tensors copied
         self._devices: dict[int, dict[str, torch.device]] = {}  # where each state tensor lived
@@ -68,6 +69,10 @@ class Snapshot:
     @property
     def taken(self) -> bool:
         return self.step >= 0
+
+    def holds(self, optimizer: Optimizer | None) -> bool:
+        """Whether this snapshot holds exactly the parameters ``optimizer`` steps now (none added or replaced)."""
+        return optimizer is not None and self.param_ids == _param_ids(optimizer)
 
     def nbytes(self) -> int:
         """Memory held by the copies."""
@@ -100,19 +105,26 @@ class Snapshot:
                 devices[i] = {k: v.device for k, v in entry.items() if isinstance(v, Tensor)}
         self._state, self._devices = state, devices
         self._stats = [{name: b.clone() for name, b in unit.live.items()} for unit in statistics()]
+        self.param_ids = tuple(map(id, params))
         self.step = step
 
     def restore(self, optimizer: Optimizer, statistics: Statistics = no_statistics) -> None:
-        """Put everything back as it was when taken (the param groups' LR and settings excepted)."""
+        """Put everything back as it was when taken (the param groups' LR and settings excepted).
+
+        Parameters are matched by identity: one the optimizer gained since (a param group added by an unfreeze)
+        keeps its weights and loses its optimizer state, which is newer than the snapshot; one it no longer steps is
+        left alone.
+        """
+        position = {pid: i for i, pid in enumerate(self.param_ids)}
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if len(params) != len(self._params):
-            raise RuntimeError(f"the snapshot holds {len(self._params)} parameters; the optimizer has {len(params)}")
+        held = [(p, position.get(id(p))) for p in params]
         with torch.no_grad():
-            for p, saved in zip(params, self._params):
-                local_tensor(p).copy_(saved, non_blocking=True)
-        for i, p in enumerate(params):
-            saved_state = self._state.get(i)
-            if saved_state is None:
+            for p, i in held:
+                if i is not None:
+                    local_tensor(p).copy_(self._params[i], non_blocking=True)
+        for p, i in held:
+            saved_state = None if i is None else self._state.get(i)
+            if i is None or saved_state is None:
                 optimizer.state.pop(p, None)  # created after the snapshot
                 continue
             current = optimizer.state.get(p, {})
@@ -122,6 +134,10 @@ class Snapshot:
             live = unit.live
             for name, value in buffers.items():
                 live[name] = value.clone()
+
+
+def _param_ids(optimizer: Optimizer) -> tuple[int, ...]:
+    return tuple(id(p) for group in optimizer.param_groups for p in group["params"])
 
 
 def _restored(saved: Any, current: Any, device: torch.device | None) -> Any:

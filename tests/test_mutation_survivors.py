@@ -778,7 +778,9 @@ def test_a_logged_spike_warning_names_the_three_largest_layers_with_their_share(
     ranked = sorted(norms.items(), key=lambda kv: -kv[1])
     squares = sum(v * v for v in norms.values())
     listed = ", ".join(f"{n} ({v:.3g}, {100 * v * v / squares:.0f}%)" for n, v in ranked[:3])
-    threshold = "" if monitor_only else ", threshold 1e+06"
+    # the spike threshold (mean + k sigma of a flat history: the flat norm), not the clip threshold (issue 19)
+    flat = math.sqrt(sum(p.numel() for p in model.parameters()) * 0.1**2)
+    threshold = f", threshold {flat:.4g}"
     what = "layers" if log_norms == "layer" else "parameters"
     assert engine.warnings == [
         f"Gradient spike skipped at global step 4 (optimizer 0): total norm {out[M.TOTAL]:.4g}{threshold}. "

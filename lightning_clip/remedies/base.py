@@ -164,21 +164,29 @@ def nonfinite_names(step: StepRecord) -> list[str]:
     return [name for name, flag in zip(step.names, flags) if flag]
 
 
-def diagnose(step: StepRecord, read: StepRead, action: str, lr_scale: float, stopping: bool) -> BadStep:
-    """What is known about this bad step, for the warning or the error."""
+def diagnose(
+    step: StepRecord, read: StepRead, action: str, lr_scale: float, stopping: bool, consecutive: int | None = None
+) -> BadStep:
+    """What is known about this bad step (NaN/Inf, or a finite spike), for the warning or the error.
+
+    ``consecutive``: the bad steps without a healthy one in between, when the remedy counts them itself (rollback);
+    else the device streak. The stopping step itself is not counted as skipped: it raises instead.
+    """
+    nonfinite = read.bad
     return BadStep(
         global_step=step.global_step,
         epoch=step.epoch,
         batch_idx=step.batch_idx,
         optimizer_idx=step.optimizer_idx,
-        nonfinite_names=nonfinite_names(step),
+        nonfinite_names=nonfinite_names(step) if nonfinite else [],
         num_params=len(step.params),
-        loss_nonfinite=step.loss_nonfinite(),
-        input_problems=step.input_problems(),
-        consecutive=read.streak,
-        skipped_total=read.counts["nonfinite_steps"] - (1 if stopping else 0),
+        loss_nonfinite=step.loss_nonfinite() if nonfinite else False,
+        input_problems=step.input_problems() if nonfinite else [],
+        consecutive=read.streak if consecutive is None else consecutive,
+        skipped_total=max(read.counts["skipped_steps"] - (1 if stopping else 0), 0),
         lr_scale=lr_scale,
         action=action,
+        spikes=() if nonfinite else step.spikes(),
     )
 
 

@@ -36,6 +36,7 @@ class HalveLR(Skip):
     policy: ClassVar[str] = "halve_lr"
     options: ClassVar[tuple[str, ...]] = ("lr_factor", "min_lr_scale", "lr_recovery_steps", "max_consecutive_nonfinite")
     action: ClassVar[str] = "step skipped, LR scaled down"
+    spike_action: ClassVar[str] = "step skipped, LR kept"
 
     def __init__(
         self,
@@ -97,7 +98,7 @@ class HalveLR(Skip):
         if read.bad:
             return self._bad_step(step, read)
         if read.skip:  # a spike or a requested skip: skipped, the LR kept, and not a healthy step
-            self._skip(step)
+            self._skipped_finite(step, read)
         elif not read.overflow:  # a GradScaler-skipped step is not healthy
             self._healthy()
         return None

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch.optim import Optimizer
 
-from lightning_clip.diagnosis import describe
+from lightning_clip.diagnosis import describe, describe_spike
 from lightning_clip.remedies.base import (
     Request,
     StepRead,
@@ -116,11 +116,15 @@ class Rollback(HalveLR):
         self._snapshots: deque[Snapshot] = deque()
         self._optimizer: Optimizer | None = None
         self._statistics: Statistics = no_statistics
+        # Checkpointed (state_dict), so that a resumed run decides as a straight one would:
         self._bad_run = 0  # bad steps in a row (towards rollback_after)
         self._unhealthy = 0  # bad steps since the last healthy one, rollbacks included (max_consecutive_nonfinite)
         self._clean = True  # every step since the newest snapshot was healthy
-        self._steps = 0  # the engine's step count when last seen (labels snapshots)
-        self._snapshot_due = False
+        # Snapshots are labelled with the global step their state precedes (that of the step after the one they
+        # follow), as the windows are: in a plain loop the engine's step count.
+        self._snapshot_label: int | None = None  # set when a snapshot is due after this step's update
+        self._next_label = 0  # the global step after the running one
+        self._label_initial = False  # the initial snapshot was taken before its step's global step was known
         self._initial_due = False
         self._after: Any = None
         self._before: Any = None
@@ -144,48 +148,65 @@ class Rollback(HalveLR):
             if handle is not None:
                 handle.remove()
         self._after = self._before = None
+        self._snapshots.clear()  # training is over: free the copies (a new fit takes a fresh initial snapshot)
 
-    def _take(self) -> None:
+    @property
+    def snapshot_nbytes(self) -> int:
+        """Memory held by this optimizer's snapshots now (0 once training ended)."""
+        return sum(snap.nbytes() for snap in self._snapshots)
+
+    def _take(self, label: int) -> None:
         assert self._optimizer is not None
         # Recycle the oldest snapshot's buffers once two are kept.
         snap = self._snapshots.popleft() if len(self._snapshots) >= _KEPT else Snapshot(self.snapshot_on_device)
-        snap.take(self._optimizer, self._steps, self._statistics)
+        snap.take(self._optimizer, label, self._statistics)
         self._snapshots.append(snap)
         self._clean = True
 
     def _before_step(self, *_: Any) -> None:
-        self._take_initial()
-
-    def _take_initial(self) -> None:
-        if self._initial_due:
-            self._initial_due = False
-            self._take()
+        if self._initial_due:  # labelled in on_host, once the step's global step is known
+            self._initial_due, self._label_initial = False, True
+            self._take(-1)
 
     def _after_step(self, *_: Any) -> None:
-        if self._snapshot_due:  # this step's update is in: k * snapshot_every steps are done
-            self._snapshot_due = False
-            self._take()
+        if self._snapshot_label is not None:  # this step's update is in: k * snapshot_every steps are done
+            label, self._snapshot_label = self._snapshot_label, None
+            self._take(label)
+
+    def _follow_parameters(self, step: StepRecord) -> None:
+        """Before this step's update: a snapshot of the state training starts from (a plain loop's first step), or a
+        fresh one when the optimizer's parameters changed since the newest (a param group added by an unfreeze):
+        a rollback must restore every parameter the optimizer steps now."""
+        if step.reevaluation:
+            return
+        if self._label_initial:
+            self._label_initial = False
+            self._snapshots[-1].step = step.global_step
+        if self._initial_due:  # a plain loop: step() has not begun, no update is in yet
+            self._initial_due = False
+            self._take(step.global_step)
+        elif self._snapshots and not self._snapshots[-1].holds(step.optimizer):
+            self._take(step.global_step)
 
     # --- the step
     def on_host(self, step: StepRecord, read: StepRead) -> Request | None:
         if self._hook is not None:  # this step's update uses the scale in force before it
             self._hook.scale = self.lr_scale
             self._hook.arm()
-        if self._initial_due and not step.reevaluation:  # a plain loop: step() has not begun, no update is in yet
-            self._steps = read.counts["steps"] - 1
-            self._take_initial()
-        self._steps = read.counts["steps"]
-        bad = read.bad or (read.skip and not step.requested)  # NaN/Inf, or a spike
+        self._follow_parameters(step)
         request = None
-        if bad:
-            request = self._bad_step(step, read)
-        elif read.skip:  # a step of the data window: the state does not move
+        if step.requested:  # a step of the data window: skipped, neither healthy nor bad (a NaN in it too)
             self._skip(step)
+            self.windows[-1]["skipped"][1] = step.global_step  # the steps actually skipped
+        elif read.bad or read.skip:  # NaN/Inf, or a spike
+            request = self._bad_step(step, read)
         elif not read.overflow:  # a GradScaler-skipped step is neither healthy nor bad
             self._bad_run = self._unhealthy = 0
             self._healthy()
-        if self._steps % self.snapshot_every == 0:  # a snapshot point: the state after this step, if all was well
-            self._snapshot_due = self._clean and not read.skip
+        if not step.reevaluation:  # a closure optimizer's further evaluations belong to the same step
+            self._next_label = step.global_step + 1
+        if read.counts["steps"] % self.snapshot_every == 0:  # a snapshot point: the state after this step, if well
+            self._snapshot_label = self._next_label if self._clean and not read.skip else None
             self._clean = True  # the next period starts
         return request
 
@@ -197,7 +218,9 @@ class Rollback(HalveLR):
         limit = self.max_consecutive_nonfinite
         if limit is not None and self._unhealthy >= limit:
             self.on_exception()
-            info = diagnose(step, read, "raised NonFiniteGradientError", self.lr_scale, stopping=True)
+            info = diagnose(
+                step, read, "raised NonFiniteGradientError", self.lr_scale, stopping=True, consecutive=self._unhealthy
+            )
             raise_nonfinite(
                 info,
                 f"{self._unhealthy} bad steps without a healthy one in between, {self.rollbacks} rollback(s) "
@@ -206,7 +229,8 @@ class Rollback(HalveLR):
         if self._bad_run < self.rollback_after or not self._snapshots:
             self._skip(step)
             if read.bad and warn_due(read.counts["nonfinite_steps"]):
-                step.warn(describe(diagnose(step, read, "step skipped", self.lr_scale, stopping=False)))
+                info = diagnose(step, read, "step skipped", self.lr_scale, stopping=False, consecutive=self._bad_run)
+                step.warn(describe(info))
             return None
         return self._roll_back(step, read)
 
@@ -220,21 +244,20 @@ class Rollback(HalveLR):
         self.healthy_steps = 0
         self.rollbacks += 1
         self._clean = True  # the state is the snapshot's again
-        first, last = step.global_step, step.global_step + self.rollback_skip_steps
         window: dict[str, Any] = {
             "global_step": step.global_step,
             "epoch": step.epoch,
             "batch_idx": step.batch_idx,
             "snapshot_step": snap.step,
-            "skipped": [first, last],
+            "skipped": [step.global_step, step.global_step],  # extended as the window's steps are skipped
         }
         self.windows.append(window)
+        cause = "NaN/Inf" if read.bad else "; ".join(describe_spike(*spike) for spike in step.spikes())
         step.warn(
             f"Rolled back at global step {step.global_step} (epoch {step.epoch}, batch {step.batch_idx}, optimizer "
-            f"{step.optimizer_idx}, {'NaN/Inf' if read.bad else 'spike'}): restored the snapshot taken after "
-            f"{snap.step} steps; skipping global steps {first}..{last}; LR scale "
-            f"now {self.lr_scale:.4g}; {self.rollbacks} rollback(s) so far. Largest gradients of the step: "
-            f"{_top_layers(step)}."
+            f"{step.optimizer_idx}, {cause}): restored the snapshot taken before global step {snap.step}; skipping "
+            f"this step and this optimizer's next {self.rollback_skip_steps}; LR scale now {self.lr_scale:.4g}; "
+            f"{self.rollbacks} rollback(s) so far. Largest gradients of the step: {_top_layers(step)}."
         )
         return Request(skip_steps=self.rollback_skip_steps, restored=True)
 
@@ -246,16 +269,27 @@ class Rollback(HalveLR):
         return {"rollbacks": self.rollbacks}
 
     def skipped_windows(self) -> list[dict[str, Any]]:
-        return list(self.windows)
+        return [{**w, "skipped": list(w["skipped"])} for w in self.windows]
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rollbacks": self.rollbacks, "windows": [dict(w) for w in self.windows]}
+        return {
+            **super().state_dict(),
+            "rollbacks": self.rollbacks,
+            "windows": self.skipped_windows(),
+            "bad_run": self._bad_run,
+            "unhealthy": self._unhealthy,
+            "clean": self._clean,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.rollbacks = int(state.get("rollbacks", 0))
-        self.windows = [dict(w) for w in state.get("windows", [])]
-        self._steps = int(state.get("steps", 0))
+        self.windows = [{**w, "skipped": list(w["skipped"])} for w in state.get("windows", [])]
+        # Checkpoints of 0.2.0.dev0 kept no count of their own: their bad-step streak is the best estimate.
+        streak = int(state.get("nonfinite_streak", 0))
+        self._bad_run = int(state.get("bad_run", streak))
+        self._unhealthy = int(state.get("unhealthy", streak))
+        self._clean = bool(state.get("clean", True))
 
 
 def _top_layers(step: StepRecord, k: int = 3) -> str:

@@ -125,12 +125,31 @@ class Skip(Remedy):
             )
         elif read.bad:
             return self._bad_step(step, read)
-        elif read.skip:  # a spike (skip_spikes) or a requested skip: no diagnosis, counted apart
-            self._skip(step)
+        elif read.skip:  # a spike (skip_spikes, loss_spikes) or a requested skip: counted apart
+            self._skipped_finite(step, read)
         return None
+
+    def _skipped_finite(self, step: StepRecord, read: StepRead) -> None:
+        """Skip a finite step: one of a requested data window, or a spike. A spike is not a healthy step either: it
+        counts towards ``max_consecutive_nonfinite`` (a lasting rise of the loss would otherwise be skipped forever,
+        silently) and is warned about at the 1st, 2nd, 4th, ... spike (a logging step names its layers itself)."""
+        if step.requested:
+            self._skip(step)
+            return
+        limit = self.max_consecutive_nonfinite
+        if limit is not None and read.streak >= limit:
+            info = diagnose(step, read, "raised NonFiniteGradientError", self.lr_scale, stopping=True)
+            self.on_exception()
+            raise_nonfinite(
+                info, f"{read.streak} bad steps in a row, spikes included (max_consecutive_nonfinite={limit}).\n"
+            )
+        self._skip(step)
+        if not step.log and warn_due(read.counts["spike_skips"]):
+            step.warn(describe(diagnose(step, read, self.spike_action, self.lr_scale, stopping=False)))
 
     # --- bad steps on the host path
     action: ClassVar[str] = "step skipped"
+    spike_action: ClassVar[str] = "step skipped"
 
     def _lower_lr(self, step: StepRecord) -> None:
         """Hook for :class:`~lightning_clip.remedies.HalveLR`."""
@@ -180,7 +199,7 @@ class Skip(Remedy):
         limit = self.max_consecutive_nonfinite
         if may_raise and limit is not None and streak >= limit:
             raise_device = (
-                f"{streak} consecutive steps with non-finite gradients (max_consecutive_nonfinite={limit}); "
+                f"{streak} consecutive bad steps (NaN/Inf or spikes; max_consecutive_nonfinite={limit}); "
                 f"all were skipped on the device (fused optimizer), weights are finite. Global step "
                 f"{global_step}, epoch {epoch}."
             )
