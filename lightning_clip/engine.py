@@ -51,6 +51,7 @@ import sys
 import types
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import astuple, replace
 from typing import Any
 
 import torch
@@ -59,8 +60,10 @@ from torch.optim import Optimizer
 
 from lightning_clip import functional as F
 from lightning_clip import metrics as M
+from lightning_clip.control import fused_skip_is_safe
 from lightning_clip.counters import COUNTERS
 from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
+from lightning_clip.errors import NonFiniteGradientError
 from lightning_clip.health import VanishingMonitor, describe_vanishing, layer_of, ratios
 from lightning_clip.record import HostRead, Request, RunEnd, SpikeCheck, StepRead, StepRecord
 from lightning_clip.remedies import Remedy, build_remedy
@@ -201,17 +204,15 @@ class ClipEngine:
         return len(bound) == len(optimizers) and all(map(_same_optimizer, bound, optimizers))
 
     def detach(self) -> None:
-        """Remove every hook from the optimizers (LR scaling, step tracking) and restore their LR."""
+        """Remove every hook from the optimizers (LR scaling, step tracking), restore their LR, free the snapshots."""
         for slot in self._slots:
-            slot.units.remedy.detach()
-            slot.tracker.untrack()
+            slot.control.untrack()
 
     def on_exception(self) -> None:
-        """An exception interrupted training (maybe mid-step): every remedy puts the scheduler's LR back, and a
-        guarded closure optimizer (LBFGS) interrupted inside ``step()`` gets the weights of the step's start back."""
+        """An exception interrupted training (maybe mid-step): the scheduler's LR goes back, and a guarded closure
+        optimizer (LBFGS) interrupted inside ``step()`` gets the weights of the step's start back."""
         for slot in self._slots:
-            slot.units.remedy.on_exception()
-            slot.tracker.abandon()
+            slot.control.abandon()
 
     def finish(self, global_step: int | None = None, epoch: int = 0, failed: bool = False) -> None:
         """Training is over: read the counters once and let each remedy report what the sync-free path has not
@@ -223,13 +224,23 @@ class ClipEngine:
                 continue
             counts = slot.units.counters.totals()
             step = counts["steps"] if global_step is None else global_step
-            slot.units.remedy.finish(RunEnd(i, counts, step, epoch, failed, self.warn))
+            request = slot.units.remedy.finish(RunEnd(i, counts, step, epoch, failed))
+            if request.warn is not None:
+                self.warn(request.warn)
+            if request.stop is not None and not failed:
+                raise NonFiniteGradientError(*astuple(request.stop))
 
     def _bind(self, slot: Slot, optimizer: Optimizer) -> None:
         # A closure optimizer that moves the weights between evaluations (LBFGS) is snapshotted at each step start
         # under a remedy that skips: a bad evaluation anywhere in the step restores it, so the step is a no-op.
-        slot.tracker.track(optimizer, guard=slot.units.remedy.skips_steps and _moves_between_evaluations(optimizer))
-        slot.units.remedy.attach(optimizer, slot.units.statistics)
+        remedy = slot.units.remedy
+        slot.control.track(
+            optimizer,
+            guard=remedy.skips_steps and _moves_between_evaluations(optimizer),
+            snapshots=remedy.keeps_snapshots,
+            on_device=remedy.snapshot_on_device,
+            statistics=slot.units.statistics,
+        )
 
     def _slot_at(self, i: int) -> Slot:
         while len(self._slots) <= i:
@@ -340,10 +351,11 @@ class ClipEngine:
         specs: list[F.ShardSpec | None] = []
         if layout.dtensor:  # DTensor gradients (FSDP2, tensor parallel): the math runs on the local shards, in place
             grads, specs = F.local_shards(grads, layout.names)
-        reevaluation = slot.tracker.reevaluation()
-        if reevaluation and units.remedy.skips_steps and not slot.tracker.guard:
+        control = slot.control
+        reevaluation = control.reevaluation()
+        if reevaluation and units.remedy.skips_steps and not control.guard:
             _refuse_moving_closure(optimizer, units.remedy)
-        requested = units.take_requested_skip() if not reevaluation else False
+        requested = control.take_requested_skip() if not reevaluation else False
         false = counters.false
         step = StepRecord(
             params=params,
@@ -357,7 +369,7 @@ class ClipEngine:
             sharded=layout.dtensor or all_reduce is not None,
             update_statistics=not (reevaluation or requested),
             reevaluation=reevaluation,
-            state_before=slot.tracker.state_before(),
+            state_before=control.state_before(),
             batch_idx=self.detector.last_batch_idx(),
             specs=specs,
             all_reduce=all_reduce,
@@ -368,7 +380,6 @@ class ClipEngine:
             clipped=false,
             requested=requested,
             counters=counters,
-            rule=units.rule,
             loss_nonfinite=self.detector.loss_nonfinite,
             input_problems=self.detector.input_problems,
             warn=self.warn,
@@ -465,36 +476,64 @@ class ClipEngine:
     def _count(self, slot: Slot, step: StepRecord) -> None:
         """Stage 5: the device counters (optimizer steps, not closure evaluations: a step whose first evaluation was
         fine and a later one bad counts once, as bad)."""
-        tracker = slot.tracker
+        control = slot.control
         if not step.reevaluation:
             slot.units.counters.update(step.clipped, step.bad, step.overflow, step.spike, step.requested)
-            tracker.step_bad = step.bad
-        elif tracker.step_bad is not None:
-            slot.units.counters.count_late_bad(step.bad & ~tracker.step_bad)
-            tracker.step_bad = tracker.step_bad | step.bad
+            control.step_bad = step.bad
+        elif control.step_bad is not None:
+            slot.units.counters.count_late_bad(step.bad & ~control.step_bad)
+            control.step_bad = control.step_bad | step.bad
 
     def _remedy(self, i: int, slot: Slot, step: StepRecord) -> dict[str, float]:
-        """Stage 6: the remedy's device part; its host part (and the report) only when it or logging needs the
-        values; then what it asks of the loop."""
-        remedy = slot.units.remedy
-        remedy.on_device(step)
+        """Stage 6: the device part of the skip (fused optimizers); when the remedy or logging needs the values, the
+        one host read, the remedy's decision and the engine carrying it out."""
+        remedy, control = slot.units.remedy, slot.control
+        control.begin(step)
+        step.skipped_on_device = remedy.skips_on_device and fused_skip_is_safe(step)
+        control.skip_on_device(step, step.skipped_on_device)
         if not (remedy.needs_read(step) or step.log):
             return {}
         values = self._read(slot, step)
-        counts = {**slot.units.counters.from_values(values["counts"]), **remedy.counts()}
-        counts["skipped_steps"] = self._skipped(counts)
+        counts = self._counts(slot, slot.units.counters.from_values(values["counts"]))
         read = StepRead(
-            bool(values["bad"]), int(values["streak"]), bool(values["overflow"]), counts, bool(values["skip"])
+            bool(values["bad"]),
+            int(values["streak"]),
+            bool(values["overflow"]),
+            counts,
+            bool(values["skip"]),
+            control.lr_scale,
+            control.snapshot_labels(),
         )
-        request = remedy.on_host(step, read)
+        request = remedy.decide(step, read)
+        self._carry_out(slot, step, read, request)
         if step.log and not read.skip:
             self._watch_update(slot, step)
-        if read.skip and slot.tracker.guard:
-            slot.tracker.restore_after_step()  # LBFGS: undo the moves of the evaluations before this one
-        if request is not None:
-            self._honour(slot, request)
-        counts.update(remedy.counts())  # what this step changed (a rollback)
-        return self._report(i, slot, step, values, counts) if step.log else {}
+        return self._report(i, slot, step, values, self._counts(slot, counts)) if step.log else {}
+
+    def _carry_out(self, slot: Slot, step: StepRecord, read: StepRead, request: Request) -> None:
+        """What the remedy decided, by the slot's mechanisms (:meth:`SlotControl.carry_out`); a stop raises here,
+        before the step is applied."""
+        remedy = slot.units.remedy
+        if request.stop is not None:
+            slot.control.abandon()  # the scheduler's LR back before the error leaves the step
+            raise NonFiniteGradientError(*astuple(request.stop))
+        if (request.skip or request.skip_steps or request.restore is not None) and not remedy.skips_steps:
+            raise ValueError(f"{remedy!r} asked to skip steps but does not declare `skips_steps`.")
+        if request.lr_factor != 1.0 and not remedy.scales_lr:
+            raise ValueError(f"{remedy!r} asked to scale the LR but does not declare `scales_lr`.")
+        if request.restore is not None and not remedy.keeps_snapshots:
+            raise ValueError(f"{remedy!r} asked to restore a snapshot but does not declare `keeps_snapshots`.")
+        skip = (request.skip or step.requested) and not step.skipped_on_device
+        slot.control.carry_out(step, replace(request, skip=skip), read.skip and remedy.skips_steps)
+        if request.warn is not None:
+            self.warn(request.warn)
+
+    def _counts(self, slot: Slot, counts: dict[str, int]) -> dict[str, int]:
+        """The counts of a slot: its counters', ``rollbacks`` for a remedy that restores, ``skipped_steps``."""
+        if slot.units.remedy.keeps_snapshots:
+            counts["rollbacks"] = slot.control.rollbacks
+        counts["skipped_steps"] = self._skipped(counts)
+        return counts
 
     def _read(self, slot: Slot, step: StepRecord) -> dict[str, Any]:
         """The one device-to-host transfer of this step, by name."""
@@ -534,15 +573,6 @@ class ClipEngine:
         values["layer_names"], values["health_layers"], values["update_layers"] = names, health, updates
         return values
 
-    def _honour(self, slot: Slot, request: Request) -> None:
-        """What a remedy asked of the loop, for this optimizer's next steps."""
-        if request.restored:
-            slot.tracker.restart_from_here()
-        if request.skip_steps:
-            if not slot.units.remedy.skips_steps:
-                raise ValueError(f"{slot.units.remedy!r} asked to skip steps but does not declare `skips_steps`.")
-            slot.units.skip_remaining = max(slot.units.skip_remaining, int(request.skip_steps))
-
     def _report(
         self, i: int, slot: Slot, step: StepRecord, values: dict[str, Any], counts: dict[str, int]
     ) -> dict[str, float]:
@@ -553,7 +583,7 @@ class ClipEngine:
             "clipped": values["clipped"],
             "threshold": None if math.isnan(values["threshold"]) else values["threshold"],
             "max_norm": getattr(slot.units.rule, "max_norm", None),
-            "lr_scale": slot.units.remedy.lr_scale,
+            "lr_scale": slot.control.lr_scale,
         }
         group = {"layer": M.LAYER_GROUP, "parameter": M.PARAM_GROUP}.get(self.log_norms)
         names, norms = values["layer_names"], values["layer_norms"]
@@ -605,7 +635,7 @@ class ClipEngine:
             sizes = self._by_layer(step.names, F.grad_norms(weights, self.norm_type))[1]
             slot.units.update_ratios = (layers, torch.stack(moves).to(step.device) / torch.stack(sizes).to(step.device))
 
-        slot.tracker.after_update = measure
+        slot.control.after_update = measure
 
     def _attribute_spike(
         self,
@@ -695,19 +725,20 @@ class ClipEngine:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Counters, remedy state (the LR scale) and rule statistics of every optimizer (host values)."""
-        return {"version": 2, "optimizers": [slot.units.state_dict() for slot in self._slots]}
+        return {"version": 3, "optimizers": [slot.state_dict() for slot in self._slots]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (also the ``version: 1`` format of lightning-clip 0.1.0)."""
+        """Restore :meth:`state_dict` (also the flat ``version`` 1 and 2 entries of lightning-clip 0.1.0 and
+        0.2.0.dev0)."""
         self.detach()
         self._slots = []
         for i, state in enumerate(state_dict.get("optimizers", [])):
-            self._slot_at(i).units.load_state_dict(state)
+            self._slot_at(i).load_state_dict(state)
 
     @property
     def lr_scales(self) -> list[float]:
         """The LR multiplier applied to each optimizer's steps."""
-        return [slot.units.remedy.lr_scale for slot in self._slots]
+        return [slot.control.lr_scale for slot in self._slots]
 
     @property
     def counters(self) -> dict[str, int]:
@@ -722,20 +753,28 @@ class ClipEngine:
 
     def counters_of(self, optimizer_idx: int) -> dict[str, int]:
         """Counts of one optimizer, with its current run of bad steps (``nonfinite_streak``)."""
-        units = self._slots[optimizer_idx].units
-        out = {**units.counters.totals(), **units.remedy.counts()}
-        out["skipped_steps"] = self._skipped(out)
-        return out
+        slot = self._slots[optimizer_idx]
+        return self._counts(slot, slot.units.counters.totals())
 
     def skipped_windows(self) -> list[dict[str, Any]]:
         """The data windows the remedies skipped (rollbacks), each with its ``optimizer`` index."""
-        return [{"optimizer": i, **w} for i, s in enumerate(self._slots) for w in s.units.remedy.skipped_windows()]
+        windows = [(i, w) for i, slot in enumerate(self._slots) for w in slot.control.windows]
+        return [{"optimizer": i, **w, "skipped": list(w["skipped"])} for i, w in windows]
 
     def _skipped(self, counts: dict[str, int]) -> int:
         # Skipped steps: bad ones, spikes and requested ones, under a remedy that skips.
         if not self.remedy.skips_steps:
             return 0
         return counts["nonfinite_steps"] + counts["spike_skips"] + counts["requested_skips"]
+
+    def vanishing_layers(self) -> list[str]:
+        """The layers named as vanishing so far (every optimizer's; ``vanishing_ratio``), sorted by name."""
+        return sorted({layer for slot in self._slots if slot.units.vanishing for layer in slot.units.vanishing.warned})
+
+    def snapshot_nbytes(self, optimizer_idx: int = 0) -> int:
+        """Memory held by one optimizer's snapshots now (rollback; 0 once training ended)."""
+        store = self._slots[optimizer_idx].control.store
+        return store.nbytes if store is not None else 0
 
     def rule_of(self, optimizer_idx: int) -> ClipRule:
         """The rule (with its statistics) of one optimizer."""

@@ -42,7 +42,7 @@ from torch.optim import Optimizer
 class StepLRScale:
     """Apply ``scale`` to every param group's ``lr`` during one optimizer update at a time."""
 
-    def __init__(self, optimizer: Optimizer, scale: float = 1.0, deferred: bool = False) -> None:
+    def __init__(self, optimizer: Optimizer, scale: float = 1.0, deferred: bool = False, hooks: bool = True) -> None:
         self.optimizer = optimizer
         self.scale = scale
         # Standalone, every update is scaled; ``deferred`` (the engine) scales only the updates it arms.
@@ -50,11 +50,17 @@ class StepLRScale:
         self._saved: list[Any] | None = None  # the scheduler's LRs while the scaled ones are in place
         self._armed = False
         self._in_step = False
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre_step),
-            optimizer.register_step_post_hook(self._post_step),
-            optimizer.register_state_dict_post_hook(self._unscaled_state_dict),
-        ]
+        # ``hooks=False``: the owner of the optimizer's hooks (the engine's SlotControl) calls :meth:`_pre_step`,
+        # :meth:`_post_step` and :meth:`_unscaled_state_dict` itself, in its own documented order.
+        self._handles = (
+            [
+                optimizer.register_step_pre_hook(self._pre_step),
+                optimizer.register_step_post_hook(self._post_step),
+                optimizer.register_state_dict_post_hook(self._unscaled_state_dict),
+            ]
+            if hooks
+            else []
+        )
 
     @property
     def applied(self) -> bool:

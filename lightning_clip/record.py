@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from lightning_clip.counters import StepCounters
     from lightning_clip.rules.base import ClipResult, ClipRule
 
-__all__ = ["HostRead", "Request", "RunEnd", "SpikeCheck", "StepRead", "StepRecord"]
+__all__ = ["NOTHING", "HostRead", "Request", "RunEnd", "SpikeCheck", "StepRead", "StepRecord", "Stop"]
 
 
 def _false() -> Tensor:
@@ -125,6 +125,7 @@ class StepRecord:
     spike: Tensor | None = None  # an outlier norm or loss to skip (skip_spikes, loss_spikes); None: not looked for
     spike_checks: list[SpikeCheck] = field(default_factory=list)  # what ``spike`` was made of, for messages
     requested: bool = False  # skipped because a remedy asked for it (a data window)
+    skipped_on_device: bool = False  # ``skip`` was handed to a fused optimizer's ``found_inf`` (no host read needed)
     # --- clip
     result: ClipResult | None = None
     clipped: Tensor = field(default_factory=_false)
@@ -169,24 +170,51 @@ class StepRead:
     """The host values of one step, from the engine's single transfer, for the remedy."""
 
     bad: bool
-    streak: int  # consecutive bad steps of this optimizer, this one included
+    streak: int  # consecutive bad steps (NaN/Inf or spikes) of this optimizer, this one included
     overflow: bool  # a GradScaler overflow (fp16), not divergence
     counts: dict[str, int]
     skip: bool = False  # not applied: bad, a spike, or a requested skip
+    lr_scale: float = 1.0  # this optimizer's LR scale before this step's decision
+    snapshots: tuple[int, ...] = ()  # the labels (global steps) of the snapshots kept, newest first
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop training with :class:`~lightning_clip.NonFiniteGradientError`, before the step is applied."""
+
+    message: str
+    global_step: int = -1
+    parameter_names: Sequence[str] = ()
+    consecutive: int = 0
 
 
 @dataclass(frozen=True)
 class Request:
-    """What a remedy asks of the loop after a step; the engine honours it, in Lightning and plain loops alike.
+    """What a remedy decides for this step and the next ones; the engine carries it out (:mod:`lightning_clip.control`),
+    in Lightning and plain loops alike, in this order: ``stop``; ``restore``; ``skip``; ``lr_factor``; ``skip_steps``;
+    ``snapshot``; ``warn``.
 
-    ``skip_steps``: skip this optimizer's next ``skip_steps`` steps whatever their gradients (a data window: under
-    accumulation a step is a whole window). Only a remedy that :attr:`~lightning_clip.remedies.Remedy.skips_steps`
-    may ask it. Counted in ``requested_skips``. ``restored``: the remedy restored the weights and the optimizer
-    state (a rollback); a closure optimizer's step in progress (LBFGS) ends in that state, not at its own start.
+    * ``skip``: this step is a no-op for the weights and the optimizer state.
+    * ``skip_steps``: skip this optimizer's next ``skip_steps`` steps whatever their gradients (a data window: under
+      accumulation a step is a whole window), counted in ``requested_skips``. Only a remedy that
+      :attr:`~lightning_clip.remedies.Remedy.skips_steps` may ask for a skip.
+    * ``lr_factor``: multiply this optimizer's LR scale (from the next update on), on top of any scheduler.
+    * ``restore``: put back a snapshot first (0: the newest; 1: the one before), counted in ``rollbacks``; a closure
+      optimizer's step in progress (LBFGS) ends in that state. Needs a remedy that ``keeps_snapshots``.
+    * ``snapshot``: keep a snapshot of the state after this step's update (ignored when the step is skipped).
+    * ``warn``: a message for the user; ``stop``: raise instead of applying the step.
     """
 
+    skip: bool = False
     skip_steps: int = 0
-    restored: bool = False  # the remedy put the training state back itself: a step in progress ends there
+    lr_factor: float = 1.0
+    restore: int | None = None
+    snapshot: bool = False
+    warn: str | None = None
+    stop: Stop | None = None
+
+
+NOTHING = Request()
 
 
 @dataclass
@@ -198,7 +226,6 @@ class RunEnd:
     global_step: int
     epoch: int
     failed: bool  # an exception ended training: report, never raise
-    warn: Callable[[str], None]
 
 
 class HostRead:

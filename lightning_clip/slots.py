@@ -1,9 +1,9 @@
 """One optimizer's place in the engine, split by job.
 
-* :class:`SlotUnits` -- what persists and is checkpointed: the counters, this optimizer's copies of the clip rule and
-  the remedy, the spike statistics, and the steps a remedy asked to skip.
-* :class:`StepTracker` -- hooks on ``optimizer.step()``: tells a re-evaluated closure (LBFGS) from a new step, and
-  which parameters had optimizer state when the step began.
+* :class:`SlotUnits` -- this optimizer's units: the counters, its copies of the clip rule and the remedy, the spike
+  detectors and the vanishing monitor.
+* :class:`~lightning_clip.control.SlotControl` -- the mechanisms a remedy's requests are carried out with (skip, LR
+  scale, snapshots, the steps to skip) and the one owner of the optimizer's hooks.
 * :class:`Layout` -- the cached foreach groups and names of the parameters stepped last time: the same parameters
   step every time, so the Python loops over them run once.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +19,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import functional as F
+from lightning_clip.control import SlotControl
 from lightning_clip.counters import StepCounters
 from lightning_clip.detect import SpikeDetector
 from lightning_clip.health import VanishingMonitor
 from lightning_clip.remedies import Remedy
 from lightning_clip.rules import ClipRule
-from lightning_clip.snapshot import Snapshot
 from lightning_clip.state import DeviceState
 
 _DTYPE, _DEVICE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("layout")
@@ -33,7 +32,7 @@ _DTYPE, _DEVICE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("de
 
 @dataclass
 class SlotUnits:
-    """The persistent state of one optimizer: its own copies of the units, saved flat in its checkpoint entry."""
+    """One optimizer's own copies of the units, with their statistics and state (each its own checkpoint section)."""
 
     counters: StepCounters
     rule: ClipRule
@@ -41,7 +40,6 @@ class SlotUnits:
     spikes: SpikeDetector | None = None  # total-norm spikes (skip_spikes)
     loss_spikes: SpikeDetector | None = None  # loss spikes (loss_spikes)
     vanishing: VanishingMonitor | None = None  # vanishing layers (vanishing_ratio)
-    skip_remaining: int = 0  # steps a remedy asked the loop to skip (Request.skip_steps), still to come
     # the last applied update's ||dW|| / ||W|| per layer (device), measured after a logging step's update
     update_ratios: tuple[list[str], Tensor] | None = None
 
@@ -61,127 +59,6 @@ class SlotUnits:
         keeps them. Looked up on each call: loading a checkpoint may replace them."""
         units = (self.rule, self.spikes, self.loss_spikes)
         return [v for unit in units if unit is not None for v in vars(unit).values() if isinstance(v, DeviceState)]
-
-    def take_requested_skip(self) -> bool:
-        """Is this step one a remedy asked to skip? (Counts it off.)"""
-        if self.skip_remaining <= 0:
-            return False
-        self.skip_remaining -= 1
-        return True
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **self.counters.export(),
-            "lr_scale": self.remedy.lr_scale,
-            **self.remedy.state_dict(),
-            "skip_remaining": self.skip_remaining,
-            "rule": self.rule.state_dict(),
-            "spikes": self.spikes.state_dict() if self.spikes is not None else {},
-            **({"loss_spikes": self.loss_spikes.state_dict()} if self.loss_spikes is not None else {}),
-            **({"vanishing": self.vanishing.state_dict()} if self.vanishing is not None else {}),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the flat entries of 0.1.0 and 0.2.0.dev0 too)."""
-        self.counters = StepCounters.restore(state)
-        self.remedy.load_state_dict(state)  # a remedy without an LR scale ignores a saved one
-        self.skip_remaining = int(state.get("skip_remaining", 0))
-        if state.get("rule"):
-            self.rule.load_state_dict(state["rule"])
-        if state.get("spikes") and self.spikes is not None:
-            self.spikes.load_state_dict(state["spikes"])
-        if state.get("loss_spikes") and self.loss_spikes is not None:
-            self.loss_spikes.load_state_dict(state["loss_spikes"])
-        if state.get("vanishing") and self.vanishing is not None:
-            self.vanishing.load_state_dict(state["vanishing"])
-
-
-class StepTracker:
-    """Watch ``optimizer.step()``: a second engine step inside one call is a re-evaluated closure (LBFGS).
-
-    With ``guard`` (a closure optimizer that moves the weights between evaluations, under a remedy that skips) it
-    snapshots the weights and the optimizer state at each step start, and :meth:`restore_after_step` puts them
-    back once the step is over: a bad evaluation anywhere in the step makes the whole step a no-op.
-    """
-
-    def __init__(self) -> None:
-        self.optimizer: Optimizer | None = None
-        self.step_calls = 0  # optimizer.step() calls counted by the hooks
-        self.in_step = False
-        self.seen_call = -1  # the call the engine last saw
-        self.handles: tuple[Any, ...] = ()
-        self.state_at_step_start: set[int] = set()
-        self.guard = False
-        self.after_update: Callable[[], None] | None = None  # run once the running step's update is in
-        self.step_bad: Tensor | None = None  # device flag: an evaluation of the running step was bad
-        self._start: Snapshot | None = None
-        self._restore: Any = None  # the one-shot post-hook of a pending restore
-
-    def track(self, optimizer: Optimizer, guard: bool = False) -> None:
-        self.untrack()
-        self.optimizer, self.guard = optimizer, guard
-        self._start = Snapshot() if guard else None
-        # Bound methods, not closures: the callback must pickle (ddp_spawn, torch.save of a Trainer) mid-fit too.
-        self.handles = (optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post))
-
-    def _pre(self, optimizer: Optimizer, *_: Any) -> None:
-        self._drop_restore()  # the last step's, once it ran (not from inside the post-hooks: they are iterated)
-        self.step_calls += 1
-        self.in_step = True
-        # Closure optimizers (LBFGS) create state before they evaluate the closure that decides a skip.
-        self.state_at_step_start = {id(p) for p in optimizer.state}
-        if self._start is not None:
-            self._start.take(optimizer, self.step_calls)
-
-    def _post(self, *_: Any) -> None:
-        self.in_step = False
-        if self.after_update is not None:
-            after, self.after_update = self.after_update, None
-            after()
-
-    def restore_after_step(self) -> None:
-        """Undo the running step once it ends (registered now, so after any hook a remedy added for it)."""
-        if self._restore is None and self.in_step and self.optimizer is not None:
-            self._restore = self.optimizer.register_step_post_hook(self._restore_start)
-
-    def _restore_start(self, optimizer: Optimizer, *_: Any) -> None:
-        if self._start is not None and self._start.taken:
-            self._start.restore(optimizer)
-            self._start.step = -1  # restored once
-
-    def restart_from_here(self) -> None:
-        """The state was restored mid-step (a rollback): the running step, if guarded, ends in this state."""
-        if self.in_step and self._start is not None and self.optimizer is not None:
-            self._start.take(self.optimizer, self.step_calls)
-
-    def abandon(self) -> None:
-        """An exception left ``step()`` half done (torch's strong-Wolfe line search fails on a NaN loss): put the
-        weights and the state of the step's start back."""
-        if self.in_step and self._start is not None and self._start.taken and self.optimizer is not None:
-            self._start.restore(self.optimizer)
-            self._start.step = -1
-        self.in_step = False
-
-    def _drop_restore(self) -> None:
-        if self._restore is not None:
-            self._restore.remove()
-            self._restore = None
-
-    def untrack(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self._drop_restore()
-        self.handles, self.in_step = (), False
-
-    def reevaluation(self) -> bool:
-        """Is this engine step a further closure evaluation within the same ``optimizer.step()``?"""
-        again = self.in_step and self.seen_call == self.step_calls
-        self.seen_call = self.step_calls
-        return again
-
-    def state_before(self) -> set[int] | None:
-        """Parameters with optimizer state when the running ``step()`` began; None outside ``step()``."""
-        return self.state_at_step_start if self.in_step else None
 
 
 @dataclass
@@ -210,12 +87,69 @@ class Layout:
 
 @dataclass
 class Slot:
-    """One optimizer: :class:`SlotUnits` (persistent), :class:`StepTracker` (hooks), :class:`Layout` (cache)."""
+    """One optimizer: :class:`SlotUnits`, :class:`~lightning_clip.control.SlotControl` (mechanisms, hooks) and
+    :class:`Layout` (cache). Its checkpoint entry (format 3) has one section per unit; no unit reads another's."""
 
     units: SlotUnits
-    tracker: StepTracker = field(default_factory=StepTracker)
+    control: SlotControl = field(default_factory=SlotControl)
     layout: Layout = field(default_factory=Layout)
 
     @property
     def optimizer(self) -> Optimizer | None:
-        return self.tracker.optimizer
+        return self.control.optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        units = self.units
+        pairs = (("spikes", units.spikes), ("loss_spikes", units.loss_spikes))
+        detectors = {name: d.state_dict() for name, d in pairs if d is not None}
+        return {
+            "counters": units.counters.export(),
+            "control": self.control.state_dict(),
+            "remedy": units.remedy.state_dict(),
+            "rule": units.rule.state_dict(),
+            "detectors": {name: state for name, state in detectors.items() if state},
+            "reporter": {"vanishing": units.vanishing.state_dict()} if units.vanishing is not None else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, or an optimizer's flat entry of 0.1.0 / 0.2.0.dev0 (``version`` 1 and 2)."""
+        if "counters" not in state:
+            state = sections_of_flat_entry(state)
+        units = self.units
+        units.counters = StepCounters.restore(state["counters"])
+        self.control.load_state_dict(state.get("control", {}))
+        if not units.remedy.scales_lr:  # resumed under a policy that keeps the scheduler's LR (skip after halve_lr)
+            self.control.lr_scale = 1.0
+        units.remedy.load_state_dict(state.get("remedy", {}))
+        if state.get("rule"):
+            units.rule.load_state_dict(state["rule"])
+        detectors = state.get("detectors", {})
+        for name, detector in (("spikes", units.spikes), ("loss_spikes", units.loss_spikes)):
+            if detectors.get(name) and detector is not None:
+                detector.load_state_dict(detectors[name])
+        vanishing = state.get("reporter", {}).get("vanishing")
+        if vanishing and units.vanishing is not None:
+            units.vanishing.load_state_dict(vanishing)
+
+
+# The keys of the flat entries of 0.1.0 and 0.2.0.dev0 that belong to each section of format 3.
+_FLAT_CONTROL = ("lr_scale", "skip_remaining", "rollbacks", "windows")
+_FLAT_REMEDY = ("healthy_steps", "bad_run", "unhealthy", "clean")
+
+
+def sections_of_flat_entry(flat: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's flat checkpoint entry (``version`` 1 and 2) split into the sections of format 3.
+
+    What the remedies kept nowhere is derived: a skip's reported bad steps from ``nonfinite_steps``, a rollback's run of
+    bad steps from ``nonfinite_streak``."""
+    streak = flat.get("nonfinite_streak", 0)
+    remedy = {"reported_nonfinite": flat.get("nonfinite_steps", 0), "bad_run": streak, "unhealthy": streak}
+    remedy.update({k: flat[k] for k in _FLAT_REMEDY if k in flat})
+    return {
+        "counters": {k: v for k, v in flat.items() if isinstance(v, int) and k not in _FLAT_REMEDY + _FLAT_CONTROL},
+        "control": {k: flat[k] for k in _FLAT_CONTROL if k in flat},
+        "remedy": remedy,
+        "rule": flat.get("rule", {}),
+        "detectors": {k: flat[k] for k in ("spikes", "loss_spikes") if flat.get(k)},
+        "reporter": {"vanishing": flat["vanishing"]} if flat.get("vanishing") else {},
+    }

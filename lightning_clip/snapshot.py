@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 
 from lightning_clip.state import DeviceState
 
-__all__ = ["Snapshot", "Statistics", "local_tensor", "no_statistics"]
+__all__ = ["Snapshot", "SnapshotStore", "Statistics", "local_tensor", "no_statistics"]
 
 # The units whose device statistics a snapshot keeps (called when taken and when restored: a load may replace them).
 Statistics = Callable[[], Sequence[DeviceState]]
@@ -148,3 +148,61 @@ def _restored(saved: Any, current: Any, device: torch.device | None) -> Any:
         local_tensor(current).copy_(saved, non_blocking=True)
         return current
     return saved.to(device if device is not None else saved.device, copy=True)
+
+
+class SnapshotStore:
+    """The newest snapshots of one optimizer, by age (0: the newest), at most ``kept``; the oldest one's buffers are
+    recycled by the next snapshot. Used by the engine for a remedy that restores (``Request.restore``).
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.SGD([w], lr=0.5)
+        >>> store = SnapshotStore(kept=2)
+        >>> for label in (0, 1, 2):
+        ...     store.take(opt, label)
+        ...     w.grad = torch.ones(2); opt.step()
+        >>> store.labels(), store.restore(opt, age=1).step, w.data
+        ([2, 1], 1, tensor([0.5000, 0.5000]))
+    """
+
+    def __init__(self, kept: int = 2, on_device: bool = False) -> None:
+        self.kept = kept
+        self.on_device = on_device
+        self._snapshots: list[Snapshot] = []  # oldest first
+
+    def __len__(self) -> int:
+        return len(self._snapshots)
+
+    def take(self, optimizer: Optimizer, label: int, statistics: Statistics = no_statistics) -> None:
+        """A snapshot of the state now, labelled ``label`` (no host read)."""
+        full = len(self._snapshots) >= self.kept
+        snap = self._snapshots.pop(0) if full else Snapshot(self.on_device)
+        snap.take(optimizer, label, statistics)
+        self._snapshots.append(snap)
+
+    def restore(self, optimizer: Optimizer, statistics: Statistics = no_statistics, age: int = 0) -> Snapshot:
+        """Put back the snapshot of this ``age`` (0: the newest; past the oldest, the oldest); return it."""
+        snap = self._snapshots[max(len(self._snapshots) - 1 - age, 0)]
+        snap.restore(optimizer, statistics)
+        return snap
+
+    def labels(self) -> list[int]:
+        """The labels of the snapshots kept, newest first."""
+        return [snap.step for snap in reversed(self._snapshots)]
+
+    def relabel_newest(self, label: int) -> None:
+        self._snapshots[-1].step = label
+
+    def holds(self, optimizer: Optimizer | None) -> bool:
+        """Whether the newest snapshot holds exactly the parameters ``optimizer`` steps now."""
+        return bool(self._snapshots) and self._snapshots[-1].holds(optimizer)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the snapshots."""
+        return sum(snap.nbytes() for snap in self._snapshots)
+
+    def clear(self) -> None:
+        self._snapshots = []

@@ -103,7 +103,7 @@ def engine_layout(engine: ClipEngine, optimizers: int) -> Layout:
     """:func:`layout` of what ``engine`` logs for ``optimizers`` optimizers (empty when it logs nothing)."""
     if engine.log_norms == "none" or optimizers < 1:
         return {}
-    counters = [*ENGINE_COUNTERS, *engine.remedy.counts()]  # the remedy's own counters: ``rollbacks``
+    counters = [*ENGINE_COUNTERS, *(["rollbacks"] if engine.remedy.keeps_snapshots else [])]
     return layout(optimizers, engine.name, threshold=engine.rule.mode != "none", counters=counters)
 
 

@@ -114,15 +114,25 @@ def test_a_0_1_0_checkpoint_resumes_with_its_lr_scale_and_counters(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["lr"] == gen.LR
     assert cb.lr_scales == [0.5]
     state = cb.state_dict()
-    assert state["version"] == 2
-    resumed = dict(state["optimizers"][0])
-    assert resumed.pop("clipped_steps") >= 2
-    # 0.1.0's entries, plus what later versions added (spike_skips, requested skips, rule and spike-history state)
-    added = {"spike_skips": 0, "requested_skips": 0, "skip_remaining": 0, "rule": {}, "spikes": {}}
-    vanishing = {"vanishing": {"streaks": {}, "warned": [], "warnings": 0}}  # the callback's default monitor
-    expected = {**V1_STATE["optimizers"][0], "steps": 6, "healthy_steps": 4, **added, **vanishing}
-    del expected["clipped_steps"]
-    assert resumed == expected
+    assert state["version"] == 3
+    resumed = state["optimizers"][0]
+    assert resumed["counters"].pop("clipped_steps") >= 2
+    # 0.1.0's entries in the sections of format 3, plus what later versions added
+    assert resumed == {
+        "counters": {
+            "steps": 6,
+            "nonfinite_steps": 1,
+            "amp_overflows": 0,
+            "spike_skips": 0,
+            "requested_skips": 0,
+            "nonfinite_streak": 0,
+        },
+        "control": {"lr_scale": 0.5, "skip_remaining": 0, "rollbacks": 0, "windows": []},
+        "remedy": {"healthy_steps": 4},
+        "rule": {},
+        "detectors": {},
+        "reporter": {"vanishing": {"streaks": {}, "warned": [], "warnings": 0}},  # the callback's default monitor
+    }
 
 
 def test_clip_engine_loads_the_literal_version_1_dict():
@@ -131,8 +141,20 @@ def test_clip_engine_loads_the_literal_version_1_dict():
     assert engine.lr_scales == [0.5]
     assert engine.counters == SAVED_COUNTERS
     assert engine.counters_of(0)["nonfinite_streak"] == 0
-    added = {"spike_skips": 0, "requested_skips": 0, "skip_remaining": 0, "rule": {}, "spikes": {}}  # since 0.1.0
-    assert engine.state_dict() == {"version": 2, "optimizers": [{**V1_STATE["optimizers"][0], **added}]}
+    counters = {k: v for k, v in V1_STATE["optimizers"][0].items() if k not in ("lr_scale", "healthy_steps")}
+    assert engine.state_dict() == {
+        "version": 3,
+        "optimizers": [
+            {
+                "counters": {**counters, "spike_skips": 0, "requested_skips": 0},  # counters added since 0.1.0
+                "control": {"lr_scale": 0.5, "skip_remaining": 0, "rollbacks": 0, "windows": []},
+                "remedy": {"healthy_steps": 2},
+                "rule": {},
+                "detectors": {},
+                "reporter": {},
+            }
+        ],
+    }
 
     # and the restored scale is applied by a plain loop's next update
     w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
@@ -147,7 +169,7 @@ def test_clip_engine_loads_the_literal_version_1_dict():
         rtol=0,
         atol=1e-15,
     )
-    assert engine.state_dict()["optimizers"][0]["healthy_steps"] == 3
+    assert engine.state_dict()["optimizers"][0]["remedy"]["healthy_steps"] == 3
 
 
 def test_a_version_1_dict_resumed_under_skip_drops_the_lr_scale_but_keeps_the_counters():
@@ -155,3 +177,66 @@ def test_a_version_1_dict_resumed_under_skip_drops_the_lr_scale_but_keeps_the_co
     engine.load_state_dict(copy.deepcopy(V1_STATE))
     assert engine.lr_scales == [1.0]
     assert engine.counters == SAVED_COUNTERS
+
+
+# ----------------------------------------------------------------------------- 0.2.0.dev0 and main before format 3
+def _fixture_state(rev: str) -> dict:
+    """The callback state of ``tests/data/v<rev>.ckpt`` (written by ``tests/data/make_checkpoints.py``)."""
+    (state,) = torch.load(DATA / f"v{rev}.ckpt", weights_only=False)["callbacks"].values()
+    return state
+
+
+def _resume(tmp_path, rev: str, callback: GradientClipping, steps: int = 2) -> pl.Trainer:
+    spec = importlib.util.spec_from_file_location("make_checkpoints", DATA / "make_checkpoints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    trainer = pl.Trainer(
+        max_steps=module.SAVED_STEPS + steps,
+        callbacks=[callback],
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module.Faulty(), module.make_loader(), ckpt_path=str(DATA / f"v{rev}.ckpt"))
+    return trainer
+
+
+def test_a_0_2_0_dev0_checkpoint_resumes_with_its_ring_history_lr_scale_and_counters(tmp_path):
+    saved = _fixture_state("3e6e454")["optimizers"][0]
+    assert saved["spikes"]["pos"] == 28  # the ring layout of 0.2.0.dev0
+    cb = GradientClipping(mode="percentile", skip_spikes=3.0, nan_policy="halve_lr")
+    _resume(tmp_path, "3e6e454", cb)
+    state = cb.state_dict()["optimizers"][0]
+    assert state["counters"]["steps"] == 32 and state["counters"]["nonfinite_steps"] == 1
+    assert state["counters"]["spike_skips"] == saved["spike_skips"] == 1
+    assert state["control"]["lr_scale"] == 0.5
+    kept = saved["spikes"]["history"][:28]  # the ring's values, oldest first, then the two resumed steps
+    assert torch.equal(state["detectors"]["spikes"]["history"][:28], kept)
+    assert state["detectors"]["spikes"]["count"] == saved["spikes"]["count"] + 2
+    assert state["rule"]["count"] == saved["rule"]["count"] + 2
+
+
+def test_a_checkpoint_of_main_before_format_3_resumes_with_its_windows_and_rollbacks(tmp_path):
+    saved = _fixture_state("5d0f227")["optimizers"][0]
+    assert saved["rollbacks"] == 2 and len(saved["windows"]) == 2  # the flat entry of version 2
+    cb = GradientClipping(
+        mode="percentile",
+        skip_spikes=3.0,
+        loss_spikes=3.0,
+        nan_policy="rollback",
+        snapshot_every=5,
+        rollback_skip_steps=2,
+    )
+    _resume(tmp_path, "5d0f227", cb)
+    state = cb.state_dict()["optimizers"][0]
+    assert state["control"]["rollbacks"] == 2 and state["control"]["lr_scale"] == saved["lr_scale"] == 0.25
+    assert state["control"]["windows"] == saved["windows"]
+    assert [w["snapshot_step"] for w in cb.engine.skipped_windows()] == [10, 25]
+    assert state["counters"]["requested_skips"] == saved["requested_skips"] == 4
+    assert state["detectors"]["loss_spikes"]["count"] == saved["loss_spikes"]["count"] + 2
+    assert torch.equal(state["detectors"]["loss_spikes"]["history"][:-2], saved["loss_spikes"]["history"])
+    assert state["remedy"] == {"healthy_steps": 0, "bad_run": 0, "unhealthy": 0, "clean": True}

@@ -315,22 +315,24 @@ def test_state_dict_round_trips_counters_and_lr_scale_per_optimizer():
         opt.step()
         opt.zero_grad()
     state = engine.state_dict()
-    assert state == {
-        "version": 2,
+    assert state == {  # format 3: one section per unit
+        "version": 3,
         "optimizers": [
             {
-                "steps": 3,
-                "clipped_steps": 2,
-                "nonfinite_steps": 1,
-                "amp_overflows": 0,
-                "spike_skips": 0,
-                "requested_skips": 0,
-                "nonfinite_streak": 0,
-                "lr_scale": 0.5,
-                "healthy_steps": 1,
-                "skip_remaining": 0,
+                "counters": {
+                    "steps": 3,
+                    "clipped_steps": 2,
+                    "nonfinite_steps": 1,
+                    "amp_overflows": 0,
+                    "spike_skips": 0,
+                    "requested_skips": 0,
+                    "nonfinite_streak": 0,
+                },
+                "control": {"lr_scale": 0.5, "skip_remaining": 0, "rollbacks": 0, "windows": []},
+                "remedy": {"healthy_steps": 1},
                 "rule": {},
-                "spikes": {},
+                "detectors": {},
+                "reporter": {},
             }
         ],
     }

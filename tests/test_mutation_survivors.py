@@ -314,9 +314,9 @@ def test_counters_are_python_ints_in_reads_state_dicts_and_after_a_resume():
     for counts in (
         engine.counters_of(0),
         engine.counters,
-        engine.state_dict()["optimizers"][0],
+        engine.state_dict()["optimizers"][0]["counters"],
         resumed.counters_of(0),
-        resumed.state_dict()["optimizers"][0],
+        resumed.state_dict()["optimizers"][0]["counters"],
     ):
         ints = pick(counts, *COUNTS, *(k for k in ("nonfinite_streak", "skipped_steps") if k in counts))
         assert all(type(v) is int for v in ints.values()), counts
@@ -330,6 +330,7 @@ def test_a_fresh_run_checkpoints_zero_healthy_steps_and_full_lr():
     for seed in range(2):
         train_step(model, opt, engine, seed=seed)
     (saved,) = engine.state_dict()["optimizers"]
+    saved = {**saved["counters"], "lr_scale": saved["control"]["lr_scale"], **saved["remedy"], "rule": saved["rule"]}
     assert pick(saved, *COUNTS, "nonfinite_streak", "lr_scale", "healthy_steps", "rule") == {
         "steps": 2,
         "clipped_steps": 0,
@@ -356,7 +357,7 @@ def test_a_state_with_missing_keys_loads_as_a_fresh_start():
         "skipped_steps": 0,
     }
     assert engine.lr_scales == [1.0]
-    assert engine.state_dict()["optimizers"][0]["healthy_steps"] == 0
+    assert engine.state_dict()["optimizers"][0]["remedy"]["healthy_steps"] == 0
     engine.load_state_dict({})
     assert engine.state_dict()["optimizers"] == []
 
@@ -416,7 +417,8 @@ def test_loading_a_halve_lr_checkpoint_under_another_policy_resets_the_lr_state(
     engine = make_engine(model, opt, NormClip(1e6), Skip())
     engine.load_state_dict(state)
     saved = engine.state_dict()["optimizers"][0]
-    assert saved["lr_scale"] == 1.0 and "healthy_steps" not in saved  # skip keeps no LR state
+    assert saved["control"]["lr_scale"] == 1.0  # skip keeps no LR state
+    assert saved["remedy"] == {"reported_nonfinite": 1}  # nor a recovery count: only what it has reported
 
 
 def test_attaching_fewer_optimizers_than_the_checkpoint_drops_the_extra_counters():
@@ -425,7 +427,7 @@ def test_attaching_fewer_optimizers_than_the_checkpoint_drops_the_extra_counters
     engine = make_engine(model, opt, NormClip(1e6), Skip(), attach=False)
     engine.load_state_dict({"version": 2, "optimizers": [{"steps": 4}, {"steps": 5}]})
     engine.attach([opt], model.named_parameters())
-    assert [o["steps"] for o in engine.state_dict()["optimizers"]] == [4]
+    assert [o["counters"]["steps"] for o in engine.state_dict()["optimizers"]] == [4]
     assert engine.counters["steps"] == 4
 
 
@@ -733,7 +735,7 @@ def test_a_nan_loss_step_with_finite_gradients_stays_out_of_the_spike_history():
     engine = spike_engine(model, opt)
     train_step(model, opt, engine)
     train_step(model, opt, engine, seed=1, offset=NAN)
-    assert engine.state_dict()["optimizers"][0]["spikes"]["count"] == 1
+    assert engine.state_dict()["optimizers"][0]["detectors"]["spikes"]["count"] == 1
 
 
 def test_the_spike_history_resumes_with_the_engine_and_a_state_without_one_loads():
@@ -742,15 +744,15 @@ def test_the_spike_history_resumes_with_the_engine_and_a_state_without_one_loads
     engine = spike_engine(model, opt)
     for seed in range(3):
         train_step(model, opt, engine, seed=seed)
-    saved = engine.state_dict()["optimizers"][0]["spikes"]
+    saved = engine.state_dict()["optimizers"][0]["detectors"]["spikes"]
     resumed = spike_engine(model, opt)
     resumed.load_state_dict(engine.state_dict())
-    again = resumed.state_dict()["optimizers"][0]["spikes"]
+    again = resumed.state_dict()["optimizers"][0]["detectors"]["spikes"]
     assert again["count"] == saved["count"] == 3
     assert torch.equal(again["history"], saved["history"]) and again["history"].numel() == 3
     fresh = spike_engine(model, opt)
     fresh.load_state_dict({"version": 2, "optimizers": [{"steps": 3}]})  # a state from before spike skipping
-    assert fresh.state_dict()["optimizers"][0]["spikes"] == {}
+    assert "spikes" not in fresh.state_dict()["optimizers"][0]["detectors"]
     plain = make_engine(model, opt, NormClip(1e6), Skip())
     plain.load_state_dict(engine.state_dict())  # a spike history with nothing to restore it into
     assert plain.counters_of(0)["steps"] == 3
@@ -1104,7 +1106,7 @@ def test_halve_lr_recovery_does_not_count_amp_overflows_as_healthy_steps():
     fp16_step(model, opt, engine, scaler, factor=NAN)
     for seed in (1, 2):
         fp16_step(model, opt, engine, scaler, seed=seed, inf_grad=True)
-    assert engine.lr_scales == [0.5] and engine.state_dict()["optimizers"][0]["healthy_steps"] == 0
+    assert engine.lr_scales == [0.5] and engine.state_dict()["optimizers"][0]["remedy"]["healthy_steps"] == 0
 
 
 def test_fp16_value_mode_clamps_in_true_units_and_hands_the_scaler_nan_on_an_overflow():

@@ -95,7 +95,7 @@ def test_1_ddp_spawn_runs_with_two_cpu_processes_and_skips_the_nan_step(tmp_path
     fit(t, model, make_loader(n=160))
     assert all_finite(model)  # the weights come back from rank 0
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][cb.state_key]
-    counts = state["optimizers"][0]
+    counts = state["optimizers"][0]["counters"]
     assert (counts["steps"], counts["nonfinite_steps"]) == (5, 1)
 
 
@@ -122,7 +122,7 @@ def test_2_a_recreated_optimizer_takes_over_its_slot(tmp_path):
     for step in rec.steps[3:]:
         assert applied_lr(step) == pytest.approx(0.05, rel=1e-4)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][cb.state_key]
-    assert len(saved["optimizers"]) == 1 and saved["optimizers"][0]["lr_scale"] == 0.5
+    assert len(saved["optimizers"]) == 1 and saved["optimizers"][0]["control"]["lr_scale"] == 0.5
 
 
 def test_2_a_plain_loop_optimizer_recreated_for_the_same_parameters_keeps_its_slot():
@@ -154,8 +154,10 @@ def test_3_resuming_with_another_spike_window_keeps_the_newest_norms_and_the_cou
     t2 = trainer(tmp_path, [retuned], max_steps=31)
     fit(t2, FaultModel(), ckpt_path=saved)
     new = retuned.state_dict()["optimizers"][0]
-    assert new["steps"] == 31 and new["nonfinite_steps"] == 1 and new["lr_scale"] == 0.5
+    assert new["counters"]["steps"] == 31 and new["counters"]["nonfinite_steps"] == 1
+    assert new["control"]["lr_scale"] == 0.5
     # The norms recorded before the resume are the oldest of the resized history; one step has run since.
+    old, new = old["detectors"], new["detectors"]
     before, after = old["spikes"]["history"], new["spikes"]["history"]
     assert new["spikes"]["count"] == old["spikes"]["count"] + 1
     if len(before) < new_window:

@@ -266,12 +266,12 @@ def test_9_snapshots_are_freed_when_fit_ends(tmp_path):
 
     class Probe(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            held.append(cb.engine.remedy_of(0).snapshot_nbytes)
+            held.append(cb.engine.snapshot_nbytes(0))
 
     cb = GradientClipping(nan_policy="rollback", snapshot_every=2)
     fit(trainer(tmp_path, [cb, Probe()], max_steps=6), FaultModel(), loader(6))
     assert held and min(held) > 0
-    assert cb.engine.remedy_of(0).snapshot_nbytes == 0
+    assert cb.engine.snapshot_nbytes(0) == 0
 
 
 def test_9_the_float32_spike_statistics_see_a_tiny_spread_without_false_spikes():
@@ -319,6 +319,6 @@ def test_9_the_engine_reports_a_plain_loop_rollback_the_same_way():
     (window,) = engine.skipped_windows()
     assert window["skipped"] == [3, 4]  # the step counts of a plain loop
     engine.finish()
-    assert engine.remedy_of(0).snapshot_nbytes > 0  # finish() reports; only detach() frees
+    assert engine.snapshot_nbytes(0) > 0  # finish() reports; only detach() frees
     engine.detach()
-    assert engine.remedy_of(0).snapshot_nbytes == 0
+    assert engine.snapshot_nbytes(0) == 0

@@ -16,36 +16,38 @@ from faults import FaultModel, StepRecorder, make_loader, trainer
 import lightning_clip
 from lightning_clip import ClipEngine, GradientClipping
 from lightning_clip.record import HostRead, Request, StepRead, StepRecord
-from lightning_clip.remedies import REMEDIES, HalveLR, Remedy, Skip
+from lightning_clip.remedies import REMEDIES, HalveLR, Remedy
 from lightning_clip.rules import NormClip
 
 NAN = float("nan")
 PACKAGE = Path(lightning_clip.__file__).parent
 
 
-class SkipWindow(Skip):
-    """A toy remedy, written as a user would: skip the bad step and the next ``window`` steps (a data window)."""
+class SkipWindow(Remedy):
+    """A toy remedy, written as a user would: skip the bad step and the next ``window`` steps (a data window).
+    It only decides; the engine skips, counts and records the window."""
 
     policy: ClassVar[str] = "skip_window"
-    options: ClassVar[tuple[str, ...]] = ("window", "max_consecutive_nonfinite")
+    options: ClassVar[tuple[str, ...]] = ("window",)
+    skips_steps: ClassVar[bool] = True
 
-    def __init__(self, window: int = 2, max_consecutive_nonfinite: int | None = 10) -> None:
-        super().__init__(max_consecutive_nonfinite)
+    def __init__(self, window: int = 2) -> None:
         self.window = window
         self.windows = 0  # its own state, per optimizer
 
-    def on_host(self, step: StepRecord, read: StepRead) -> Request | None:
-        super().on_host(step, read)
+    def needs_read(self, step: StepRecord) -> bool:
+        return True
+
+    def decide(self, step: StepRecord, read: StepRead) -> Request:
         if read.bad:
             self.windows += 1
-            return Request(skip_steps=self.window)
-        return None
+            return Request(skip=True, skip_steps=self.window)
+        return Request(skip=read.skip)
 
     def state_dict(self) -> dict[str, Any]:
         return {"windows": self.windows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
         self.windows = int(state.get("windows", 0))
 
 
@@ -68,7 +70,9 @@ def test_a_registered_remedy_runs_by_name_and_its_request_skips_the_data_window(
     assert [moved(s) for s in rec.steps] == [True] * 3 + [False] * 3 + [True] * 4  # step 3 and the next 2
     assert cb.counters["requested_skips"] == 2 and cb.counters["skipped_steps"] == 3
     state = cb.state_dict()["optimizers"][0]
-    assert state["windows"] == 1 and state["skip_remaining"] == 0 and state["requested_skips"] == 2
+    assert state["remedy"] == {"windows": 1}  # its own section; the engine's mechanisms keep theirs
+    assert state["control"]["skip_remaining"] == 0 and state["counters"]["requested_skips"] == 2
+    assert [w["skipped"] for w in cb.engine.skipped_windows()] == [[3, 5]]  # recorded by the engine
 
 
 def test_the_request_is_honoured_in_a_plain_loop_and_survives_a_checkpoint():
@@ -109,7 +113,7 @@ def test_a_remedy_that_does_not_skip_cannot_ask_for_skips():
         def needs_read(self, step: StepRecord) -> bool:
             return True
 
-        def on_host(self, step: StepRecord, read: StepRead) -> Request | None:
+        def decide(self, step: StepRecord, read: StepRead) -> Request:
             return Request(skip_steps=1)
 
     model = torch.nn.Linear(4, 1)
@@ -147,8 +151,8 @@ def test_each_optimizer_has_its_own_remedy_and_lr_scale(tmp_path):
     fit(trainer(tmp_path, [cb], max_steps=8, logger=RecordingLogger()), TwoOpts())
     assert cb.lr_scales == [1.0, 0.25]
     a, b = cb.engine.remedy_of(0), cb.engine.remedy_of(1)
-    assert a is not b and a is not cb.engine.remedy and (a.lr_scale, b.lr_scale) == (1.0, 0.25)
-    assert [o["lr_scale"] for o in cb.state_dict()["optimizers"]] == [1.0, 0.25]
+    assert a is not b and a is not cb.engine.remedy  # one copy per optimizer; the scale is each slot's
+    assert [o["control"]["lr_scale"] for o in cb.state_dict()["optimizers"]] == [1.0, 0.25]
 
 
 # ----------------------------------------------------------------------------- nan_policy=<Remedy>

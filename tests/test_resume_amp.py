@@ -39,8 +39,8 @@ def test_resume_continues_exactly(tmp_path):
     saved = torch.load(ckpt, weights_only=False)
     state = saved["callbacks"][first_cb.state_key]["optimizers"][0]
     # mid-run: one reduction (step 2), three healthy steps towards recovery (3, 4, 5)
-    assert state["lr_scale"] == 0.5 and state["healthy_steps"] == 3
-    assert state["nonfinite_steps"] == 1 and state["steps"] == 6
+    assert state["control"]["lr_scale"] == 0.5 and state["remedy"]["healthy_steps"] == 3
+    assert state["counters"]["nonfinite_steps"] == 1 and state["counters"]["steps"] == 6
     # the optimizer's own state stores the scheduler's LR, not the scaled one: the two never double up
     assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.1 * 0.7**2)
 
@@ -65,6 +65,7 @@ def test_two_instances_keep_separate_state(tmp_path):
     t.save_checkpoint(tmp_path / "x.ckpt")
     states = torch.load(tmp_path / "x.ckpt", weights_only=False)["callbacks"]
     a_state, b_state = states[a.state_key]["optimizers"][0], states[b.state_key]["optimizers"][0]
+    a_state, b_state = a_state["counters"], b_state["counters"]
     assert a_state["nonfinite_steps"] == 1 and b_state["nonfinite_steps"] == 1
     assert a_state["clipped_steps"] == 3  # every good step: a sees b's clamped gradients
     assert b_state["clipped_steps"] == 3  # value mode counts the good steps on which clamping changed an element

@@ -162,7 +162,7 @@ def test_windows_are_written_beside_the_logs_and_kept_in_the_checkpoint(tmp_path
         {"optimizer": 0, "global_step": 5, "epoch": 0, "batch_idx": 5, "snapshot_step": 4, "skipped": [5, 6]}
     ]
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][cb.state_key]
-    entry = state["optimizers"][0]
+    entry = state["optimizers"][0]["control"]  # the engine's section: it restores and keeps the windows
     assert entry["rollbacks"] == 1 and entry["windows"] == [{k: v for k, v in written[0].items() if k != "optimizer"}]
     resumed = GradientClipping(nan_policy="rollback", snapshot_every=2, rollback_skip_steps=1)
     fit(trainer(tmp_path, [resumed], max_steps=9), FaultModel(), data())  # no checkpoint: a fresh run
@@ -216,7 +216,7 @@ def test_a_loss_spike_is_skipped_under_skip_and_kept_out_of_the_statistics(tmp_p
     model = SpikyLoss(spike_at=(25,), lr=0.0)  # lr 0: the same loss every step but the spike
     fit(trainer(tmp_path, [cb, rec], max_steps=30, max_epochs=-1), model, steady)
     assert cb.counters["spike_skips"] == 1 and cb.counters["nonfinite_steps"] == 0
-    state = cb.state_dict()["optimizers"][0]["loss_spikes"]
+    state = cb.state_dict()["optimizers"][0]["detectors"]["loss_spikes"]
     assert state["count"] == 29 and torch.isfinite(state["history"]).all()  # the spike never entered
 
 
@@ -256,11 +256,14 @@ def test_a_plain_loop_rollback_needs_no_extra_call_and_restores_the_snapshot_exa
         opt.zero_grad()
         after.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(after[2], after[4]))  # back to the state after 3 steps
-    assert engine.remedy_of(0).lr_scale == 0.5
+    assert engine.lr_scales == [0.5]
 
 
-def test_skip_keeps_its_behaviour_beside_rollback():
-    assert not hasattr(Skip(), "rollbacks") and Skip().counts() == {}
+def test_skip_keeps_its_behaviour_beside_rollback(tmp_path):
+    assert Skip.keeps_snapshots == 0 and Rollback.keeps_snapshots == 2
+    cb = GradientClipping(nan_policy="skip")
+    fit(trainer(tmp_path, [cb], max_steps=4), FaultModel(nan_loss_at=(2,)), data())
+    assert "rollbacks" not in cb.counters and cb.engine.snapshot_nbytes(0) == 0
 
 
 # ----------------------------------------------------------------------------- distributed: every rank together

@@ -1,7 +1,8 @@
-"""Code lines of every function in the given modules (non-blank, non-comment, docstrings left out), longest first.
+"""Code lines of every function and class in the given modules or packages (non-blank, non-comment, docstrings left
+out), longest first.
 
-Usage: python tools/function_lengths.py lightning_clip/engine.py [more files] [--max 60]
-Exits 1 when a function is longer than --max (default: no limit).
+Usage: python tools/function_lengths.py lightning_clip [more files or folders] [--max 60] [--max-class 300]
+Exits 1 when a function is longer than --max, or a class than --max-class (default: no limit).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import ast
 import io
 import sys
 import tokenize
+from pathlib import Path
 
 _LAYOUT_ONLY = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
 
@@ -31,22 +33,40 @@ def code_lines(source: str, node: ast.AST) -> int:
     return len(lines)
 
 
+def _option(argv: list[str], name: str) -> tuple[int | None, list[str]]:
+    if name not in argv:
+        return None, argv
+    i = argv.index(name)
+    return int(argv[i + 1]), argv[:i] + argv[i + 2 :]
+
+
+def _files(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for path in map(Path, paths):
+        out += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return out
+
+
 def main(argv: list[str]) -> int:
-    limit = None
-    if "--max" in argv:
-        i = argv.index("--max")
-        limit = int(argv[i + 1])
-        argv = argv[:i] + argv[i + 2 :]
-    rows = []
-    for path in argv:
-        with open(path) as f:
-            source = f.read()
+    limit, argv = _option(argv, "--max")
+    class_limit, argv = _option(argv, "--max-class")
+    rows, classes = [], []
+    for path in _files(argv):
+        source = path.read_text()
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 rows.append((code_lines(source, node), f"{path}:{node.lineno} {node.name}"))
+            elif isinstance(node, ast.ClassDef):
+                classes.append((code_lines(source, node), f"{path}:{node.lineno} class {node.name}"))
+    print("functions:")
     for n, where in sorted(rows, reverse=True)[:10]:
         print(f"{n:4d}  {where}")
-    return 1 if limit is not None and rows and max(rows)[0] > limit else 0
+    print("classes:")
+    for n, where in sorted(classes, reverse=True)[:5]:
+        print(f"{n:4d}  {where}")
+    too_long = limit is not None and rows and max(rows)[0] > limit
+    too_large = class_limit is not None and classes and max(classes)[0] > class_limit
+    return 1 if too_long or too_large else 0
 
 
 if __name__ == "__main__":

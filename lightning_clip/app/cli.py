@@ -314,9 +314,7 @@ def _train_once(
     logged = load_runs(log_dir)[0]
     # Depth order: the order of named_parameters(), the order the callback lists layers in.
     layers = list(dict.fromkeys(layer_of(name) for name, p in model.named_parameters() if p.requires_grad))
-    named = {
-        layer for slot in callback.state_dict()["optimizers"] for layer in slot.get("vanishing", {}).get("warned", [])
-    }
+    named = set(callback.engine.vanishing_layers())
     return DemoRun(
         label=label,
         log_dir=log_dir,

@@ -1,16 +1,17 @@
 """NaN/Inf remedies: one small class per ``nan_policy``, registered by name.
 
-A remedy decides what happens to a bad step (see :class:`~lightning_clip.remedies.base.Remedy`). The engine
-gives each optimizer its own copy and never asks which class it holds: it reads what the remedy declares --
-``skips_steps`` (a bad step is not applied; only such a remedy may return a :class:`Request`), ``checks_loss``
-(False: only the gradient decides) and ``lr_scale`` -- and calls its hooks (``attach``, ``detach``,
-``on_exception``, ``needs_read``, ``on_device``, ``on_host``, ``finish``, ``state_dict``/``load_state_dict``).
+A remedy decides what happens to a bad step (see :class:`~lightning_clip.remedies.base.Remedy`): it reads the step
+and returns a :class:`Request` (skip, skip the next steps, scale the LR, restore or keep a snapshot, warn, stop),
+which the engine carries out (:mod:`lightning_clip.control`). The engine gives each optimizer its own copy and never
+asks which class it holds: it reads what the remedy declares -- ``skips_steps``, ``checks_loss``,
+``skips_on_device``, ``scales_lr``, ``keeps_snapshots`` -- and calls its five methods (``needs_read``, ``decide``,
+``finish``, ``state_dict``/``load_state_dict``). No remedy inherits another's behaviour.
 
 To add one: write ``remedies/<name>.py`` with a ``Remedy`` subclass that sets ``policy`` (and ``options``, the
 flat ``GradientClipping`` arguments it is built from), then add it to :data:`REMEDIES` below. Nothing else
 changes: ``GradientClipping(nan_policy="<name>")`` works, and so does ``nan_policy=<object>`` (YAML:
 ``class_path``), which needs no registry entry. ``tests/test_remedy_units.py`` has a worked example
-(``SkipWindow``: ``on_host`` returns ``Request(skip_steps=window)``).
+(``SkipWindow``: ``decide`` returns ``Request(skip=True, skip_steps=window)``).
 
 Example::
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lightning_clip.remedies.base import Remedy, Request, StepRead, StepRecord, diagnose, optional_int, raise_nonfinite
+from lightning_clip.remedies.base import NOTHING, Remedy, Request, StepRead, StepRecord, diagnose, optional_int, stop
 from lightning_clip.validation import check_count
 
 
@@ -29,7 +29,7 @@ class RaiseError(Remedy):
     def needs_read(self, step: StepRecord) -> bool:
         return True  # the decision to stop is a Python exception: it needs the flag on the host
 
-    def on_host(self, step: StepRecord, read: StepRead) -> Request | None:
+    def decide(self, step: StepRecord, read: StepRead) -> Request:
         if read.bad:
-            raise_nonfinite(diagnose(step, read, "raised NonFiniteGradientError", 1.0, stopping=True))
-        return None
+            return stop(diagnose(step, read, "raised NonFiniteGradientError", 1.0, stopping=True))
+        return NOTHING

@@ -8,30 +8,30 @@ skipping one step cannot undo a state that has already drifted. This remedy auto
 from __future__ import annotations
 
 import math
-from collections import deque
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
-from torch.optim import Optimizer
 
 from lightning_clip.diagnosis import describe, describe_spike
 from lightning_clip.remedies.base import (
+    NOTHING,
+    Remedy,
     Request,
     StepRead,
     StepRecord,
     diagnose,
-    no_statistics,
-    raise_nonfinite,
+    lr_factor_to,
+    optional_int,
+    stop,
+    stop_at,
     warn_due,
 )
-from lightning_clip.remedies.halve_lr import _SMALLEST_SCALE, HalveLR
-from lightning_clip.snapshot import Snapshot, Statistics
+from lightning_clip.remedies.halve_lr import recovery
 from lightning_clip.validation import check_count, check_in_range
 
-_KEPT = 2  # snapshots kept: the newest is restored; the one before it stays until the next is taken
 
-
-class Rollback(HalveLR):
+class Rollback(Remedy):
     """On a bad step (NaN/Inf loss or gradient, or a spike from ``skip_spikes``/``loss_spikes``): restore the newest
     healthy snapshot, skip the data window, and lower the LR.
 
@@ -85,7 +85,9 @@ class Rollback(HalveLR):
         "lr_recovery_steps",
         "max_consecutive_nonfinite",
     )
-    action: ClassVar[str] = "rolled back"
+    skips_steps: ClassVar[bool] = True
+    scales_lr: ClassVar[bool] = True
+    keeps_snapshots: ClassVar[int] = 2  # the newest is restored; the one before stays until the next is taken
 
     def __init__(
         self,
@@ -98,197 +100,103 @@ class Rollback(HalveLR):
         max_consecutive_nonfinite: int | None = 10,
         snapshot_on_device: bool = False,
     ) -> None:
-        super().__init__(0.5, min_lr_scale, lr_recovery_steps, max_consecutive_nonfinite)
         check_count("snapshot_every", snapshot_every, allow_none=False)
         check_count("rollback_after", rollback_after, allow_none=False)
         if isinstance(rollback_skip_steps, bool) or not isinstance(rollback_skip_steps, int) or rollback_skip_steps < 0:
             raise ValueError(f"`rollback_skip_steps` must be an integer >= 0, got {rollback_skip_steps!r}.")
         check_in_range("rollback_lr_factor", rollback_lr_factor, 0.0, 1.0, high_open=False)
+        check_in_range("min_lr_scale", min_lr_scale, 0.0, 1.0, high_open=False, allow_none=True)
+        check_count("lr_recovery_steps", lr_recovery_steps)
+        check_count("max_consecutive_nonfinite", max_consecutive_nonfinite)
         if not isinstance(snapshot_on_device, bool):
             raise ValueError(f"`snapshot_on_device` must be True or False, got {snapshot_on_device!r}.")
         self.snapshot_every = int(snapshot_every)
         self.rollback_after = int(rollback_after)
         self.rollback_skip_steps = int(rollback_skip_steps)
         self.rollback_lr_factor = float(rollback_lr_factor)
+        self.min_lr_scale = None if min_lr_scale is None else float(min_lr_scale)
+        self.lr_recovery_steps = optional_int(lr_recovery_steps)
+        self.max_consecutive_nonfinite = optional_int(max_consecutive_nonfinite)
         self.snapshot_on_device = snapshot_on_device
-        self.rollbacks = 0
-        self.windows: list[dict[str, Any]] = []
-        self._snapshots: deque[Snapshot] = deque()
-        self._optimizer: Optimizer | None = None
-        self._statistics: Statistics = no_statistics
-        # Checkpointed (state_dict), so that a resumed run decides as a straight one would:
+        # Checkpointed, so that a resumed run decides as a straight one would:
+        self.healthy_steps = 0  # in a row, since the last rollback (recovery)
         self._bad_run = 0  # bad steps in a row (towards rollback_after)
         self._unhealthy = 0  # bad steps since the last healthy one, rollbacks included (max_consecutive_nonfinite)
         self._clean = True  # every step since the newest snapshot was healthy
-        # Snapshots are labelled with the global step their state precedes (that of the step after the one they
-        # follow), as the windows are: in a plain loop the engine's step count.
-        self._snapshot_label: int | None = None  # set when a snapshot is due after this step's update
-        self._next_label = 0  # the global step after the running one
-        self._label_initial = False  # the initial snapshot was taken before its step's global step was known
-        self._initial_due = False
-        self._after: Any = None
-        self._before: Any = None
 
-    # --- binding
-    def attach(self, optimizer: Optimizer, statistics: Statistics = no_statistics) -> None:
-        super().attach(optimizer, statistics)
-        if self._after is not None:
-            self._after.remove()
-        self._optimizer, self._statistics = optimizer, statistics
-        self._after = optimizer.register_step_post_hook(self._after_step)
-        self._before = optimizer.register_step_pre_hook(self._before_step)
-        self._snapshots.clear()
-        # The state training starts (or resumes) from, a rollback target from step one: taken when the first step
-        # begins, since Lightning restores a resumed optimizer's state after the callbacks are attached.
-        self._initial_due = True
+    def needs_read(self, step: StepRecord) -> bool:
+        return True  # the decision is taken on the host
 
-    def detach(self) -> None:
-        super().detach()
-        for handle in (self._after, self._before):
-            if handle is not None:
-                handle.remove()
-        self._after = self._before = None
-        self._snapshots.clear()  # training is over: free the copies (a new fit takes a fresh initial snapshot)
-
-    @property
-    def snapshot_nbytes(self) -> int:
-        """Memory held by this optimizer's snapshots now (0 once training ended)."""
-        return sum(snap.nbytes() for snap in self._snapshots)
-
-    def _take(self, label: int) -> None:
-        assert self._optimizer is not None
-        # Recycle the oldest snapshot's buffers once two are kept.
-        snap = self._snapshots.popleft() if len(self._snapshots) >= _KEPT else Snapshot(self.snapshot_on_device)
-        snap.take(self._optimizer, label, self._statistics)
-        self._snapshots.append(snap)
-        self._clean = True
-
-    def _before_step(self, *_: Any) -> None:
-        if self._initial_due:  # labelled in on_host, once the step's global step is known
-            self._initial_due, self._label_initial = False, True
-            self._take(-1)
-
-    def _after_step(self, *_: Any) -> None:
-        if self._snapshot_label is not None:  # this step's update is in: k * snapshot_every steps are done
-            label, self._snapshot_label = self._snapshot_label, None
-            self._take(label)
-
-    def _follow_parameters(self, step: StepRecord) -> None:
-        """Before this step's update: a snapshot of the state training starts from (a plain loop's first step), or a
-        fresh one when the optimizer's parameters changed since the newest (a param group added by an unfreeze):
-        a rollback must restore every parameter the optimizer steps now."""
-        if step.reevaluation:
-            return
-        if self._label_initial:
-            self._label_initial = False
-            self._snapshots[-1].step = step.global_step
-        if self._initial_due:  # a plain loop: step() has not begun, no update is in yet
-            self._initial_due = False
-            self._take(step.global_step)
-        elif self._snapshots and not self._snapshots[-1].holds(step.optimizer):
-            self._take(step.global_step)
-
-    # --- the step
-    def on_host(self, step: StepRecord, read: StepRead) -> Request | None:
-        if self._hook is not None:  # this step's update uses the scale in force before it
-            self._hook.scale = self.lr_scale
-            self._hook.arm()
-        self._follow_parameters(step)
-        request = None
+    def decide(self, step: StepRecord, read: StepRead) -> Request:
         if step.requested:  # a step of the data window: skipped, neither healthy nor bad (a NaN in it too)
-            self._skip(step)
-            self.windows[-1]["skipped"][1] = step.global_step  # the steps actually skipped
+            request = Request(skip=True)
         elif read.bad or read.skip:  # NaN/Inf, or a spike
             request = self._bad_step(step, read)
         elif not read.overflow:  # a GradScaler-skipped step is neither healthy nor bad
             self._bad_run = self._unhealthy = 0
-            self._healthy()
-        if not step.reevaluation:  # a closure optimizer's further evaluations belong to the same step
-            self._next_label = step.global_step + 1
+            self.healthy_steps, factor = recovery(
+                self.healthy_steps, self.lr_recovery_steps, read.lr_scale, self.rollback_lr_factor
+            )
+            request = Request(lr_factor=factor) if factor != 1.0 else NOTHING
+        else:
+            request = NOTHING
         if read.counts["steps"] % self.snapshot_every == 0:  # a snapshot point: the state after this step, if well
-            self._snapshot_label = self._next_label if self._clean and not read.skip else None
+            healthy_period = self._clean and not read.skip
             self._clean = True  # the next period starts
+            if healthy_period:
+                return replace(request, snapshot=True)
         return request
 
-    def _bad_step(self, step: StepRecord, read: StepRead) -> Request | None:
-        self.reported_nonfinite = read.counts["nonfinite_steps"]
+    def _bad_step(self, step: StepRecord, read: StepRead) -> Request:
         self._clean = False
         self._bad_run += 1
         self._unhealthy += 1
         limit = self.max_consecutive_nonfinite
-        if limit is not None and self._unhealthy >= limit:
-            self.on_exception()
+        if stop_at(limit, self._unhealthy):
             info = diagnose(
-                step, read, "raised NonFiniteGradientError", self.lr_scale, stopping=True, consecutive=self._unhealthy
+                step, read, "raised NonFiniteGradientError", read.lr_scale, stopping=True, consecutive=self._unhealthy
             )
-            raise_nonfinite(
+            rollbacks = read.counts.get("rollbacks", 0)
+            return stop(
                 info,
-                f"{self._unhealthy} bad steps without a healthy one in between, {self.rollbacks} rollback(s) "
+                f"{self._unhealthy} bad steps without a healthy one in between, {rollbacks} rollback(s) "
                 f"(max_consecutive_nonfinite={limit}).\n",
             )
-        if self._bad_run < self.rollback_after or not self._snapshots:
-            self._skip(step)
+        if self._bad_run < self.rollback_after or not read.snapshots:
+            warn = None
             if read.bad and warn_due(read.counts["nonfinite_steps"]):
-                info = diagnose(step, read, "step skipped", self.lr_scale, stopping=False, consecutive=self._bad_run)
-                step.warn(describe(info))
-            return None
+                info = diagnose(step, read, "step skipped", read.lr_scale, stopping=False, consecutive=self._bad_run)
+                warn = describe(info)
+            return Request(skip=True, warn=warn)
         return self._roll_back(step, read)
 
-    def _roll_back(self, step: StepRecord, read: StepRead) -> Request | None:
-        assert self._optimizer is not None
-        snap = self._snapshots[-1]
-        snap.restore(self._optimizer, self._statistics)
-        self._skip(step)  # after the restore: the bad step's own update is a no-op
+    def _roll_back(self, step: StepRecord, read: StepRead) -> Request:
         self._bad_run = 0
-        self.lr_scale = max(self.lr_scale * self.rollback_lr_factor, self.min_lr_scale or _SMALLEST_SCALE)
         self.healthy_steps = 0
-        self.rollbacks += 1
         self._clean = True  # the state is the snapshot's again
-        window: dict[str, Any] = {
-            "global_step": step.global_step,
-            "epoch": step.epoch,
-            "batch_idx": step.batch_idx,
-            "snapshot_step": snap.step,
-            "skipped": [step.global_step, step.global_step],  # extended as the window's steps are skipped
-        }
-        self.windows.append(window)
+        factor = lr_factor_to(read.lr_scale, read.lr_scale * self.rollback_lr_factor, self.min_lr_scale)
         cause = "NaN/Inf" if read.bad else "; ".join(describe_spike(*spike) for spike in step.spikes())
-        step.warn(
+        warn = (
             f"Rolled back at global step {step.global_step} (epoch {step.epoch}, batch {step.batch_idx}, optimizer "
-            f"{step.optimizer_idx}, {cause}): restored the snapshot taken before global step {snap.step}; skipping "
-            f"this step and this optimizer's next {self.rollback_skip_steps}; LR scale now {self.lr_scale:.4g}; "
-            f"{self.rollbacks} rollback(s) so far. Largest gradients of the step: {_top_layers(step)}."
+            f"{step.optimizer_idx}, {cause}): restored the snapshot taken before global step {read.snapshots[0]}; "
+            f"skipping this step and this optimizer's next {self.rollback_skip_steps}; LR scale now "
+            f"{read.lr_scale * factor:.4g}; {read.counts.get('rollbacks', 0) + 1} rollback(s) so far. Largest "
+            f"gradients of the step: {_top_layers(step)}."
         )
-        return Request(skip_steps=self.rollback_skip_steps, restored=True)
-
-    def _recovery_factor(self) -> float:
-        return self.rollback_lr_factor  # a recovery undoes one rollback's reduction
-
-    # --- reporting and state
-    def counts(self) -> dict[str, int]:
-        return {"rollbacks": self.rollbacks}
-
-    def skipped_windows(self) -> list[dict[str, Any]]:
-        return [{**w, "skipped": list(w["skipped"])} for w in self.windows]
+        return Request(restore=0, skip=True, skip_steps=self.rollback_skip_steps, lr_factor=factor, warn=warn)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            **super().state_dict(),
-            "rollbacks": self.rollbacks,
-            "windows": self.skipped_windows(),
+            "healthy_steps": self.healthy_steps,
             "bad_run": self._bad_run,
             "unhealthy": self._unhealthy,
             "clean": self._clean,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.rollbacks = int(state.get("rollbacks", 0))
-        self.windows = [{**w, "skipped": list(w["skipped"])} for w in state.get("windows", [])]
-        # Checkpoints of 0.2.0.dev0 kept no count of their own: their bad-step streak is the best estimate.
-        streak = int(state.get("nonfinite_streak", 0))
-        self._bad_run = int(state.get("bad_run", streak))
-        self._unhealthy = int(state.get("unhealthy", streak))
+        self.healthy_steps = int(state.get("healthy_steps", 0))
+        self._bad_run = int(state.get("bad_run", 0))
+        self._unhealthy = int(state.get("unhealthy", 0))
         self._clean = bool(state.get("clean", True))
 
 
