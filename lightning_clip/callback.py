@@ -430,10 +430,9 @@ class GradientClipping(CallbackBase):
     def windows_path(self, trainer: Any) -> Path:
         """Where the skipped data windows of this run are written (JSON): a restart from an older checkpoint can
         skip the same batches. Call it on every rank: ``trainer.log_dir`` broadcasts under DDP."""
-        suffix = f"_{self.name}" if self.name else ""
         directory = Path(trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        return directory / f"lightning_clip_skipped_windows{suffix}.json"
+        return directory / M.windows_file(self.name)  # the name `lightning-clip report` looks for
 
     def _follow_optimizers(self, trainer: Any, pl_module: Any) -> None:
         # Optimizers re-created during fit (strategy.setup_optimizers at an epoch start) take over their slots

@@ -28,6 +28,9 @@ Example (``train.py``)::
     # max_nrom: 1.0
     #   error: trainer.callbacks[0].init_args.max_nrom: unknown argument "max_nrom" of GradientClipping; did you
     #   mean "max_norm"?
+    # nan_policy: {class_path: lightning_clip.remedies.Rollback, init_args: {snapshot_every: 0}}
+    #   error: trainer.callbacks[0].init_args.nan_policy.init_args.snapshot_every: "snapshot_every" must be a
+    #   positive integer, got 0.
 """
 
 from __future__ import annotations
@@ -142,6 +145,31 @@ def _innermost(err: BaseException) -> BaseException:
     return err if err.__cause__ is None else _innermost(err.__cause__)
 
 
+def _build_problem(entry: Namespace, cls: type) -> tuple[str, BaseException] | None:
+    """``(key path below init_args, error)`` of building ``entry`` (a ``class_path`` of ``cls``); None if it builds.
+
+    jsonargparse builds it as it will for LightningCLI, class-typed arguments (``rule``, ``nan_policy``) first.
+    One of those that fails its own ``__init__`` is built again alone, so that its own error is the one reported:
+    inside a union (``nan_policy: str | Remedy``) jsonargparse chains only the first subtype's refusal ("Expected
+    a <class 'str'>"), not the class's.
+    """
+    builder = ArgumentParser()
+    builder.add_argument("--entry", type=cls)
+    try:
+        builder.instantiate_classes(Namespace(entry=entry.clone()))
+    except (ValueError, TypeError) as err:
+        if any(isinstance(frame.f_locals.get("self"), cls) for frame, _ in walk_tb(err.__traceback__)):
+            return named_key(str(err)), err
+        for key, value in vars(entry.get("init_args") or Namespace()).items():
+            inner = _class(getattr(value, "class_path", None)) if isinstance(value, Namespace) else None
+            problem = None if inner is None else _build_problem(value, inner)
+            if problem is not None:
+                return f".{key}.init_args{problem[0]}", problem[1]
+        cause = _innermost(err)  # not found alone: the deepest error jsonargparse chained
+        return named_key(str(cause)), cause
+    return None
+
+
 class _Refused(Exception):
     """jsonargparse refused a GradientClipping entry: the one-line report (not a TypeError: nothing catches it)."""
 
@@ -235,20 +263,9 @@ class GradientClippingCLIMixin(_MixinBase):
         callbacks = (self.config[subcommand] if subcommand else self.config).get(_CALLBACKS) or []
         for i, entry in enumerate(callbacks if isinstance(callbacks, list) else [callbacks]):
             cls = _class(getattr(entry, "class_path", None), GradientClipping)
-            if cls is None:
-                continue
-            builder = ArgumentParser()
-            builder.add_argument("--entry", type=cls)
-            try:  # jsonargparse builds it as it will for LightningCLI, class-typed arguments first
-                builder.instantiate_classes(Namespace(entry=entry.clone()))
-            except (ValueError, TypeError) as err:
-                at, frames = f"{_CALLBACKS}[{i}].init_args", walk_tb(err.__traceback__)
-                own = any(isinstance(frame.f_locals.get("self"), GradientClipping) for frame, _ in frames)
-                if not own:  # refused by a class-typed argument (``rule: {class_path: ...}``) before __init__ ran
-                    init_args = vars(entry.get("init_args") or Namespace()).items()
-                    at += next((f".{k}.init_args" for k, v in init_args if isinstance(v, Namespace)), "")
-                cause = err if own else _innermost(err)  # jsonargparse wraps the class-typed argument's error
-                return f"{at}{named_key(str(cause))}: {cause}"
+            problem = None if cls is None else _build_problem(entry, cls)
+            if problem is not None:
+                return f"{_CALLBACKS}[{i}].init_args{problem[0]}: {problem[1]}"
         return None
 
 

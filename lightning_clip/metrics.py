@@ -9,6 +9,9 @@ callback given a ``name``, the further suffix ``/<name>`` (two instances in one 
   for the logged step: its mean over a run is the clipped fraction) and the active ``threshold`` (``max_norm``
   too, for the fixed norm rule).
 
+Beside the event files (in ``trainer.log_dir``), under ``nan_policy="rollback"``: the JSON list of the data windows
+the rollbacks skipped, :func:`windows_file`.
+
 Example::
 
     >>> tag(TOTAL, 0), tag(TOTAL, 2), tag(TOTAL, 1, "monitor")
@@ -17,6 +20,8 @@ Example::
     (3, 0, None)
     >>> parse_total_tag("grad_norm/total/monitor"), parse_total_tag("grad_norm/total_opt1")
     ((0, 'monitor'), (1, None))
+    >>> windows_file(), windows_file("monitor")
+    ('lightning_clip_skipped_windows.json', 'lightning_clip_skipped_windows_monitor.json')
 """
 
 from __future__ import annotations
@@ -79,6 +84,13 @@ def tag(name: str, optimizer_idx: int, instance: str | None = None) -> str:
 def norm_tag(group: str, name: str, optimizer_idx: int, instance: str | None = None) -> str:
     """The tag of one layer's or parameter's norm (``group``: :data:`LAYER_GROUP` or :data:`PARAM_GROUP`)."""
     return f"{group}/{name}{suffix(optimizer_idx, instance)}"
+
+
+def windows_file(instance: str | None = None) -> str:
+    """The name of the JSON file of skipped data windows (one object per rollback: ``optimizer``, ``global_step``,
+    ``epoch``, ``batch_idx``, ``snapshot_step``, ``skipped``) that the callback named ``instance`` writes beside
+    its event files."""
+    return f"lightning_clip_skipped_windows{f'_{instance}' if instance else ''}.json"
 
 
 def check_instance_name(name: object) -> None:

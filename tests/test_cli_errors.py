@@ -17,6 +17,7 @@ import pytorch_lightning
 from cli_script import Run, finish, launch, lightning_classes
 
 from lightning_clip import GradientClippingCLI
+from lightning_clip.remedies import HalveLR, Rollback
 
 # The callback entry whose init_args each case breaks; "{before}" lets a case put another callback first.
 CONFIG = """\
@@ -34,7 +35,19 @@ model:
   nan_at_step: 2
 """
 GOOD = "{mode: norm, max_norm: 1.0, nan_policy: halve_lr}"
+ROLLBACK, HALVE_LR = "lightning_clip.remedies.Rollback", "lightning_clip.remedies.HalveLR"
+# A remedy object in YAML: roll back to the snapshot after step 2 at the NaN step, skip one more step.
+GOOD_REMEDY = f"{{nan_policy: {{class_path: {ROLLBACK}, init_args: {{snapshot_every: 1, rollback_skip_steps: 1}}}}}}"
 MODES = ("'norm'", "'value'", "'none'")
+
+
+def own_check(cls: type, **init_args: object) -> str:
+    """What ``cls``'s own constructor check says of ``init_args``, worded as the CLI words it (`name` -> "name")."""
+    with pytest.raises(ValueError) as refused:
+        cls(**init_args)
+    return str(refused.value).replace("`", '"')
+
+
 POLICIES = ("'skip'", "'halve_lr'", "'raise'", "'ignore'")
 
 # name: (init_args, the argument the error line must name, texts the line must contain)
@@ -54,10 +67,38 @@ BAD = {
         "rule.init_args.max_norm",
         ['"max_norm" must be a finite positive number', "-3.0"],
     ),
+    # A remedy object (nan_policy: str | Remedy): its own check's words, not the str subtype's "Expected a <class
+    # 'str'>". Values as jsonargparse passes them (a float argument gets 0.0).
+    "remedy_out_of_range": (
+        f"{{nan_policy: {{class_path: {ROLLBACK}, init_args: {{snapshot_every: 0}}}}}}",
+        "nan_policy.init_args.snapshot_every",
+        [own_check(Rollback, snapshot_every=0)],
+    ),
+    "remedy_lr_factor_zero": (
+        f"{{nan_policy: {{class_path: {ROLLBACK}, init_args: {{rollback_lr_factor: 0}}}}}}",
+        "nan_policy.init_args.rollback_lr_factor",
+        [own_check(Rollback, rollback_lr_factor=0.0)],
+    ),
+    "halve_lr_factor_above_one": (
+        f"{{nan_policy: {{class_path: {HALVE_LR}, init_args: {{lr_factor: 2}}}}}}",
+        "nan_policy.init_args.lr_factor",
+        [own_check(HalveLR, lr_factor=2.0)],
+    ),
+    # Two class-typed arguments: the one at fault is named, not the first one.
+    "remedy_beside_valid_rule": (
+        f"{{rule: {{class_path: lightning_clip.rules.NormClip}}, "
+        f"nan_policy: {{class_path: {HALVE_LR}, init_args: {{lr_factor: 2}}}}}}",
+        "nan_policy.init_args.lr_factor",
+        [own_check(HalveLR, lr_factor=2.0)],
+    ),
 }
 # Every case for pytorch_lightning; two for lightning.pytorch, where the GradientClipping entry comes
 # second (after a LambdaCallback), so the index in the key path is checked too.
-CASES = [("pytorch_lightning", name) for name in BAD] + [("lightning", "mode"), ("lightning", "misspelled_key")]
+CASES = [("pytorch_lightning", name) for name in BAD] + [
+    ("lightning", "mode"),
+    ("lightning", "misspelled_key"),
+    ("lightning", "remedy_out_of_range"),
+]
 NAMESPACES = ("pytorch_lightning", "lightning")
 
 
@@ -71,6 +112,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, s
     """Start every case, the valid config per namespace and one unrelated mistake at once; wait for all."""
     configs = {(ns, name): _config(ns, BAD[name][0]) for ns, name in CASES}
     configs.update({(ns, "valid"): _config(ns, GOOD) for ns in NAMESPACES})
+    configs.update({(ns, "valid_remedy"): _config(ns, GOOD_REMEDY) for ns in NAMESPACES})
     # A mistake outside the callback: jsonargparse's own report must come through unchanged.
     configs["pytorch_lightning", "unrelated"] = _config("pytorch_lightning", GOOD).replace(
         "nan_at_step: 2", "nan_at_step: 2\n  lr: abc"
@@ -99,6 +141,7 @@ def test_bad_setting_prints_one_error_line_naming_the_key(
     assert lines[0].startswith(f"error: trainer.callbacks[{index}].init_args.{arg}: "), lines[0]
     for text in texts:
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
+    assert "Namespace(" not in lines[0] and "Expected a <class" not in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
@@ -109,6 +152,17 @@ def test_valid_config_trains(runs: dict[tuple[str, str], Run], namespace: str) -
     # The YAML-configured callback ran every step and halved the LR on the NaN loss at step 2.
     (clip,) = run.clipping()
     assert clip["steps"] == 4 and clip["lr_scales"] == [0.5] and clip["counters"]["nonfinite_steps"] == 1
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_valid_remedy_object_trains(runs: dict[tuple[str, str], Run], namespace: str) -> None:
+    run = runs[namespace, "valid_remedy"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "error:" not in run.stderr
+    # The YAML-built Rollback ran: one rollback at the NaN step 2, step 3 skipped as its window, LR halved.
+    (clip,) = run.clipping()
+    assert clip["steps"] == 4 and clip["lr_scales"] == [0.5], clip
+    assert clip["counters"]["rollbacks"] == 1 and clip["counters"]["requested_skips"] == 1, clip
 
 
 def test_other_mistakes_keep_jsonargparse_report(runs: dict[tuple[str, str], Run]) -> None:
@@ -145,6 +199,14 @@ ADD_GC, ADD_LAMBDA = f"--trainer.callbacks+={GC}", f"--trainer.callbacks+={LAMBD
         (
             [ADD_LAMBDA, f"--trainer.callbacks+=[{{class_path: {GC}, init_args: {{lr_factor: 2}}}}]"],
             'trainer.callbacks[1].init_args.lr_factor: "lr_factor" must be in (0, 1), got 2.0.',
+        ),
+        (
+            [
+                f"--trainer.callbacks+=[{{class_path: {GC}, init_args: "
+                f"{{nan_policy: {{class_path: {ROLLBACK}, init_args: {{snapshot_every: 0}}}}}}}}]"
+            ],
+            "trainer.callbacks[0].init_args.nan_policy.init_args.snapshot_every: "
+            + own_check(Rollback, snapshot_every=0),
         ),
     ],
 )

@@ -130,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Read the TensorBoard event files under LOGDIR (every directory with event files is a run)\n"
             "and print, per run: optimizer steps, logged points, median/p99/max of grad_norm/total,\n"
-            "non-finite steps, fraction of steps clipped, skipped steps and the final LR scale."
+            "non-finite steps, fraction of steps clipped, skipped steps (not applied: non-finite, spikes\n"
+            "and the steps of a data window a remedy asked to skip), rollbacks with the steps they undid\n"
+            "(nan_policy='rollback', from the skipped-windows JSON beside the logs) and the last logged\n"
+            "LR scale."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -7,9 +7,14 @@ logs on logging steps:
 * ``grad_norm/total`` -- the total gradient norm before clipping: its median, 99th percentile and
   maximum over the logged steps (finite values; non-finite ones are counted apart);
 * ``grad_clip/steps``, ``grad_clip/clipped_steps``, ``grad_clip/nonfinite_steps``,
-  ``grad_clip/skipped_steps`` -- cumulative counters: the last logged value is the run's total, and
-  the clipped fraction is ``clipped_steps / steps``;
+  ``grad_clip/skipped_steps``, ``grad_clip/spike_skips``, ``grad_clip/requested_skips``, ``grad_clip/rollbacks``
+  -- cumulative counters: the last logged value is the run's total, and the clipped fraction is
+  ``clipped_steps / steps``. Skipped steps are the steps not applied: the non-finite ones (under a policy that
+  skips them), the spikes, and the *requested* ones (the steps of a data window a remedy asked to skip);
 * ``grad_clip/lr_scale`` (last value) and ``grad_clip/max_norm`` (the clip threshold, plotted);
+* under ``nan_policy="rollback"``, the skipped data windows the callback writes beside the event files
+  (:func:`lightning_clip.metrics.windows_file`): one per rollback, with the snapshot it restored, so the report
+  counts rollbacks after the last logging step too, and the steps they undid (from each snapshot to its bad step);
 * gradient health: ``grad_health/vanishing_layers`` (last value: the layers the callback flags as vanishing now)
   and, per layer, ``grad_norm_layer/<layer>``, ``grad_health/grad_ratio/<layer>`` (``||grad W|| / ||W||``) and
   ``grad_health/update_ratio/<layer>`` (``||dW|| / ||W||`` of the last applied update): the depth profile.
@@ -34,9 +39,10 @@ The same from a shell: ``lightning-clip report lightning_logs --plot grad_norms.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -83,9 +89,19 @@ class RunReport:
     ``run`` labels the directory: its path under the reported log directory, or its own name (``version_0``)
     when the log directory is the run itself.
 
-    ``steps``, ``clipped_steps``, ``nonfinite_steps``, ``skipped_steps`` and ``lr_scale`` are the last
-    logged values of the callback's counters (None when the tag is missing). ``median``, ``p99`` and
-    ``max`` are over the logged finite values of ``grad_norm/total`` (NaN when there are none).
+    ``steps``, ``clipped_steps``, ``nonfinite_steps``, ``skipped_steps``, ``spike_skips``, ``requested_skips``
+    and ``lr_scale`` are the last logged values of the callback's counters (None when the tag is missing).
+    ``skipped_steps`` counts the steps not applied: ``nonfinite_steps`` (under a policy that skips them),
+    ``spike_skips`` and ``requested_skips`` (the steps of a data window a remedy asked to skip). ``median``,
+    ``p99`` and ``max`` are over the logged finite values of ``grad_norm/total`` (NaN when there are none).
+
+    ``rollbacks`` (None: the run did not use ``nan_policy="rollback"``) counts the rollbacks: the skipped windows
+    written beside the event files (``windows``, one per rollback), or the logged ``grad_clip/rollbacks`` when
+    there is no such file. ``logged_rollbacks`` is the logged counter alone: fewer means rollbacks after the last
+    logging step, which the logged ``lr_scale`` and ``skipped_steps`` do not include yet. ``undone_steps`` sums
+    the applied steps the rollbacks threw away, ``global_step - snapshot_step`` per window (the snapshot counts
+    this optimizer's steps): None where that is not known (no windows file, or several optimizers, whose global
+    step advances faster than each one's count).
 
     ``vanishing`` is the last logged ``grad_health/vanishing_layers`` (None when not logged) and
     ``vanishing_layers`` names that many layers, with their ratio, in depth order: those with the smallest
@@ -117,6 +133,12 @@ class RunReport:
     vanishing_layers: list[tuple[str, float]] = field(default_factory=list)
     layers: list[LayerHealth] = field(default_factory=list, repr=False)
     depth_step: int | None = None
+    spike_skips: int | None = None
+    requested_skips: int | None = None
+    rollbacks: int | None = None
+    logged_rollbacks: int | None = None
+    windows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    undone_steps: int | None = None
 
     @property
     def name(self) -> str:
@@ -294,6 +316,57 @@ def _run_label(run_dir: Path, root: Path) -> str:
     return resolved.name or resolved.as_posix()
 
 
+def _read_windows(run_dir: Path, instance: str | None) -> list[dict[str, Any]] | None:
+    """The skipped data windows the callback named ``instance`` wrote beside the event files; None if there are
+    none (no rollback yet, another policy) or the file is not such a list."""
+    try:
+        windows = json.loads((run_dir / M.windows_file(instance)).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(windows, list) or not all(isinstance(w, dict) for w in windows):
+        return None
+    return windows
+
+
+def _rollbacks(
+    logged: int | None, windows: list[dict[str, Any]] | None, single_optimizer: bool
+) -> tuple[int | None, int | None]:
+    """``(rollbacks, undone_steps)`` of one optimizer from its logged counter and its windows (see
+    :class:`RunReport`)."""
+    if windows is None:  # no file: the counter alone, and nothing undone where it logged no rollback
+        return logged, (0 if logged == 0 else None)
+    rollbacks = max(len(windows), logged or 0)  # the file is written after each rollback; the counter can trail
+    if not single_optimizer or rollbacks > len(windows):
+        return rollbacks, None
+    try:
+        return rollbacks, sum(int(w["global_step"]) - int(w["snapshot_step"]) for w in windows)
+    except (KeyError, TypeError, ValueError):
+        return rollbacks, None
+
+
+def _skips_and_rollbacks(
+    run_dir: Path,
+    opt: int,
+    instance: str | None,
+    optimizers: int,
+    get: Callable[[str], list[tuple[int, float]]],
+) -> dict[str, Any]:
+    """The :class:`RunReport` fields of optimizer ``opt`` (of ``optimizers`` of the callback named ``instance``)
+    about the parts of ``skipped_steps`` and the rollbacks; ``get`` reads one of its tags."""
+    in_file = _read_windows(run_dir, instance)
+    windows = None if in_file is None else [w for w in in_file if w.get("optimizer", 0) == opt]
+    logged = _as_int(_last(get(M.ROLLBACKS)))
+    rollbacks, undone = _rollbacks(logged, windows, optimizers == 1)
+    return {
+        "spike_skips": _as_int(_last(get(M.SPIKE_SKIPS))),
+        "requested_skips": _as_int(_last(get(M.REQUESTED_SKIPS))),
+        "rollbacks": rollbacks,
+        "logged_rollbacks": logged,
+        "windows": windows or [],
+        "undone_steps": undone,
+    }
+
+
 def load_runs(logdir: PathLike) -> list[RunReport]:
     """Read the callback's scalars from every run under ``logdir``.
 
@@ -321,6 +394,7 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
             suffix = M.suffix(opt, instance)
 
             get = functools.partial(_optional_scalars, acc, tags, suffix)
+            optimizers = sum(1 for _, other in found.values() if other == instance)
             layer_series, layers, depth_step = _depth_profile(acc, per_layer[suffix])
             vanishing, vanishing_layers = _vanishing_layers(get(M.VANISHING_LAYERS), layer_series)
             total = _scalars(acc, tag)
@@ -353,6 +427,7 @@ def load_runs(logdir: PathLike) -> list[RunReport]:
                     vanishing_layers=vanishing_layers,
                     layers=layers,
                     depth_step=depth_step,
+                    **_skips_and_rollbacks(run_dir, opt, instance, optimizers, get),
                 )
             )
     if not reports:
@@ -393,36 +468,23 @@ def format_table(reports: Sequence[RunReport], logdir: PathLike | None = None) -
         >>> r.vanishing, r.vanishing_layers = 2, [("net.0", 3e-15), ("net.1.lin", 2e-13)]
         >>> print(format_table([r]).splitlines()[-1])
           a: net.0 (3e-15), net.1.lin (2e-13)
+
+    Columns that only some runs fill appear when one does: ``spikes`` and ``requested`` (the parts of
+    ``skipped`` besides the non-finite steps), ``rollbacks`` and ``undone`` (``nan_policy="rollback"``); each
+    rollback is listed under the table::
+
+        >>> r.vanishing, r.skipped_steps, r.requested_skips, r.rollbacks, r.logged_rollbacks = 0, 4, 3, 1, 1
+        >>> r.undone_steps, r.windows = 1, [{"global_step": 5, "snapshot_step": 4, "skipped": [5, 8]}]
+        >>> table = format_table([r]).splitlines()
+        >>> table[0].split()[8:], table[2].split()[8:]
+        (['skipped', 'requested', 'rollbacks', 'undone', 'LR', 'scale', 'vanishing'], ['4', '3', '1', '1', '0.5', '0'])
+        >>> print(*table[-2:], sep="\\n")
+        rollbacks (at global step: the snapshot restored, the global steps skipped):
+          a: step 5: snapshot after 4 steps, skipped 5..8
     """
-    header = [
-        "run",
-        "steps",
-        "logged",
-        "median",
-        "p99",
-        "max",
-        "non-finite",
-        "clipped",
-        "skipped",
-        "LR scale",
-        "vanishing",
-    ]
-    rows = [
-        [
-            r.name,
-            _fmt(r.steps, "d"),
-            str(r.logged),
-            _fmt(r.median),
-            _fmt(r.p99),
-            _fmt(r.max),
-            _fmt(r.nonfinite_steps, "d"),
-            _fmt_fraction(r),
-            _fmt(r.skipped_steps, "d"),
-            _fmt(r.lr_scale),
-            _fmt(r.vanishing, "d"),
-        ]
-        for r in reports
-    ]
+    columns = _columns(reports)
+    header = [title for title, _ in columns]
+    rows = [[cell(r) for _, cell in columns] for r in reports]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -438,26 +500,78 @@ def format_table(reports: Sequence[RunReport], logdir: PathLike | None = None) -
     if named:
         out += ["", "vanishing layers (smallest ||grad W|| / ||W|| at the last logging step, shallowest first):"]
         out += [_vanishing_line(r) for r in named]
+    rolled = [r for r in reports if r.rollbacks]
+    if rolled:
+        out += ["", "rollbacks (at global step: the snapshot restored, the global steps skipped):"]
+        out += [_rollback_line(r) for r in rolled]
     if logdir is not None:
-        out += [
-            "",
-            "median/p99/max: grad_norm/total (before clipping) over the logged steps, non-finite values left out.",
-            "non-finite, skipped: optimizer steps with NaN/Inf (whole run); clipped: clipped_steps / steps.",
-        ]
-        if any(r.vanishing is not None for r in reports):
-            out.append(
-                "vanishing: last grad_health/vanishing_layers, layers whose ||grad W|| / ||W|| stays below "
-                "vanishing_ratio (-: not logged)."
-            )
-        if any(r.clipped_sampled and r.clipped_fraction is not None for r in reports):
-            out.append(
-                "*: no clipped_steps counter (mode 'value' or 'none'): share of logged steps where "
-                "clipping changed the norm."
-            )
+        out += ["", *_legend(reports, header)]
     return "\n".join(out)
 
 
-_MAX_NAMED = 8  # vanishing layers named per row under the table; the rest are counted
+def _columns(reports: Sequence[RunReport]) -> list[tuple[str, Callable[[RunReport], str]]]:
+    """The table's columns (title, cell of a run); those only some runs fill appear when one does."""
+    columns: list[tuple[str, Callable[[RunReport], str]]] = [
+        ("run", lambda r: r.name),
+        ("steps", lambda r: _fmt(r.steps, "d")),
+        ("logged", lambda r: str(r.logged)),
+        ("median", lambda r: _fmt(r.median)),
+        ("p99", lambda r: _fmt(r.p99)),
+        ("max", lambda r: _fmt(r.max)),
+        ("non-finite", lambda r: _fmt(r.nonfinite_steps, "d")),
+        ("clipped", _fmt_fraction),
+        ("skipped", lambda r: _fmt(r.skipped_steps, "d")),
+    ]
+    rollback = any(r.rollbacks is not None for r in reports)
+    if any(r.spike_skips for r in reports):
+        columns.append(("spikes", lambda r: _fmt(r.spike_skips, "d")))
+    if rollback or any(r.requested_skips for r in reports):
+        columns.append(("requested", lambda r: _fmt(r.requested_skips, "d")))
+    if rollback:
+        columns.append(("rollbacks", lambda r: _fmt(r.rollbacks, "d")))
+        columns.append(("undone", lambda r: _fmt(r.undone_steps, "d")))
+    columns.append(("LR scale", lambda r: _fmt(r.lr_scale)))
+    columns.append(("vanishing", lambda r: _fmt(r.vanishing, "d")))
+    return columns
+
+
+def _legend(reports: Sequence[RunReport], header: Sequence[str]) -> list[str]:
+    """What the columns shown mean."""
+    parts = ["non-finite (under a nan_policy that skips them)"]
+    parts += [name for name in ("spikes", "requested") if name in header]
+    out = [
+        "median/p99/max: grad_norm/total (before clipping) over the logged steps, non-finite values left out.",
+        "non-finite: optimizer steps with NaN/Inf (gradient, loss or checked inputs; whole run); "
+        "clipped: clipped_steps / steps.",
+        f"skipped: optimizer steps not applied (whole run) = {' + '.join(parts)}.",
+    ]
+    if "spikes" in header:
+        out.append("spikes: steps skipped as gradient-norm or loss spikes (skip_spikes, loss_spikes).")
+    if "requested" in header:
+        out.append(
+            "requested: steps of a data window a remedy asked to skip (after a rollback: the steps after the bad one)."
+        )
+    if "rollbacks" in header:
+        out += [
+            "rollbacks: in-memory snapshots restored (nan_policy='rollback'); undone: the applied steps they threw",
+            "  away, from each snapshot to its bad step (-: not known, e.g. several optimizers). Steps lost: undone",
+            "  plus the skipped windows.",
+        ]
+    out.append("LR scale: the last logged grad_clip/lr_scale (1 unless halve_lr or rollback lowered it).")
+    if any(r.vanishing is not None for r in reports):
+        out.append(
+            "vanishing: last grad_health/vanishing_layers, layers whose ||grad W|| / ||W|| stays below "
+            "vanishing_ratio (-: not logged)."
+        )
+    if any(r.clipped_sampled and r.clipped_fraction is not None for r in reports):
+        out.append(
+            "*: no clipped_steps counter (mode 'value' or 'none'): share of logged steps where "
+            "clipping changed the norm."
+        )
+    return out
+
+
+_MAX_NAMED = 8  # vanishing layers (or rollbacks) named per row under the table; the rest are counted
 _WRAP = 110  # characters per line of that list
 
 
@@ -469,9 +583,39 @@ def _vanishing_line(r: RunReport) -> str:
     more = len(r.vanishing_layers) - len(shown)
     if more:
         shown.append(f"... and {more} more (deeper)")
-    lines = [f"  {r.name}:"]
-    for i, entry in enumerate(shown):  # wrapped between entries, never inside one
-        entry += "," if i < len(shown) - 1 else ""
+    return _wrapped(r.name, shown)
+
+
+def _rollback_line(r: RunReport) -> str:
+    """``  <run>: step 5: after 4 steps, skipped 5..8; ...``, wrapped; the rollbacks the counters do not include
+    yet are said so."""
+    shown = [_window_entry(w) for w in r.windows[:_MAX_NAMED]]
+    more = len(r.windows) - len(shown)
+    if more:
+        shown.append(f"... and {more} more (later)")
+    if not r.windows:
+        shown.append(f"{r.rollbacks} (no {M.windows_file(r.instance)} beside the event files)")
+    unlogged = (r.rollbacks or 0) - (r.logged_rollbacks or 0)
+    if unlogged > 0:
+        shown.append(
+            f"({unlogged} after the last logging step: not in the logged LR scale, skipped and requested counts)"
+        )
+    return _wrapped(r.name, shown, sep=";")
+
+
+def _window_entry(window: dict[str, Any]) -> str:
+    """``step 5: snapshot after 4 steps, skipped 5..8``: the bad step, the snapshot restored, the steps skipped."""
+    skipped = window.get("skipped")
+    steps = f"{skipped[0]}..{skipped[-1]}" if isinstance(skipped, list) and skipped else "?"
+    at, snapshot = window.get("global_step", "?"), window.get("snapshot_step", "?")
+    return f"step {at}: snapshot after {snapshot} steps, skipped {steps}"
+
+
+def _wrapped(label: str, entries: Sequence[str], sep: str = ",") -> str:
+    """``  <label>: entry, entry, ...``, wrapped between entries at :data:`_WRAP` characters, never inside one."""
+    lines = [f"  {label}:"]
+    for i, entry in enumerate(entries):
+        entry += sep if i < len(entries) - 1 else ""
         if len(lines[-1]) + 1 + len(entry) > _WRAP and not lines[-1].endswith(":"):
             lines.append("   ")
         lines[-1] += " " + entry
@@ -568,7 +712,8 @@ def plot(reports: Sequence[RunReport], path: PathLike, depth: bool = True) -> Pa
             ax.set_yscale("log")
         ax.set_title(
             f"{r.name}: median {_fmt(r.median, '.3g')}, max {_fmt(r.max, '.3g')}, clipped {_fmt_fraction(r)}, "
-            f"non-finite {_fmt(r.nonfinite_steps, 'd')}, skipped {_fmt(r.skipped_steps, 'd')}",
+            f"non-finite {_fmt(r.nonfinite_steps, 'd')}, skipped {_fmt(r.skipped_steps, 'd')}"
+            + ("" if r.rollbacks is None else f", rollbacks {r.rollbacks}"),
             fontsize=10,
             loc="left",
         )
