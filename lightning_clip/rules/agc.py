@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip import functional as F
-from lightning_clip.record import StepRecord
-from lightning_clip.rules.base import ClipResult, ClipRule
+from lightning_clip.rules.base import ClipInput, ClipResult, ClipRule
 from lightning_clip.validation import check_positive
 
 # timm's floor on a unit's gradient norm before dividing by it (a clipped unit has a norm >= its cap > 0 anyway).
@@ -100,7 +99,7 @@ class AdaptiveGradClip(ClipRule):
             self._selection = (key, keep)
         return self._selection[1]
 
-    def clip_(self, step: StepRecord) -> ClipResult:
+    def clip_(self, step: ClipInput) -> ClipResult:
         if step.sharded:
             # Unit-wise norms need whole rows of each gradient and weight, which flat (FSDP1) or column (tensor
             # parallel) shards split across ranks; measuring them on shards would clip by partial norms.

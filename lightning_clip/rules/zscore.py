@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip import functional as F
-from lightning_clip.record import StepRecord
-from lightning_clip.rules.base import ClipResult, ClipRule
+from lightning_clip.rules.base import ClipInput, ClipResult, ClipRule
 from lightning_clip.state import DeviceState
 from lightning_clip.validation import check_choice, check_count, check_in_range, check_positive
 
@@ -122,7 +121,7 @@ class ZScoreClip(ClipRule):
         return self.stats.var
 
     # ------------------------------------------------------------------ the step
-    def clip_(self, step: StepRecord) -> ClipResult:
+    def clip_(self, step: ClipInput) -> ClipResult:
         s = self.stats.on(step.device, stats_dtype(step.device)).live
         dtype = s["mean"].dtype
         x = step.total.to(dtype)
