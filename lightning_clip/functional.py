@@ -11,6 +11,12 @@ The two clipping methods from the article:
   ``g <- g * min(1, max_norm / (||g||_p + eps))``, where the total norm over tensors ``g_1 .. g_n``
   is ``||g||_p = (sum_i ||g_i||_p^p)^(1/p)`` (``max_i ||g_i||_inf`` for ``p = inf``).
 
+and the adaptive rules as functions, which the rule classes call (:mod:`lightning_clip.rules`):
+
+* :func:`adaptive_clip_` (AGC) clips each unit of each gradient against the norm of its weights;
+* :func:`zscore_clip_` (ZClip) clips a spike of the total norm against EMA statistics kept in an explicit
+  :class:`ZScoreState` (:func:`zscore_init`), returned anew each step rather than changed in place.
+
 Example::
 
     >>> import torch
