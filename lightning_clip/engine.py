@@ -450,7 +450,7 @@ class ClipEngine:
 
     def _clip(self, slot: Slot, step: StepRecord) -> None:
         """Stage 4: the rule clips in place; an extreme outlier is flagged to be skipped rather than clipped."""
-        result = slot.units.rule.clip_(step)
+        result = slot.units.rule.clip_(step.clip_input())  # the rule sees a read-only view, not the record
         if not step.finite_measured:  # measured by the rule, before it clamped (clamping turns +-Inf finite)
             if result.finite is None or result.tensor_norms is None:
                 raise RuntimeError(f"{slot.units.rule!r} measures finiteness but returned none")

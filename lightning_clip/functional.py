@@ -11,6 +11,12 @@ The two clipping methods from the article:
   ``g <- g * min(1, max_norm / (||g||_p + eps))``, where the total norm over tensors ``g_1 .. g_n``
   is ``||g||_p = (sum_i ||g_i||_p^p)^(1/p)`` (``max_i ||g_i||_inf`` for ``p = inf``).
 
+and the adaptive rules as functions, which the rule classes call (:mod:`lightning_clip.rules`):
+
+* :func:`adaptive_clip_` (AGC) clips each unit of each gradient against the norm of its weights;
+* :func:`zscore_clip_` (ZClip) clips a spike of the total norm against EMA statistics kept in an explicit
+  :class:`ZScoreState` (:func:`zscore_init`), returned anew each step rather than changed in place.
+
 Example::
 
     >>> import torch
@@ -33,7 +39,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -49,6 +55,13 @@ __all__ = [
     "clip_by_value_",
     "scale_",
     "sparse_values",
+    "unitwise_norms",
+    "adaptive_clip_",
+    "ZSCORE_OPTIONS",
+    "ZScoreState",
+    "ZScoreStep",
+    "zscore_init",
+    "zscore_clip_",
     "clip_grad_norm_",
     "distributed_all_reduce",
     "ShardSpec",
@@ -281,6 +294,274 @@ def _clamp_sparse_(t: Tensor, min_value: float | None, max_value: float | None) 
         coalesced = t.coalesce()
         coalesced._values().clamp_(min_value, max_value)
         t.copy_(coalesced)
+
+
+# ----------------------------------------------------------------------------- adaptive clipping (AGC, z-score)
+# timm's floor on a unit's gradient norm before dividing by it (a clipped unit has a norm >= its cap > 0 anyway).
+_UNIT_NORM_FLOOR = 1e-6
+
+
+def unitwise_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> list[Tensor]:
+    """The norm of each output unit of each tensor, as a 1-D tensor per tensor (float32, float64 for float64).
+
+    A unit is a slice along dim 0 (a row of a Linear weight, a filter of a Conv), its norm taken over every
+    other dim; a tensor with ``ndim <= 1`` (bias, norm scale) is one unit, as in timm's ``unitwise_norm``.
+    Tensors of one dim or less share one foreach kernel; the others take one reduction each.
+
+    Example::
+
+        >>> unitwise_norms([torch.tensor([[3.0, 4.0], [0.0, 1.0]]), torch.tensor([6.0, 8.0])])
+        [tensor([5., 1.]), tensor([10.])]
+    """
+    out: list[Tensor | None] = [None] * len(tensors)
+    flat = [i for i, t in enumerate(tensors) if t.ndim <= 1]
+    for i, n in zip(flat, grad_norms([tensors[i] for i in flat], norm_type)):
+        out[i] = n.reshape(1)
+    for i, t in enumerate(tensors):
+        if t.ndim > 1:
+            acc = None if t.is_complex() else _accumulation_dtype(t.dtype)
+            out[i] = torch.linalg.vector_norm(t, norm_type, dim=tuple(range(1, t.ndim)), dtype=acc)
+    return cast("list[Tensor]", out)
+
+
+def adaptive_clip_(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    clip_factor: float = 0.01,
+    eps: float = 1e-3,
+    norm_type: float = 2.0,
+    finite: Tensor | None = None,
+    inv_scale: Tensor | None = None,
+) -> Tensor:
+    r"""Adaptive Gradient Clipping (AGC, Brock et al. 2021, arXiv:2102.06171), in place: for each output unit
+    :math:`i` of each gradient :math:`G` of a weight :math:`W`,
+
+    .. math:: G_i \leftarrow \begin{cases} G_i & \|G_i\| < \lambda \max(\|W_i\|, \epsilon) \\
+              \lambda \max(\|W_i\|, \epsilon)\, G_i / \|G_i\| & \text{otherwise} \end{cases}
+
+    with :math:`\lambda` = ``clip_factor``, :math:`\epsilon` = ``eps`` and units as in :func:`unitwise_norms`
+    (``norm_type``-norms; 2 in the paper). The same math as timm's ``adaptive_clip_grad``, with the factor rounded
+    once to each gradient's dtype as timm's is, but no host read and no copy of the gradients: per device, the
+    unit norms of all tensors form one vector, compared and divided in one kernel each.
+
+    Args:
+        grads: the gradients to clip, dense; ``grads[i]`` belongs to ``params[i]``.
+        params: the weights, read only.
+        clip_factor: :math:`\lambda`, the largest gradient-to-weight norm ratio a unit keeps.
+        eps: :math:`\epsilon`, the floor on a weight norm, so zero-initialised weights (biases) can move.
+        norm_type: ``p`` of the unit norms.
+        finite: 0-dim bool, False to leave every gradient bit-identical (a NaN/Inf step, for a NaN policy; timm
+            would turn an Inf element into NaN). Default: every unit norm of ``grads`` is finite.
+        inv_scale: ``1 / scale`` when the gradients are still multiplied by a GradScaler's scale (fused optimizers
+            under fp16): the norms are compared in true units, and the scaled gradients rescaled.
+
+    Returns a 0-dim bool on the first gradient's device: was any unit rescaled (no host read).
+
+    Example::
+
+        >>> w = torch.tensor([[3.0, 4.0], [0.3, 0.4]])      # unit norms 5 and 0.5
+        >>> g = torch.tensor([[0.6, 0.8], [0.6, 0.8]])      # unit norms 1 and 1
+        >>> adaptive_clip_([g], [w], clip_factor=0.5)
+        tensor(True)
+        >>> g                                               # row 0 kept (1 < 0.5 * 5); row 1 cut to 0.5 * 0.5
+        tensor([[0.6000, 0.8000],
+                [0.1500, 0.2000]])
+    """
+    if not grads:
+        return torch.zeros((), dtype=torch.bool)
+    for i, t in enumerate(grads):
+        if t.layout != torch.strided:
+            raise ValueError(f"adaptive_clip_ needs dense gradients; tensor {i} is {t.layout}.")
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(grads):
+        by_device.setdefault(t.device, []).append(i)
+    units = []
+    for device, idx in by_device.items():
+        group = [grads[i] for i in idx]
+        # All units of all tensors in one vector: the comparison and the ratio are one kernel each.
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in group) else torch.float32
+        g = torch.cat([n.to(dtype) for n in unitwise_norms(group, norm_type)])
+        w = torch.cat([n.to(dtype) for n in unitwise_norms([params[i].detach() for i in idx], norm_type)])
+        if inv_scale is not None:  # scaled gradients: compare in true units
+            g = g * inv_scale.to(device=device, dtype=dtype)
+        units.append((device, group, g, w.clamp(min=eps) * clip_factor))
+    first = grads[0].device
+    if finite is None:
+        finite = torch.stack([torch.isfinite(g).all().to(first) for _, _, g, _ in units]).all()
+    flags = []
+    for device, group, g, cap in units:
+        over = ~(g < cap) & finite.to(device)  # timm's test: a unit exactly at its cap is rescaled (by ~1)
+        # Factor exactly 1 where a unit is kept, or the step is not finite: those gradients stay bit-identical.
+        factor = torch.where(over, cap / g.clamp(min=_UNIT_NORM_FLOOR), 1.0)
+        flags.append(over.any().to(first))
+        sizes = [1 if t.ndim <= 1 else t.shape[0] for t in group]
+        for t, f in zip(group, factor.split(sizes)):
+            f = f.to(t.dtype)  # rounded once to the gradient's dtype, as timm's factor is
+            t.mul_(f.reshape(()) if t.ndim <= 1 else f.reshape(-1, *([1] * (t.ndim - 1))))
+    return torch.stack(flags).any()
+
+
+ZSCORE_OPTIONS = ("adaptive_scaling", "mean", "fixed")
+
+
+class ZScoreState(NamedTuple):
+    """The statistics of :func:`zscore_clip_`, device tensors (float64 by default; see :func:`zscore_init`).
+
+    ``mean``, ``var``: the EMA mean and variance of the total norm (0 until the warm-up ends); ``warmup_norms``:
+    the healthy norms of the warm-up so far, one slot per warm-up step; ``collected``: how many (long);
+    ``initialized``: the warm-up is over (bool).
+    """
+
+    mean: Tensor
+    var: Tensor
+    warmup_norms: Tensor
+    collected: Tensor
+    initialized: Tensor
+
+
+class ZScoreStep(NamedTuple):
+    """What one :func:`zscore_clip_` did: ``coef``, the factor the gradients were multiplied by (1: unclipped);
+    ``threshold``, the largest total norm that passed unclipped (during warm-up ``max_norm``, or NaN without one);
+    ``state``, the statistics after the step."""
+
+    coef: Tensor
+    threshold: Tensor
+    state: ZScoreState
+
+
+def zscore_init(
+    warmup_steps: int = 25, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64
+) -> ZScoreState:
+    """The statistics of :func:`zscore_clip_` before its first step, on ``device`` (that of the total norm).
+
+    float64 as the reference package's Python floats (MPS has none: pass float32 there).
+    """
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return ZScoreState(
+        mean=zero,
+        var=zero.clone(),
+        warmup_norms=torch.zeros(warmup_steps, dtype=dtype, device=device),
+        collected=torch.zeros((), dtype=torch.long, device=device),
+        initialized=torch.zeros((), dtype=torch.bool, device=device),
+    )
+
+
+def zscore_clip_(
+    grads: Sequence[Tensor],
+    total_norm: Tensor,
+    state: ZScoreState,
+    z_threshold: float = 2.5,
+    ema_decay: float = 0.97,
+    max_norm: float | None = None,
+    clip_option: str = "adaptive_scaling",
+    eps: float = EPS,
+    finite: Tensor | None = None,
+    healthy: Tensor | None = None,
+    groups: Sequence[Group] | None = None,
+) -> ZScoreStep:
+    r"""ZClip (Kumar et al. 2025, arXiv:2504.02507): clip spikes of the total norm :math:`x`, found by their
+    z-score against an EMA mean :math:`\mu` and variance :math:`\sigma^2` of past norms. In place on ``grads``; the
+    statistics are explicit and not changed in place: the new ones are returned (``ZScoreStep.state``), so a loop
+    keeps ``state = zscore_clip_(grads, total, state).state``.
+
+    When :math:`z = (x - \mu) / (\sigma + \epsilon) > z_t` (``z_threshold``), the gradient is rescaled to
+
+    * ``"adaptive_scaling"`` (ZClip's default): :math:`v = \mu + z_t \sigma / (z / z_t)`, lower the larger the spike;
+    * ``"mean"``: :math:`v = \mu`;
+    * ``"fixed"`` (ZClip's ``mode="percentile"``): :math:`v = \mu + z_t \sigma`, whenever :math:`x` exceeds it;
+
+    else :math:`v = x`; then :math:`g \leftarrow g \cdot \min(v, \text{max\_norm}) / (x + \epsilon)` where
+    :math:`x` exceeds that, and :math:`\mu \leftarrow \alpha\mu + (1-\alpha)v`,
+    :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(v-\mu)^2` (the new :math:`\mu`), :math:`\alpha` =
+    ``ema_decay``. The first ``len(state.warmup_norms)`` healthy norms only initialise :math:`\mu, \sigma^2`
+    (their mean and population variance); meanwhile the norm is only capped at ``max_norm``, if given. The same
+    steps, in the same order, as the ``zclip`` package 1.0.0 (``ZClip.step``), with no host read.
+
+    Args:
+        grads: the gradients, scaled in place (by exactly 1 when unclipped: bit-identical).
+        total_norm: :math:`x`, their total norm (0-dim, on the statistics' device), in true units.
+        state: the statistics (:func:`zscore_init`, then the ``state`` of the previous step).
+        z_threshold, ema_decay: :math:`z_t` and :math:`\alpha`.
+        max_norm: optional absolute cap on :math:`x`, warm-up included (ZClip's ``max_grad_norm``).
+        clip_option: ``"adaptive_scaling"``, ``"mean"`` or ``"fixed"``.
+        eps: :math:`\epsilon`.
+        finite: ``torch.isfinite(total_norm)`` if the caller has it. A NaN/Inf norm clips nothing and changes
+            no statistic.
+        healthy: 0-dim bool, False to keep a finite step out of the statistics too (a NaN loss, a re-evaluated
+            closure); it still clips. Default True.
+        groups: :func:`plan` of ``grads``, if the caller has it.
+
+    Example::
+
+        >>> state = zscore_init(warmup_steps=4)
+        >>> for x in [1.0, 1.1, 0.9, 1.0, 1.05, 50.0]:           # warm-up, one healthy step, a spike
+        ...     g = [torch.tensor([x])]
+        ...     out = zscore_clip_(g, torch.tensor(x), state)
+        ...     state = out.state
+        >>> round(g[0].item(), 3), bool(out.coef < 1)            # 50 -> mu + z_t sigma / (z / z_t)
+        (1.002, True)
+        >>> round(state.mean.item(), 4)                          # the EMA took the clipped norm, not 50
+        1.0015
+    """
+    if clip_option not in ZSCORE_OPTIONS:
+        raise ValueError(f"`clip_option` must be one of {ZSCORE_OPTIONS}, got {clip_option!r}.")
+    mean, var, buf, collected, ready = state.mean, state.var, state.warmup_norms, state.collected, state.initialized
+    dtype = mean.dtype
+    x = total_norm.to(dtype)
+    zt, alpha = z_threshold, ema_decay
+    finite = torch.isfinite(total_norm) if finite is None else finite
+    healthy = finite if healthy is None else finite & healthy
+    std = var.sqrt()
+
+    # Spike test and target, in ZClip's order of operations (ZClip._compute_clip_val).
+    z = (x - mean) / (std + eps)
+    if clip_option == "fixed":
+        bound = mean + zt * std
+        spike = x > bound
+        target = bound
+    else:
+        bound = mean + zt * (std + eps)  # z > z_t exactly when x > bound: the line to plot
+        spike = z > zt
+        target = mean + (zt * std) / (z / zt) if clip_option == "adaptive_scaling" else mean
+    spike = spike & ready & finite
+    clip_val = torch.where(spike, target, x)
+
+    # Clip (ZClip._apply_clipping once ready; torch's clip_grad_norm_ to max_norm during warm-up).
+    one = torch.ones((), dtype=dtype, device=x.device)
+    if max_norm is None:
+        effective = clip_val
+        coef_warm = one
+    else:
+        effective = clip_val.clamp(max=max_norm)
+        coef_warm = (max_norm / (x + eps)).clamp(max=1.0)
+    coef_ready = torch.where(x > effective, effective / (x + eps), one)
+    coef = torch.where(finite, torch.where(ready, coef_ready, coef_warm), one)
+    scale_(grads, coef, groups)
+
+    # EMA update with the spike-clipped norm; healthy steps only (a NaN never enters).
+    update = ready & healthy
+    new_mean = alpha * mean + (1 - alpha) * clip_val
+    new_var = alpha * var + (1 - alpha) * (clip_val - new_mean) ** 2
+    # Warm-up: the norm goes into the next slot; an unhealthy step writes that slot's old value back.
+    collect = ~ready & healthy
+    slot = collected.clamp(max=len(buf) - 1).reshape(1)
+    buf = buf.index_copy(0, slot, torch.where(collect, x, buf.index_select(0, slot)))
+    collected = collected + collect.long()
+    init_now = collect & (collected >= len(buf))
+    init_mean = buf.mean()
+    init_var = (buf - init_mean).pow(2).mean()
+    new_state = ZScoreState(
+        mean=torch.where(init_now, init_mean, torch.where(update, new_mean, mean)),
+        var=torch.where(init_now, init_var, torch.where(update, new_var, var)),
+        warmup_norms=buf,
+        collected=collected,
+        initialized=ready | init_now,
+    )
+    if max_norm is None:
+        threshold = torch.where(ready, bound, math.nan)
+    else:
+        threshold = torch.where(ready, bound.clamp(max=max_norm), max_norm)
+    return ZScoreStep(coef, threshold, new_state)
 
 
 # ----------------------------------------------------------------------------- sharded gradients (DTensor)

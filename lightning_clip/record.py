@@ -1,20 +1,25 @@
-"""One optimizer step as a record: what every stage of the engine fills in and what rules and remedies read.
+"""One optimizer step as a record: what every stage of the engine fills in, what remedies read, and what a rule sees.
 
 The engine builds one :class:`StepRecord` per optimizer step and runs its stages over it
 (:mod:`lightning_clip.engine`): *layout* sets the parameters, gradients and names; *measure* the norms, the total and
-``finite``; *detect* ``bad`` and ``overflow``; *clip* lets the rule clip in place (``result``, ``clipped``) and flags
-a ``spike``; then the remedy acts on the same record. Every tensor field is on the device: nothing here reads one.
+``finite``; *detect* ``bad`` and ``overflow``; *clip* hands the rule a read-only :class:`ClipInput`
+(:meth:`StepRecord.clip_input`), the rule clips in place and returns a :class:`ClipResult` (``result``, ``clipped``),
+and a ``spike`` is flagged; then the remedy acts on the same record. Every tensor field is on the device: nothing
+here reads one.
+
+The rule's input and output are defined here, not in :mod:`lightning_clip.rules`: rules import this module, and this
+module imports no rule, so the dependency runs one way.
 
 Values come to the host once per step, by name: :class:`HostRead` collects the tensors a step needs, makes one
 transfer, and hands back :class:`StepRead` (what a remedy acts on) and a name -> value dict (what is logged).
 
-Example (a record built by hand, as a rule's test does)::
+Example (a record built by hand, and the view a rule gets of it)::
 
     >>> import torch
     >>> from lightning_clip.rules import NormClip
     >>> g = [torch.tensor([3.0, 4.0])]
     >>> step = StepRecord(params=[torch.zeros(2)], grads=g, total=torch.tensor(5.0), finite=torch.tensor(True))
-    >>> NormClip(max_norm=1.0).clip_(step).clipped, g[0]
+    >>> NormClip(max_norm=1.0).clip_(step.clip_input()).clipped, g[0]
     (tensor(True), tensor([0.6000, 0.8000]))
     >>> read = HostRead(torch.device("cpu"))
     >>> read.add("total", torch.tensor(5.0)); read.add_all("layers", [torch.tensor(1.0), torch.tensor(2.0)])
@@ -38,9 +43,19 @@ from lightning_clip import functional as F
 
 if TYPE_CHECKING:
     from lightning_clip.counters import StepCounters
-    from lightning_clip.rules.base import ClipResult, ClipRule
 
-__all__ = ["NOTHING", "HostRead", "Request", "RunEnd", "SpikeCheck", "StepRead", "StepRecord", "Stop"]
+__all__ = [
+    "NOTHING",
+    "ClipInput",
+    "ClipResult",
+    "HostRead",
+    "Request",
+    "RunEnd",
+    "SpikeCheck",
+    "StepRead",
+    "StepRecord",
+    "Stop",
+]
 
 
 def _false() -> Tensor:
@@ -70,9 +85,79 @@ class SpikeCheck:
     flag: Tensor
 
 
+@dataclass(frozen=True, eq=False)
+class ClipInput:
+    """What a clip rule sees of one step: the gradient part of the :class:`StepRecord`, read-only.
+
+    ``grads`` are the tensors to clip in place (``params[i].grad``; their local shards under FSDP2/TP), ``names``
+    their parameter names and ``groups`` their :func:`~lightning_clip.functional.plan`. ``norms`` are the per-tensor
+    norms as measured, in the gradients' own units; ``total`` is the total ``norm_type``-norm in true units: under
+    fp16 with a fused optimizer the gradients are still multiplied by the GradScaler's scale and ``inv_scale`` is
+    ``1 / scale`` (else None). ``finite``: ``total`` is finite; ``bad``: the step is not healthy (NaN/Inf in the
+    gradient, the loss or the inputs), so statistics leave it out, as they do when ``update_statistics`` is False
+    (a re-evaluated closure, a requested skip). ``log``: a logging step (``ClipResult.total_after`` is wanted).
+    ``sharded``: this rank holds shards, and only the measured norms (and :meth:`norm_of`) are global.
+    ``finite_measured`` False: the engine skipped the norm for a rule that ``measures_finite`` (``total`` is a
+    placeholder and the rule reports ``ClipResult.finite``). Every tensor is on the device.
+
+    Built once per step by :meth:`StepRecord.clip_input` (no loop over the parameters), or by hand in a test::
+
+        >>> import torch
+        >>> from lightning_clip.rules import NormClip
+        >>> g = [torch.tensor([3.0, 4.0])]
+        >>> view = ClipInput(params=[torch.zeros(2)], grads=g, total=torch.tensor(5.0), finite=torch.tensor(True))
+        >>> NormClip(max_norm=1.0).clip_(view).clipped, g[0], view.norm_of(g)
+        (tensor(True), tensor([0.6000, 0.8000]), tensor(1.0000))
+    """
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    names: Sequence[str] = ()
+    groups: Sequence[F.Group] | None = None
+    norm_type: float = 2.0
+    eps: float = F.EPS
+    norms: Sequence[Tensor] = ()
+    total: Tensor = field(default_factory=_nan)
+    finite: Tensor = field(default_factory=_false)
+    bad: Tensor = field(default_factory=_false)
+    inv_scale: Tensor | None = None
+    log: bool = False
+    update_statistics: bool = True
+    sharded: bool = False
+    finite_measured: bool = True
+    # Sharded gradients: the engine's reduction of a total norm across ranks (None: the gradients are whole).
+    reduce_total: Callable[[Sequence[Tensor]], Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.total.device
+
+    def norm_of(self, tensors: Sequence[Tensor]) -> Tensor:
+        """The total ``norm_type``-norm of ``tensors`` laid out like ``grads`` (e.g. the gradients after
+        clipping), over every shard when the gradients are sharded, on the device."""
+        if self.reduce_total is not None:
+            return self.reduce_total(tensors)
+        return F.total_norm(F.grad_norms(tensors, self.norm_type, self.groups), self.norm_type).to(self.device)
+
+
+@dataclass
+class ClipResult:
+    """What a rule did: ``clipped`` (0-dim bool, did it change any gradient), the total norm after clipping
+    (``total_after``, only needed on logging steps), and the ``threshold`` in force (None if it has none)."""
+
+    clipped: Tensor
+    total_after: Tensor | None = None
+    threshold: Tensor | float | None = None
+    # Rules with ``measures_finite``, when ``finite_measured`` is False: whether every element was finite before
+    # clipping, and a per-tensor norm whose finiteness is the tensor's (e.g. max |x|), aligned with ``grads``.
+    finite: Tensor | None = None
+    tensor_norms: Sequence[Tensor] | None = None
+
+
 @dataclass(eq=False)
 class StepRecord:
-    """One optimizer step. Stages fill it in order; rules read the gradient part, remedies all of it.
+    """One optimizer step. Stages fill it in order; rules see its gradient part (:meth:`clip_input`), remedies all
+    of it.
 
     ``grads`` are the tensors to clip in place (``params[i].grad``; their local shards under FSDP2/TP). ``norms``
     and ``total`` are in true units: under fp16 with a fused optimizer the gradients themselves are still
@@ -131,7 +216,6 @@ class StepRecord:
     clipped: Tensor = field(default_factory=_false)
     # --- the optimizer's own units and evidence, for remedies
     counters: StepCounters | None = None
-    rule: ClipRule | None = None
     loss_nonfinite: Callable[[], bool] = _no_losses  # host read: the bad path only
     input_problems: Callable[[], list[str]] = list
     warn: Callable[[str], None] = _warn
@@ -157,12 +241,26 @@ class StepRecord:
         """Fused optimizers under fp16 unscale inside their step: in the hook the gradients are still scaled."""
         return self.scaler is not None and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
 
-    def norm_of(self, tensors: Sequence[Tensor]) -> Tensor:
-        """The total ``norm_type``-norm of ``tensors`` laid out like ``grads`` (e.g. the gradients after
-        clipping), over every shard when the gradients are sharded, on the device."""
-        if self.reduce_total is not None:
-            return self.reduce_total(tensors)
-        return F.total_norm(F.grad_norms(tensors, self.norm_type, self.groups), self.norm_type).to(self.device)
+    def clip_input(self) -> ClipInput:
+        """The read-only view a rule gets of this step (fields as they stand now: call it after *detect*)."""
+        return ClipInput(
+            params=self.params,
+            grads=self.grads,
+            names=self.names,
+            groups=self.groups,
+            norm_type=self.norm_type,
+            eps=self.eps,
+            norms=self.norms,
+            total=self.total,
+            finite=self.finite,
+            bad=self.bad,
+            inv_scale=self.inv_scale,
+            log=self.log,
+            update_statistics=self.update_statistics,
+            sharded=self.sharded,
+            finite_measured=self.finite_measured,
+            reduce_total=self.reduce_total,
+        )
 
 
 @dataclass

@@ -22,7 +22,7 @@ from lightning_clip.engine import ClipEngine
 from lightning_clip.host_reads import count_host_reads
 from lightning_clip.metrics import THRESHOLD
 from lightning_clip.remedies import Ignore
-from lightning_clip.rules import RULES, AdaptiveGradClip, PercentileClip, StepRecord, ZScoreClip, build_rule
+from lightning_clip.rules import RULES, AdaptiveGradClip, ClipInput, PercentileClip, ZScoreClip, build_rule
 
 NAN = float("nan")
 INF = float("inf")
@@ -78,8 +78,8 @@ def same(a: float | None, b: float | None, rel: float = 0.0) -> bool:
     return a == pytest.approx(b, rel=rel, abs=0.0)
 
 
-def hand_step(grads, params=None, *, bad=False, inv_scale=None, total=None, log=True) -> StepRecord:
-    """A StepRecord as the engine builds it (float32 total, in true units), the total from a float64 reference."""
+def hand_step(grads, params=None, *, bad=False, inv_scale=None, total=None, log=True) -> ClipInput:
+    """The ClipInput the engine hands a rule (float32 total, in true units), the total from a float64 reference."""
     params = params if params is not None else [torch.zeros_like(g) for g in grads]
     dense = [g.to_dense() if g.is_sparse else g for g in grads]
     if total is None:
@@ -87,7 +87,7 @@ def hand_step(grads, params=None, *, bad=False, inv_scale=None, total=None, log=
         total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in dense)) * scale
     total_t = torch.tensor(total, dtype=torch.float32)
     finite = torch.isfinite(total_t)
-    return StepRecord(
+    return ClipInput(
         params=params,
         grads=grads,
         names=[f"p{i}" for i in range(len(grads))],
@@ -638,11 +638,9 @@ def test_no_device_sync_on_cuda_warm_up_and_nan_steps_included(mode):
 
 
 def test_agc_refuses_sharded_gradients_instead_of_clipping_by_partial_unit_norms():
-    from lightning_clip.rules import StepRecord
-
     w = torch.nn.Parameter(torch.ones(3, 4))
     g = torch.full((3, 4), 5.0)
-    step = StepRecord(
+    step = ClipInput(
         params=[w],
         grads=[g],
         names=["w"],

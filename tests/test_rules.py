@@ -1,4 +1,4 @@
-"""Each clip rule (``lightning_clip.rules``) on its own: a ``StepRecord`` built by hand, no engine, no Lightning.
+"""Each clip rule (``lightning_clip.rules``) on its own: a ``ClipInput`` built by hand, no engine, no Lightning.
 
 The total norm a rule receives is computed here, in float64, from the tensors themselves (never with
 ``lightning_clip.functional``), so the rules are checked against an independent reference.
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lightning_clip.host_reads import count_host_reads
-from lightning_clip.rules import RULES, ClipRule, NoClip, NormClip, StepRecord, ValueClip, build_rule
+from lightning_clip.rules import RULES, ClipInput, ClipRule, NoClip, NormClip, ValueClip, build_rule
 from lightning_clip.rules.value import out_of_range
 
 INF = float("inf")
@@ -34,12 +34,12 @@ def ref_norm(tensors, p):
 
 
 def make_step(grads, p=2.0, *, total=None, log=True, bad=None, eps=EPS):
-    """A StepRecord as the engine would build it, with the total from the float64 reference (or ``total``)."""
+    """The ClipInput the engine would hand a rule, with the total from the float64 reference (or ``total``)."""
     params = [torch.zeros_like(g) for g in grads]
     total_t = torch.tensor(ref_norm(grads, p) if total is None else total, dtype=torch.float64)
     norms = [torch.tensor(ref_norm([g], p), dtype=torch.float64) for g in grads]
     finite = torch.isfinite(total_t)
-    return StepRecord(
+    return ClipInput(
         params=params,
         grads=grads,
         names=[f"p{i}" for i in range(len(grads))],

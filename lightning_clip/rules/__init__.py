@@ -1,8 +1,8 @@
 """Clip rules: one small class per ``mode``, registered by name.
 
-A rule decides the threshold and clips (see :class:`~lightning_clip.rules.base.ClipRule`): it reads the gradient
-part of the step's :class:`~lightning_clip.record.StepRecord` and clips ``step.grads`` in place. Each optimizer
-gets its own copy, with its own statistics.
+A rule decides the threshold and clips (see :class:`~lightning_clip.rules.base.ClipRule`): it gets a read-only
+:class:`ClipInput` of the step (the gradients, the parameters and their names, the measured norms, the bad-step
+flag, ...) and clips ``step.grads`` in place. Each optimizer gets its own copy, with its own statistics.
 
 To add one: write ``rules/<name>.py`` with a ``ClipRule`` subclass that sets ``mode`` (and ``options`` if the
 flat ``GradientClipping`` arguments should build it), then add it to :data:`RULES` below. The callback and the
@@ -15,15 +15,29 @@ Example::
     ['agc', 'none', 'norm', 'percentile', 'value', 'zscore']
     >>> build_rule("value", clip_value=0.5)
     ValueClip(value, [-0.5, 0.5])
+
+A rule of one's own, called by hand on a :class:`ClipInput` (the engine builds one per step)::
+
+    >>> import torch
+    >>> from lightning_clip import functional as F
+    >>> from lightning_clip.rules import ClipInput, ClipResult, ClipRule
+    >>> class CapAtOne(ClipRule):
+    ...     mode = "cap_at_one"
+    ...     def clip_(self, step: ClipInput) -> ClipResult:
+    ...         coef = F.clip_by_norm_(step.grads, 1.0, step.total, step.eps, step.finite, step.groups)
+    ...         return ClipResult(coef < 1.0, step.total * coef if step.log else None, 1.0)
+    >>> g = [torch.tensor([3.0, 4.0])]
+    >>> view = ClipInput(params=[torch.zeros(2)], grads=g, total=torch.tensor(5.0), finite=torch.tensor(True))
+    >>> CapAtOne().clip_(view).clipped, g[0]
+    (tensor(True), tensor([0.6000, 0.8000]))
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lightning_clip.record import StepRecord
 from lightning_clip.rules.agc import AdaptiveGradClip
-from lightning_clip.rules.base import ClipResult, ClipRule
+from lightning_clip.rules.base import ClipInput, ClipResult, ClipRule
 from lightning_clip.rules.monitor import NoClip
 from lightning_clip.rules.norm import NormClip
 from lightning_clip.rules.percentile import PercentileClip
@@ -33,9 +47,9 @@ from lightning_clip.validation import check_choice, check_read
 
 __all__ = [
     "RULES",
+    "ClipInput",
     "ClipResult",
     "ClipRule",
-    "StepRecord",
     "NoClip",
     "NormClip",
     "ValueClip",

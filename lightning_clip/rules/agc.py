@@ -12,33 +12,10 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
-from torch import Tensor
 
 from lightning_clip import functional as F
-from lightning_clip.record import StepRecord
-from lightning_clip.rules.base import ClipResult, ClipRule
+from lightning_clip.rules.base import ClipInput, ClipResult, ClipRule
 from lightning_clip.validation import check_positive
-
-# timm's floor on a unit's gradient norm before dividing by it (a clipped unit has a norm >= its cap > 0 anyway).
-_GRAD_NORM_FLOOR = 1e-6
-
-
-def unitwise_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> list[Tensor]:
-    """The norm of each output unit of each tensor, as a 1-D tensor per tensor (float32, float64 for float64).
-
-    A unit is a slice along dim 0 (a row of a Linear weight, a filter of a Conv), its norm taken over every
-    other dim; a tensor with ``ndim <= 1`` (bias, norm scale) is one unit, as in timm's ``unitwise_norm``.
-    Tensors of one dim or less share one foreach kernel; the others take one reduction each.
-    """
-    out: list[Tensor | None] = [None] * len(tensors)
-    flat = [i for i, t in enumerate(tensors) if t.ndim <= 1]
-    for i, n in zip(flat, F.grad_norms([tensors[i] for i in flat], norm_type)):
-        out[i] = n.reshape(1)
-    for i, t in enumerate(tensors):
-        if t.ndim > 1:
-            acc = None if t.is_complex() else (torch.float64 if t.dtype == torch.float64 else torch.float32)
-            out[i] = torch.linalg.vector_norm(t, norm_type, dim=tuple(range(1, t.ndim)), dtype=acc)
-    return [n for n in out if n is not None]
 
 
 class AdaptiveGradClip(ClipRule):
@@ -48,7 +25,9 @@ class AdaptiveGradClip(ClipRule):
               \lambda \max(\|W_i\|, \epsilon)\, G_i / \|G_i\| & \text{otherwise} \end{cases}
 
     with :math:`\lambda` = ``clip_factor`` and :math:`\epsilon` = ``eps``. Units are rows along dim 0 (see
-    :func:`unitwise_norms`); norms are the engine's ``norm_type`` (2 in the paper).
+    :func:`~lightning_clip.functional.unitwise_norms`); norms are the engine's ``norm_type`` (2 in the paper).
+    The clipping itself is :func:`lightning_clip.functional.adaptive_clip_`, which a plain loop can call directly;
+    this class adds ``exclude``, the engine's NaN/Inf flag and GradScaler scale, and the metrics.
 
     Args:
         clip_factor: :math:`\lambda`, the largest gradient-to-weight norm ratio a unit keeps. The paper uses
@@ -100,7 +79,7 @@ class AdaptiveGradClip(ClipRule):
             self._selection = (key, keep)
         return self._selection[1]
 
-    def clip_(self, step: StepRecord) -> ClipResult:
+    def clip_(self, step: ClipInput) -> ClipResult:
         if step.sharded:
             # Unit-wise norms need whole rows of each gradient and weight, which flat (FSDP1) or column (tensor
             # parallel) shards split across ranks; measuring them on shards would clip by partial norms.
@@ -111,35 +90,19 @@ class AdaptiveGradClip(ClipRule):
             )
         idx = self._selected(step.names)
         for i in idx:
-            if step.grads[i].is_sparse:
+            if step.grads[i].layout != torch.strided:
                 raise ValueError(
                     f"mode='agc' needs dense gradients; parameter `{step.names[i]}` has a sparse one. "
                     "Leave it out with `exclude`, or use mode='norm'."
                 )
-        flags: list[Tensor] = []
-        by_device: dict[torch.device, list[int]] = {}
-        for i in idx:
-            by_device.setdefault(step.grads[i].device, []).append(i)
-        for device, group in by_device.items():
-            grads = [step.grads[i] for i in group]
-            weights = [step.params[i].detach() for i in group]
-            # All units of all tensors in one vector: the comparison and the ratio are one kernel each.
-            dtype = torch.float64 if any(t.dtype == torch.float64 for t in grads) else torch.float32
-            g = torch.cat([n.to(dtype) for n in unitwise_norms(grads, step.norm_type)])
-            w = torch.cat([n.to(dtype) for n in unitwise_norms(weights, step.norm_type)])
-            if step.inv_scale is not None:  # fused fp16: the gradients are still scaled; compare in true units
-                g = g * step.inv_scale.to(device=device, dtype=dtype)
-            cap = w.clamp(min=self.eps) * self.clip_factor
-            over = ~(g < cap)  # timm's test: a unit exactly at its cap is rescaled (by ~1)
-            finite = step.finite.to(device)
-            # A NaN/Inf step keeps its gradients bit-identical (factor exactly 1) for the NaN policy.
-            factor = torch.where(over & finite, cap / g.clamp(min=_GRAD_NORM_FLOOR), 1.0)
-            flags.append((over & finite).any().to(step.device))
-            sizes = [1 if t.ndim <= 1 else t.shape[0] for t in grads]
-            for t, f in zip(grads, factor.split(sizes)):
-                f = f.to(t.dtype)  # rounded once to the gradient's dtype, as timm's factor is
-                t.mul_(f.reshape(()) if t.ndim <= 1 else f.reshape(-1, *([1] * (t.ndim - 1))))
-        clipped = torch.stack(flags).any() if flags else step.bad & False
+        if idx:
+            grads, params = [step.grads[i] for i in idx], [step.params[i] for i in idx]
+            # One implementation: the functional form, here with the engine's finiteness and GradScaler scale.
+            clipped = F.adaptive_clip_(
+                grads, params, self.clip_factor, self.eps, step.norm_type, step.finite, step.inv_scale
+            ).to(step.device)
+        else:
+            clipped = step.bad & False
         after = None
         if step.log:  # the norm after clipping costs another pass: logging steps only
             after = step.norm_of(step.grads)

@@ -1,37 +1,25 @@
-"""What a clip rule is: :class:`ClipRule` and what it returns (:class:`ClipResult`).
+"""What a clip rule is: :class:`ClipRule`, what it sees (:class:`ClipInput`) and what it returns (:class:`ClipResult`).
 
-A rule owns its threshold, any statistics it keeps and their ``state_dict``. The engine hands it the step's
-:class:`~lightning_clip.record.StepRecord` once the norms are measured and the bad-step flag is known, and the
-rule clips ``step.grads`` in place and says what it did (:class:`ClipResult`). Every value stays on the device:
-a rule never reads a tensor back to the host, and never branches in Python on a device value (use
-``torch.where``), so the hot path stays free of host syncs.
+A rule owns its threshold, any statistics it keeps and their ``state_dict``. Once the norms are measured and the
+bad-step flag is known, the engine hands it a read-only :class:`~lightning_clip.record.ClipInput` of the step (the
+gradients and what a rule needs to clip them, not the whole :class:`~lightning_clip.record.StepRecord`); the rule
+clips ``step.grads`` in place and says what it did (:class:`ClipResult`). Every value stays on the device: a rule
+never reads a tensor back to the host, and never branches in Python on a device value (use ``torch.where``), so
+the hot path stays free of host syncs.
+
+``ClipInput`` and ``ClipResult`` live in :mod:`lightning_clip.record` (re-exported here): rules depend on the
+record module, never the other way round.
 
 The engine makes one copy of the rule per optimizer, so statistics are per optimizer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torch import Tensor
+from lightning_clip.record import ClipInput, ClipResult
 
-from lightning_clip.record import StepRecord
-
-
-@dataclass
-class ClipResult:
-    """What a rule did: ``clipped`` (0-dim bool, did it change any gradient), the total norm after clipping
-    (``total_after``, only needed on logging steps), and the ``threshold`` in force (None if it has none)."""
-
-    clipped: Tensor
-    total_after: Tensor | None = None
-    threshold: Tensor | float | None = None
-    # Rules with ``measures_finite``, when ``step.finite_measured`` is False: whether every element was finite before
-    # clipping, and a per-tensor norm whose finiteness is the tensor's (e.g. max |x|), aligned with ``grads``.
-    finite: Tensor | None = None
-    tensor_norms: Sequence[Tensor] | None = None
+__all__ = ["ClipInput", "ClipResult", "ClipRule"]
 
 
 class ClipRule:
@@ -55,7 +43,7 @@ class ClipRule:
         """Build the rule from the callback's arguments named in :attr:`options` (None: the rule's default)."""
         return cls(**{k: v for k, v in options.items() if k in cls.options and v is not None})
 
-    def clip_(self, step: StepRecord) -> ClipResult:
+    def clip_(self, step: ClipInput) -> ClipResult:
         """Clip ``step.grads`` in place; return what was done. No host reads."""
         raise NotImplementedError
 

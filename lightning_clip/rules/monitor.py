@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lightning_clip.record import StepRecord
-from lightning_clip.rules.base import ClipResult, ClipRule
+from lightning_clip.rules.base import ClipInput, ClipResult, ClipRule
 
 
 class NoClip(ClipRule):
@@ -20,5 +19,5 @@ class NoClip(ClipRule):
 
     mode: ClassVar[str] = "none"
 
-    def clip_(self, step: StepRecord) -> ClipResult:
+    def clip_(self, step: ClipInput) -> ClipResult:
         return ClipResult(step.bad & False, step.total, None)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from lightning_clip import functional as F
-from lightning_clip.record import StepRecord
-from lightning_clip.rules.base import ClipResult, ClipRule
+from lightning_clip.rules.base import ClipInput, ClipResult, ClipRule
 from lightning_clip.validation import check_positive
 
 
@@ -31,7 +30,7 @@ class NormClip(ClipRule):
         check_positive("max_norm", max_norm)
         self.max_norm = float(max_norm)
 
-    def clip_(self, step: StepRecord) -> ClipResult:
+    def clip_(self, step: ClipInput) -> ClipResult:
         coef = F.clip_by_norm_(step.grads, self.max_norm, step.total, step.eps, step.finite, step.groups)
         return ClipResult(coef < 1.0, step.total * coef if step.log else None, self.max_norm)
 

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip import functional as F
-from lightning_clip.record import StepRecord
-from lightning_clip.rules.base import ClipResult, ClipRule
+from lightning_clip.rules.base import ClipInput, ClipResult, ClipRule
 from lightning_clip.state import NormHistory
 from lightning_clip.validation import check_count, check_in_range
 
@@ -74,7 +73,7 @@ class PercentileClip(ClipRule):
         """The recorded norms in ring order, NaN where empty (device tensor; None before a norm is recorded)."""
         return self.norms.values if int(self.norms.count) or self.norms.values.device.type != "cpu" else None
 
-    def clip_(self, step: StepRecord) -> ClipResult:
+    def clip_(self, step: ClipInput) -> ClipResult:
         h = self.norms.on(step.device, step.total.dtype)
         healthy = step.finite & ~step.bad
         if not step.update_statistics:  # a re-evaluated closure: this step is already counted

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip import functional as F
-from lightning_clip.record import StepRecord
-from lightning_clip.rules.base import ClipResult, ClipRule
+from lightning_clip.rules.base import ClipInput, ClipResult, ClipRule
 from lightning_clip.validation import check_finite, check_positive
 
 
@@ -131,7 +130,7 @@ class ValueClip(ClipRule):
         self.min_value = None if min_value is None else float(min_value)
         self.max_value = None if max_value is None else float(max_value)
 
-    def clip_(self, step: StepRecord) -> ClipResult:
+    def clip_(self, step: ClipInput) -> ClipResult:
         grads, inv_scale = step.grads, step.inv_scale
         excludes_zero = (self.min_value or 0.0) > 0 or (self.max_value or 0.0) < 0
         for name, g in zip(step.names, grads):

@@ -7,19 +7,17 @@ NaN/Inf step left out of them, and a ``state_dict``.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from lightning_clip import functional as F
-from lightning_clip.record import StepRecord
-from lightning_clip.rules.base import ClipResult, ClipRule
+from lightning_clip.rules.base import ClipInput, ClipResult, ClipRule
 from lightning_clip.state import DeviceState
 from lightning_clip.validation import check_choice, check_count, check_in_range, check_positive
 
-CLIP_OPTIONS = ("adaptive_scaling", "mean", "fixed")
+CLIP_OPTIONS = F.ZSCORE_OPTIONS
 
 
 def stats_dtype(device: torch.device) -> torch.dtype:
@@ -44,6 +42,21 @@ class ZScoreStats(DeviceState):
         self.register_buffer("collected", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
+    def current(self) -> F.ZScoreState:
+        """The buffers as :func:`~lightning_clip.functional.zscore_clip_` takes them (no copy)."""
+        b = self.live
+        return F.ZScoreState(
+            mean=b["mean"],
+            var=b["var"],
+            warmup_norms=b["warmup_norms"],
+            collected=b["collected"],
+            initialized=b["initialized"],
+        )
+
+    def replace(self, state: F.ZScoreState) -> None:
+        """Take the statistics :func:`~lightning_clip.functional.zscore_clip_` returned as the buffers."""
+        self.live.update(state._asdict())
+
 
 class ZScoreClip(ClipRule):
     r"""ZClip: keep an EMA mean :math:`\mu` and variance :math:`\sigma^2` of the total norm :math:`x`; when
@@ -65,6 +78,10 @@ class ZScoreClip(ClipRule):
         max_norm: optional absolute cap on the total norm, warm-up included (ZClip's ``max_grad_norm``, whose
             default there is 1.0; here None).
         clip_option: ``"adaptive_scaling"``, ``"mean"`` or ``"fixed"``, the target of a spike (above).
+
+    The step is :func:`lightning_clip.functional.zscore_clip_` (a plain loop can call it with its own
+    :class:`~lightning_clip.functional.ZScoreState`); this class keeps the statistics as device buffers with a
+    ``state_dict``, and feeds it the engine's total norm and bad-step flag.
 
     A step with ``step.bad`` or a NaN/Inf norm changes no statistic, and its gradients are left bit-identical.
     ``grad_clip/threshold`` is the largest norm that passes unclipped this step: :math:`\mu + z_t(\sigma +
@@ -122,67 +139,25 @@ class ZScoreClip(ClipRule):
         return self.stats.var
 
     # ------------------------------------------------------------------ the step
-    def clip_(self, step: StepRecord) -> ClipResult:
-        s = self.stats.on(step.device, stats_dtype(step.device)).live
-        dtype = s["mean"].dtype
-        x = step.total.to(dtype)
-        eps, zt, alpha = step.eps, self.z_threshold, self.ema_decay
-        finite = step.finite
-        healthy = finite & ~step.bad
-        if not step.update_statistics:  # a re-evaluated closure: this step is already counted
-            healthy = healthy & False
-        ready = s["initialized"]
-        mean, var = s["mean"], s["var"]
-        std = var.sqrt()
-
-        # Spike test and target, in ZClip's order of operations (ZClip._compute_clip_val).
-        z = (x - mean) / (std + eps)
-        if self.clip_option == "fixed":
-            bound = mean + zt * std
-            spike = x > bound
-            target = bound
-        else:
-            bound = mean + zt * (std + eps)  # z > z_t exactly when x > bound: the line to plot
-            spike = z > zt
-            target = mean + (zt * std) / (z / zt) if self.clip_option == "adaptive_scaling" else mean
-        spike = spike & ready & finite
-        clip_val = torch.where(spike, target, x)
-
-        # Clip (ZClip._apply_clipping once ready; torch's clip_grad_norm_ to max_norm during warm-up).
-        one = torch.ones((), dtype=dtype, device=x.device)
-        if self.max_norm is None:
-            effective = clip_val
-            coef_warm = one
-        else:
-            effective = clip_val.clamp(max=self.max_norm)
-            coef_warm = (self.max_norm / (x + eps)).clamp(max=1.0)
-        coef_ready = torch.where(x > effective, effective / (x + eps), one)
-        coef = torch.where(finite, torch.where(ready, coef_ready, coef_warm), one)
-        F.scale_(step.grads, coef)
-
-        # EMA update with the spike-clipped norm; healthy steps only (a NaN never enters).
-        update = ready & healthy
-        new_mean = alpha * mean + (1 - alpha) * clip_val
-        new_var = alpha * var + (1 - alpha) * (clip_val - new_mean) ** 2
-        # Warm-up: store the norm in the next slot; a bad step rewrites that slot with its old value.
-        collect = ~ready & healthy
-        buf = s["warmup_norms"]
-        slot = s["collected"].clamp(max=self.warmup_steps - 1).reshape(1)
-        buf.index_copy_(0, slot, torch.where(collect, x, buf.index_select(0, slot)))
-        s["collected"] = s["collected"] + collect.long()
-        init_now = collect & (s["collected"] >= self.warmup_steps)
-        init_mean = buf.mean()
-        init_var = (buf - init_mean).pow(2).mean()
-        s["mean"] = torch.where(init_now, init_mean, torch.where(update, new_mean, mean))
-        s["var"] = torch.where(init_now, init_var, torch.where(update, new_var, var))
-        s["initialized"] = ready | init_now
-
-        if self.max_norm is None:
-            threshold = torch.where(ready, bound, math.nan)
-        else:
-            threshold = torch.where(ready, bound.clamp(max=self.max_norm), self.max_norm)
-        after = step.total * coef.to(step.total.dtype) if step.log else None
-        return ClipResult(coef < 1.0, after, threshold)
+    def clip_(self, step: ClipInput) -> ClipResult:
+        stats = self.stats.on(step.device, stats_dtype(step.device))
+        # A bad step (NaN loss, ...) or a re-evaluated closure (already counted) changes no statistic.
+        healthy = ~step.bad if step.update_statistics else step.bad & False
+        out = F.zscore_clip_(
+            step.grads,
+            step.total,
+            stats.current(),
+            self.z_threshold,
+            self.ema_decay,
+            self.max_norm,
+            self.clip_option,
+            step.eps,
+            step.finite,
+            healthy,
+        )
+        stats.replace(out.state)
+        after = step.total * out.coef.to(step.total.dtype) if step.log else None
+        return ClipResult(out.coef < 1.0, after, out.threshold)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
