@@ -95,18 +95,7 @@ def test_the_committed_checkpoint_holds_the_v1_state_of_0_1_0():
 def test_a_0_1_0_checkpoint_resumes_with_its_lr_scale_and_counters(tmp_path):
     cb = GradientClipping(nan_policy="halve_lr", lr_recovery_steps=100)
     rec = Recorder(cb)
-    trainer = pl.Trainer(
-        max_steps=6,
-        callbacks=[cb, rec],
-        default_root_dir=str(tmp_path),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(gen.TinyModule(), gen.make_loader(), ckpt_path=str(CKPT))
+    trainer = resume_from(CKPT, [cb, rec], gen.TinyModule(), gen.make_loader(), max_steps=6, root=tmp_path)
     assert rec.at_start == {"lr_scales": [0.5], "counters": SAVED_COUNTERS}
     # two more steps, each applying 0.5 x lr; checkpoints and the param group keep the unscaled lr
     assert rec.applied_lrs == pytest.approx([0.5 * gen.LR] * 2, rel=1e-4)
@@ -190,10 +179,16 @@ def _resume(tmp_path, rev: str, callback: GradientClipping, steps: int = 2) -> p
     spec = importlib.util.spec_from_file_location("make_checkpoints", DATA / "make_checkpoints.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    path, max_steps = DATA / f"v{rev}.ckpt", module.SAVED_STEPS + steps
+    return resume_from(path, [callback], module.Faulty(), module.make_loader(), max_steps=max_steps, root=tmp_path)
+
+
+def resume_from(path: Path, callbacks: list, model: pl.LightningModule, loader, max_steps: int, root) -> pl.Trainer:
+    """Fit ``model`` from the checkpoint at ``path`` up to ``max_steps``, quietly; return the trainer."""
     trainer = pl.Trainer(
-        max_steps=module.SAVED_STEPS + steps,
-        callbacks=[callback],
-        default_root_dir=str(tmp_path),
+        max_steps=max_steps,
+        callbacks=callbacks,
+        default_root_dir=str(root),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -201,7 +196,7 @@ def _resume(tmp_path, rev: str, callback: GradientClipping, steps: int = 2) -> p
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module.Faulty(), module.make_loader(), ckpt_path=str(DATA / f"v{rev}.ckpt"))
+        trainer.fit(model, loader, ckpt_path=str(path))
     return trainer
 
 

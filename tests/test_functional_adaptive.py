@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from peers import timm_agc, zclip_class
+from test_adaptive_rules import ref_zscore  # ZClip in Python floats, the reference of both files
 
 from lightning_clip import functional as F
 from lightning_clip.engine import ClipEngine
@@ -95,38 +96,6 @@ def ref_agc(weights, grads, clip_factor: float, eps: float, p: float = 2.0) -> l
         gn = ref_unit_norms(g, p)
         factor = torch.where(gn < cap, 1.0, cap / gn)
         out.append(g.double() * (factor.reshape(()) if g.ndim <= 1 else factor.reshape(-1, *[1] * (g.ndim - 1))))
-    return out
-
-
-def ref_zscore(norms, z_t=2.5, alpha=0.97, warmup=25, max_norm=None, option="adaptive_scaling", eps=EPS):
-    """ZClip's algorithm in Python floats, a non-finite norm left out: per step the norm after clipping and
-    (mean, var) after the step (None during warm-up)."""
-    buf: list[float] = []
-    mean = var = None
-    out = []
-    for x in norms:
-        if not math.isfinite(x):
-            out.append((x, mean, var))
-            continue
-        if mean is None or var is None:
-            y = x if max_norm is None else x * min(1.0, max_norm / (x + eps))
-            buf.append(x)
-            if len(buf) == warmup:
-                mean = sum(buf) / warmup
-                var = sum((b - mean) ** 2 for b in buf) / warmup
-        else:
-            std = math.sqrt(var)
-            z = (x - mean) / (std + eps)
-            if option == "fixed":
-                spike, target = x > mean + z_t * std, mean + z_t * std
-            else:
-                spike, target = z > z_t, (mean + z_t * z_t * std / z) if option == "adaptive_scaling" else mean
-            v = target if spike else x
-            cap = v if max_norm is None else min(v, max_norm)
-            y = x * cap / (x + eps) if x > cap else x
-            mean = alpha * mean + (1 - alpha) * v
-            var = alpha * var + (1 - alpha) * (v - mean) ** 2
-        out.append((y, mean, var))
     return out
 
 

@@ -51,7 +51,7 @@ class Rollback(Remedy):
     Counters and the LR schedule keep the Trainer's timeline: a rollback restores the weights, the optimizer state
     and the statistics, not the param groups' hyperparameters, the counters or the global step. One host read per
     step (the decision is taken on the host). Counted in ``rollbacks``; each skipped window (global steps, epoch,
-    batch) is kept in :meth:`skipped_windows` and the checkpoint.
+    batch) is recorded by the engine (:meth:`ClipEngine.skipped_windows`) and kept in the checkpoint.
 
     Example::
 
