@@ -23,8 +23,9 @@ post-hooks, the step-interval LR scheduler and every logger write. The variants:
   of Lightning's docs) and ``Trainer(gradient_clip_val=1.0)``;
 * ``GradientClipping()`` (the defaults) and ``GradientClipping(vanishing_ratio=None)`` (health off).
 
-It prints each variant's median window, what it adds to ``nothing``, and the ratio of what it adds to what
-Lightning's path adds (``whole-step ratio``), beside the hook-only ratio.
+It prints each variant's window (the median over rounds of each fit's mean window, so that work done on some logging
+steps only counts at its average), what it adds to ``nothing``, and the ratio of what it adds to what Lightning's
+path adds (``whole-step ratio``), beside the hook-only ratio.
 
 Usage::
 
@@ -178,7 +179,7 @@ def whole_step(args: argparse.Namespace) -> dict[str, float]:
     samples: dict[str, list[float]] = {name: [] for name in WHOLE_VARIANTS}
     for _ in range(args.whole_rounds):
         for name, windows in whole_step_round(models, data, log_dir, args.whole_steps, args.whole_warmup).items():
-            samples[name] += windows
+            samples[name].append(statistics.fmean(windows))  # the mean of a fit: work done every k-th step counts
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -195,7 +196,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave torch's default)")
     ap.add_argument("--whole-rounds", type=int, default=7, help="rounds of whole-step fits (0: hook-only timings)")
-    ap.add_argument("--whole-steps", type=int, default=8, help="timed logging steps per fit")
+    ap.add_argument("--whole-steps", type=int, default=10, help="timed logging steps per fit")
     ap.add_argument("--whole-warmup", type=int, default=3, help="steps per fit before the timed ones")
     args = ap.parse_args()
     if args.threads:
@@ -313,7 +314,7 @@ def main() -> None:
         }
         print(
             f"\nwhole logging step (from on_before_optimizer_step to the end of the batch, log_every_n_steps=1), "
-            f"median of {args.whole_rounds} x {args.whole_steps} steps"
+            f"median of {args.whole_rounds} fits' mean of {args.whole_steps} steps"
         )
         print(f"{'variant':36s} {'ms/step':>9s} {'added':>9s} {'whole-step ratio':>17s} {'hook-only ratio':>16s}")
         result["whole_step"] = []
