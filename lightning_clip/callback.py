@@ -266,7 +266,7 @@ class GradientClipping(CallbackBase):
         rollback_lr_factor: float = 0.5,
         vanishing_ratio: float | None = 1e-8,
         vanishing_patience: int = 3,
-        update_ratio_every: int | None = 1,
+        update_ratio_every: int | None = 4,
     ) -> None:
         super().__init__()
         check_count("spike_window", spike_window, allow_none=False)  # checked also while skip_spikes is off

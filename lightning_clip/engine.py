@@ -119,7 +119,7 @@ class ClipEngine:
         name: str | None = None,
         loss_spike: SpikeDetector | None = None,
         vanishing: VanishingMonitor | None = None,
-        update_ratio_every: int | None = 1,
+        update_ratio_every: int | None = 4,
     ) -> None:
         M.check_instance_name(name)
         self.rule = rule if rule is not None else NormClip()

@@ -116,11 +116,11 @@ def engine_layout(engine: ClipEngine, optimizers: int) -> Layout:
     return layout(optimizers, engine.name, threshold=engine.rule.mode != "none", counters=counters)
 
 
-def _tensorboard_logger_classes() -> list[type]:
+def _tensorboard_logger_classes() -> list[type[Any]]:
     """``TensorBoardLogger`` of ``pytorch_lightning`` and, once that package is loaded, of ``lightning.pytorch``."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    kinds: list[type] = [TensorBoardLogger]
+    kinds: list[type[Any]] = [TensorBoardLogger]
     if "lightning.pytorch" in sys.modules:  # a lightning.pytorch logger exists only once that package is loaded
         from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import warnings
@@ -228,7 +229,7 @@ def test_update_ratio_every_is_checked_naming_the_argument_and_the_value(value):
     cb = GradientClipping()
     with pytest.raises(ValueError, match="`update_ratio_every` must be a positive integer or None"):
         cb.update_ratio_every = value
-    assert cb.update_ratio_every == 1
+    assert cb.update_ratio_every == 4  # the default, kept
 
 
 def test_update_buffers_follow_a_new_layout():
@@ -256,3 +257,45 @@ def test_ratios_divided_on_the_device_equal_the_host_formula():
     expected = ratios(names, grads.double().tolist(), weights.double().tolist())
     assert named_ratios(names, ratio_vector(grads, weights).tolist()) == expected  # exactly: the same float64 math
     assert set(names) - set(expected) == {f"layer{i}" for i in (1, 2, 3, 4, 5)}
+
+
+def test_a_real_tensorboard_server_serves_every_returned_tag_and_value(tmp_path):
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.parse
+
+    from tb_server import free_port, get_json, tensorboard_exe
+
+    exe = tensorboard_exe()
+    if exe is None:
+        pytest.skip("the tensorboard executable is not installed")
+    cb = Returned(max_norm=1.0)
+    logger = TensorBoardLogger(tmp_path / "logs", name="tb", version=0)
+    fit(tmp_path, cb, logger, steps=6, every=2)
+    returned = dict(cb.returned)
+    expected = set().union(*(m.keys() for m in returned.values()))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with (tmp_path / "tensorboard.log").open("w") as log:
+        server = subprocess.Popen(
+            [exe, "--logdir", str(tmp_path / "logs"), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            tags: set[str] = set()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not expected <= tags:  # the server loads the files in the background
+                with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
+                    tags = set(get_json(f"{base}/data/plugin/scalars/tags").get("tb/version_0", {}))
+                time.sleep(0.5)
+            assert expected <= tags, f"missing: {sorted(expected - tags)[:5]}"
+            for tag in expected:
+                query = urllib.parse.urlencode({"run": "tb/version_0", "tag": tag})
+                served = {step: value for _, step, value in get_json(f"{base}/data/plugin/scalars/scalars?{query}")}
+                logged = {step: as_float32(m[tag]) for step, m in returned.items() if tag in m}
+                assert served == logged, tag
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
