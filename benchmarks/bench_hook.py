@@ -6,27 +6,47 @@ each timed as the median over --repeats rounds of --iters calls:
 * torch ``clip_grad_norm_(foreach=True)``  -- the baseline the hook should cost about the same as;
 * the hook, norm mode, ``nan_policy="ignore"`` (no host read) and ``"skip"`` (one scalar read);
 * torch ``clip_grad_value_(foreach=True)`` vs the hook in value mode;
-* a logging step: the hook with per-layer norms to a TensorBoardLogger, vs Lightning's
-  ``utilities.grad_norm`` + ``clip_grad_norm_`` + ``logger.log_metrics``;
+* a logging step, the hook alone: the hook with per-layer norms to a TensorBoardLogger (the defaults, and
+  ``vanishing_ratio=None``), vs Lightning's ``utilities.grad_norm`` + ``clip_grad_norm_`` + ``logger.log_metrics``;
 * the adaptive modes ``agc``, ``zscore``, ``percentile`` (``nan_policy="ignore"``, default options), timed after
   --adaptive-warmup steps so their statistics are active; besides the ratio to torch they show the ratio to the
   norm-mode hook (``vs hook norm``).
+
+Then **the whole logging step** (``--whole-rounds``; 0 to leave it out): real ``Trainer.fit`` runs that log every step
+(``log_every_n_steps=1``) to a TensorBoardLogger, one Trainer per variant and round, the variants interleaved. Each
+step is timed from the start of ``on_before_optimizer_step`` (a timing callback placed first) to the end of the batch
+(after the logger connector wrote the step's metrics): the hook, Lightning's clipping, ``optimizer.step()`` and its
+post-hooks, the step-interval LR scheduler and every logger write. The variants:
+
+* ``nothing``: no clipping, nothing logged (what any step costs there);
+* Lightning: ``self.log_dict(grad_norm(self, norm_type=2))`` in the module's ``on_before_optimizer_step`` (the recipe
+  of Lightning's docs) and ``Trainer(gradient_clip_val=1.0)``;
+* ``GradientClipping()`` (the defaults), ``GradientClipping(update_ratio_every=1)`` (the update ratio on every logging
+  step, as before issue 22) and ``GradientClipping(vanishing_ratio=None)`` (health off). A variant whose arguments
+  the installed lightning-clip does not take (an older version) is left out.
+
+It prints each variant's window (the median over rounds of each fit's mean window, so that work done on some logging
+steps only counts at its average), what it adds to ``nothing``, and the ratio of what it adds to what Lightning's
+path adds (``whole-step ratio``), beside the hook-only ratio.
 
 Usage::
 
     python benchmarks/bench_hook.py                 # CPU, ~100 tensors
     python benchmarks/bench_hook.py --device cuda   # on a GPU (synchronizes around each timed block)
     python benchmarks/bench_hook.py --json out.json
+    python benchmarks/bench_hook.py --layers 96     # 192 tensors (the issue-22 benchmark); --layers 250: 500
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Callable
 
 import pytorch_lightning as pl
@@ -40,15 +60,24 @@ from lightning_clip.rules import PercentileClip, ZScoreClip
 
 
 class Deep(pl.LightningModule):
-    def __init__(self, layers: int, width: int) -> None:
+    def __init__(self, layers: int, width: int, log_grad_norm: bool = False, scheduler: bool = False) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+        self.log_grad_norm, self.scheduler = log_grad_norm, scheduler
 
     def training_step(self, batch, batch_idx):
         return self.net(batch[0]).pow(2).mean()
 
+    def on_before_optimizer_step(self, optimizer):
+        if self.log_grad_norm:  # Lightning's recipe for gradient norms (docs: "Track and Visualize Experiments")
+            self.log_dict(grad_norm(self, norm_type=2))
+
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
+        optimizer = torch.optim.SGD(self.parameters(), lr=1e-3)
+        if not self.scheduler:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1000, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def attach(model: Deep, cb: GradientClipping, logger, device: str) -> pl.Trainer:
@@ -83,6 +112,86 @@ def timed(fn: Callable[[], None], iters: int, device: str) -> float:
     return (time.perf_counter() - start) / iters * 1e3  # ms per call
 
 
+class StepTimer(pl.Callback):
+    """Times each step from the start of ``on_before_optimizer_step`` (be the first callback) to the end of the batch:
+    right after the logger connector wrote the step's metrics (``update_train_step_metrics``)."""
+
+    def __init__(self) -> None:
+        self.windows: list[float] = []  # ms
+        self._start: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        connector = trainer._logger_connector
+        write = connector.update_train_step_metrics
+
+        def write_then_stamp() -> None:
+            write()
+            if self._start is not None:
+                self.windows.append((time.perf_counter() - self._start) * 1e3)
+                self._start = None
+
+        connector.update_train_step_metrics = write_then_stamp
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        self._start = time.perf_counter()
+
+
+# variant -> GradientClipping's arguments (None: no GradientClipping)
+WHOLE_VARIANTS: dict[str, dict | None] = {
+    "nothing": None,
+    "Lightning grad_norm+log_dict+clip": None,
+    "GradientClipping() defaults": {},
+    "update_ratio_every=1": {"update_ratio_every": 1},
+    "vanishing_ratio=None": {"vanishing_ratio": None},
+}
+
+
+def whole_step_round(models: dict, data, log_dir: str, steps: int, warmup: int) -> dict[str, list[float]]:
+    """One round: a fit of ``warmup + steps`` steps per variant, every step logging; the windows after warm-up."""
+    out = {}
+    for name, kwargs in WHOLE_VARIANTS.items():
+        timer = StepTimer()
+        try:
+            callbacks: list = [timer] + ([] if kwargs is None else [GradientClipping(**kwargs)])
+        except TypeError:  # an argument this version does not have
+            continue
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=warmup + steps,
+            callbacks=callbacks,
+            logger=TensorBoardLogger(log_dir, name=f"whole_{list(WHOLE_VARIANTS).index(name)}"),
+            log_every_n_steps=1,
+            gradient_clip_val=1.0 if name.startswith("Lightning") else None,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=log_dir,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(models[name], data)
+        out[name] = timer.windows[warmup:]
+    return out
+
+
+def whole_step(args: argparse.Namespace) -> dict[str, float]:
+    """The whole logging step of each variant (median ms over rounds x steps), printed with the ratios."""
+    torch.manual_seed(0)
+    models = {}
+    for name in WHOLE_VARIANTS:
+        torch.manual_seed(0)  # the same weights in every variant
+        models[name] = Deep(args.layers, args.width, log_grad_norm=name.startswith("Lightning"), scheduler=True)
+    inputs = torch.randn(4 * (args.whole_steps + args.whole_warmup), args.width)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=4)
+    log_dir = tempfile.mkdtemp()
+    samples: dict[str, list[float]] = defaultdict(list)
+    for _ in range(args.whole_rounds):
+        for name, windows in whole_step_round(models, data, log_dir, args.whole_steps, args.whole_warmup).items():
+            samples[name].append(statistics.fmean(windows))  # the mean of a fit: work done every k-th step counts
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=50, help="Linear layers (2 gradient tensors each)")
@@ -94,7 +203,13 @@ def main() -> None:
     ap.add_argument(
         "--adaptive-warmup", type=int, default=30, help="hook calls before timing the adaptive modes (> their warm-up)"
     )
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave torch's default)")
+    ap.add_argument("--whole-rounds", type=int, default=7, help="rounds of whole-step fits (0: hook-only timings)")
+    ap.add_argument("--whole-steps", type=int, default=10, help="timed logging steps per fit")
+    ap.add_argument("--whole-warmup", type=int, default=3, help="steps per fit before the timed ones")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     model = Deep(args.layers, args.width)
@@ -111,6 +226,8 @@ def main() -> None:
     log_dir = tempfile.mkdtemp()
     log_cb = GradientClipping(max_norm=1.0, nan_policy="skip", log_norms="layer")
     log_trainer = attach(model, log_cb, TensorBoardLogger(log_dir, name="ours"), args.device)
+    off_cb = GradientClipping(max_norm=1.0, nan_policy="skip", log_norms="layer", vanishing_ratio=None)
+    off_trainer = attach(model, off_cb, TensorBoardLogger(log_dir, name="ours_health_off"), args.device)
     pl_logger = TensorBoardLogger(log_dir, name="lightning")
 
     model.to(args.device)  # Lightning moves the model back to the CPU at the end of fit
@@ -139,6 +256,7 @@ def main() -> None:
         "hook value, nan_policy=ignore": hook("value_ignore", trainers["value_ignore"], setups["value_ignore"]),
         "logging step: Lightning grad_norm+clip+log": lightning_logging_step,
         "logging step: hook (per-layer norms)": hook("log", log_trainer, log_cb),
+        "logging step: hook, vanishing_ratio=None": hook("log_off", off_trainer, off_cb),
         "hook agc, nan_policy=ignore": hook("agc_ignore", trainers["agc_ignore"], setups["agc_ignore"]),
         "hook zscore, nan_policy=ignore": hook("zscore_ignore", trainers["zscore_ignore"], setups["zscore_ignore"]),
         "hook percentile, nan_policy=ignore": hook(
@@ -195,10 +313,34 @@ def main() -> None:
             line += f"  {ms / base_hook_norm:5.2f} vs hook norm"
         rows.append(row)
         print(line)
+    result = {"device": device_name, "tensors": n_tensors, "torch": torch.__version__, "rows": rows}
+    if args.whole_rounds and args.device == "cpu":
+        whole = whole_step(args)
+        nothing, lightning = whole["nothing"], whole["Lightning grad_norm+log_dict+clip"]
+        hook_only = {
+            "GradientClipping() defaults": ms_of(rows, "logging step: hook (per-layer norms)") / base_log,
+            "vanishing_ratio=None": ms_of(rows, "logging step: hook, vanishing_ratio=None") / base_log,
+        }
+        print(
+            f"\nwhole logging step (from on_before_optimizer_step to the end of the batch, log_every_n_steps=1), "
+            f"median of {args.whole_rounds} fits' mean of {args.whole_steps} steps"
+        )
+        print(f"{'variant':36s} {'ms/step':>9s} {'added':>9s} {'whole-step ratio':>17s} {'hook-only ratio':>16s}")
+        result["whole_step"] = []
+        for name, ms in whole.items():
+            added = ms - nothing
+            ratio = added / (lightning - nothing) if name != "nothing" else math.nan
+            print(f"{name:36s} {ms:9.3f} {added:9.3f} {ratio:17.3f} {hook_only.get(name, math.nan):16.3f}")
+            result["whole_step"].append(
+                {"variant": name, "ms": ms, "added_ms": added, "ratio": ratio, "hook_only_ratio": hook_only.get(name)}
+            )
     if args.json:
         with open(args.json, "w") as f:
-            result = {"device": device_name, "tensors": n_tensors, "torch": torch.__version__, "rows": rows}
             json.dump(result, f, indent=1)
+
+
+def ms_of(rows: list[dict], variant: str) -> float:
+    return next(row["ms"] for row in rows if row["variant"] == variant)
 
 
 if __name__ == "__main__":

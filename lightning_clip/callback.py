@@ -81,6 +81,7 @@ _INTS = (
     "rollback_after",
     "rollback_skip_steps",
     "vanishing_patience",
+    "update_ratio_every",
 )
 
 
@@ -212,8 +213,14 @@ class GradientClipping(CallbackBase):
             ``grad_health/vanishing_layers``. The default 1e-8 sits between a 20-layer sigmoid MLP's first layers
             (~1e-18) and healthy or converged models (7e-6 and above, measured). None: off (no weight norms measured).
         vanishing_patience: logging steps in a row below ``vanishing_ratio`` before a layer is named.
+        update_ratio_every: with ``vanishing_ratio`` set and ``log_norms="layer"``, log each layer's update-to-weight
+            ratio ``grad_health/update_ratio/<layer>`` (``||dW|| / ||W||`` of the update applied after a logging
+            step, read at the next) for the 1st and then every ``update_ratio_every``-th logging step. On the CPU
+            the weights before the update are copied into buffers kept between logging steps: one copy of the
+            parameters (elsewhere the copy is freed after each measure). None: off (no copy, no update-ratio tags).
 
-    Logged on logging steps (``Trainer(log_every_n_steps)``) to every logger of the Trainer:
+    Logged on logging steps (``Trainer(log_every_n_steps)``) to every logger of the Trainer (to a
+    ``TensorBoardLogger`` as one event per step: one ``Summary`` holding every tag):
     ``grad_norm/total`` (before clipping), ``grad_norm/total_clipped`` (after), ``grad_norm_layer/<name>``
     or ``grad_norm_param/<name>``, and ``grad_clip/{steps, clipped_steps, nonfinite_steps, skipped_steps,
     amp_overflows, lr_scale, clipped, threshold}`` (``max_norm`` too in norm mode); see
@@ -259,6 +266,7 @@ class GradientClipping(CallbackBase):
         rollback_lr_factor: float = 0.5,
         vanishing_ratio: float | None = 1e-8,
         vanishing_patience: int = 3,
+        update_ratio_every: int | None = 4,
     ) -> None:
         super().__init__()
         check_count("spike_window", spike_window, allow_none=False)  # checked also while skip_spikes is off
@@ -283,6 +291,7 @@ class GradientClipping(CallbackBase):
             name=name,
             loss_spike=losses,
             vanishing=vanishing,
+            update_ratio_every=update_ratio_every,
         )
         self._windows_written: list[dict[str, Any]] = []
         self.engine.warn = _warn
@@ -317,6 +326,7 @@ class GradientClipping(CallbackBase):
     eps = _Setting(unit="engine")
     log_norms = _Setting(unit="engine")
     check_inputs = _Setting(unit="engine")
+    update_ratio_every = _Setting(unit="engine")
 
     def _retune(self, setting: str, value: Any, unit: str) -> None:
         settings = {**self._settings, setting: value}
@@ -462,7 +472,10 @@ class GradientClipping(CallbackBase):
         if metrics:
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+                # A TensorBoardLogger gets one event holding every tag (its log_metrics writes one per tag, and
+                # its writer's queue blocks); any other logger its log_metrics.
+                if not TB.write_scalars(logger, metrics, step, trainer.is_global_zero):
+                    logger.log_metrics(metrics, step=step)
 
 
 def _warn(message: str) -> None:

@@ -64,13 +64,13 @@ from lightning_clip.control import fused_skip_is_safe
 from lightning_clip.counters import COUNTERS
 from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
 from lightning_clip.errors import NonFiniteGradientError
-from lightning_clip.health import VanishingMonitor, describe_vanishing, layer_of, ratios
+from lightning_clip.health import VanishingMonitor, describe_vanishing, named_ratios, ratio_vector
 from lightning_clip.record import HostRead, Request, RunEnd, SpikeCheck, StepRead, StepRecord
 from lightning_clip.remedies import Remedy, build_remedy
 from lightning_clip.rules import ClipRule, NormClip
 from lightning_clip.slots import Slot, SlotUnits
 from lightning_clip.snapshot import local_tensor
-from lightning_clip.validation import check_choice, check_finite, check_positive
+from lightning_clip.validation import check_choice, check_count, check_finite, check_positive
 
 LOG_NORMS = ("layer", "parameter", "total", "none")
 _UNSET: Any = object()  # configure(): a setting not passed
@@ -99,6 +99,10 @@ class ClipEngine:
         vanishing: a :class:`~lightning_clip.health.VanishingMonitor`: on logging steps, each layer's
             ``||grad W|| / ||W||`` (the weight norms come in the same transfer) and a warning naming the layers that
             stay below its ratio; logged as ``grad_health/vanishing_layers`` (and per layer, ``log_norms="layer"``).
+        update_ratio_every: with ``vanishing`` and ``log_norms="layer"``, measure each layer's update-to-weight
+            ratio ``||dW|| / ||W||`` on the 1st and then every ``update_ratio_every``-th logging step (None: never);
+            the weights before the update are copied into buffers kept between logging steps on the CPU (one copy
+            of the parameters; :class:`~lightning_clip.slots.UpdateBuffers`).
 
     In a loop: :meth:`attach` the optimizers once, then per optimizer step call :meth:`observe_loss` (and
     :meth:`observe_batch`) for each micro-batch, :meth:`step` after the last backward and before
@@ -118,6 +122,7 @@ class ClipEngine:
         name: str | None = None,
         loss_spike: SpikeDetector | None = None,
         vanishing: VanishingMonitor | None = None,
+        update_ratio_every: int | None = 4,
     ) -> None:
         M.check_instance_name(name)
         self.rule = rule if rule is not None else NormClip()
@@ -141,10 +146,16 @@ class ClipEngine:
         self.detector = BadStepDetector(
             check_inputs, check_loss=self.remedy.checks_loss, keep_losses=loss_spike is not None
         )
-        self.configure(norm_type=norm_type, eps=eps, log_norms=log_norms, check_inputs=check_inputs)
-        self.warn: Callable[[str], None] = warn_at_caller
         self._slots: list[Slot] = []
         self._names: dict[int, str] = {}
+        self.configure(
+            norm_type=norm_type,
+            eps=eps,
+            log_norms=log_norms,
+            check_inputs=check_inputs,
+            update_ratio_every=update_ratio_every,
+        )
+        self.warn: Callable[[str], None] = warn_at_caller
 
     # ------------------------------------------------------------------ settings
     def configure(
@@ -154,6 +165,7 @@ class ClipEngine:
         eps: Any = _UNSET,
         log_norms: Any = _UNSET,
         check_inputs: Any = _UNSET,
+        update_ratio_every: Any = _UNSET,
     ) -> None:
         """Set the engine's own settings (those passed), checked as in the constructor; from the next step on."""
         if norm_type is not _UNSET:
@@ -171,6 +183,12 @@ class ClipEngine:
             if not isinstance(check_inputs, bool):
                 raise ValueError(f"`check_inputs` must be True or False, got {check_inputs!r}.")
             self.detector.check_inputs = check_inputs
+        if update_ratio_every is not _UNSET:
+            check_count("update_ratio_every", update_ratio_every)
+            self.update_ratio_every = None if update_ratio_every is None else int(update_ratio_every)
+        if self.update_ratio_every is None or self.log_norms != "layer":
+            for slot in self._slots:  # no update ratio measured any more: its copy of the weights goes
+                slot.updates.clear()
 
     def retune(self, rule: ClipRule | None = None, remedy: Remedy | None = None) -> None:
         """Take the settings (``options``) of a freshly built, hence checked, ``rule`` or ``remedy`` of the same
@@ -545,33 +563,42 @@ class ClipEngine:
         read.add("skip", step.skip)
         read.add("spike", step.counters.false if step.spike is None else step.spike)
         read.add_all("counts", step.counters.counts)
-        names: list[str] = []
-        health: list[str] = []
-        updates: list[str] = []
-        if step.log:
-            result = step.result
-            assert result is not None
-            threshold = result.threshold
-            read.add("total", step.total)
-            read.add("total_clipped", step.total if result.total_after is None else result.total_after)
-            read.add("clipped", step.clipped)
-            read.add("threshold", torch.as_tensor(math.nan if threshold is None else threshold, device=step.device))
-            names, norms = self._layer_norms(step)
-            read.add_all("layer_norms", norms)
-            # (flag, value, threshold) of each spike test, to say which spiked (a loss or the gradient norm)
-            checks = [(c.value, c.threshold, c.flag) for c in step.spike_checks]
-            read.add_all("spike_checks", [t.to(step.device, torch.float64) for check in checks for t in check])
-            if self.vanishing is not None and step.all_reduce is None:  # flat FSDP1 shards: no per-layer norms
-                health, grads, weights = self._layer_health(step)
-                read.add_all("health_grads", grads)
-                read.add_all("health_weights", weights)
-            pending = slot.units.update_ratios
-            if pending is not None:  # the last logging step's update, measured after it was applied
-                updates, slot.units.update_ratios = pending[0], None
-                read.add_all("update_ratios", pending[1])
+        names = self._add_logged(slot, step, read) if step.log else {}
         values = read.read()
-        values["layer_names"], values["health_layers"], values["update_layers"] = names, health, updates
+        values.update({"layer_names": [], "health_layers": [], "update_layers": [], **names})
         return values
+
+    def _add_logged(self, slot: Slot, step: StepRecord, read: HostRead) -> dict[str, list[str]]:
+        """A logging step's part of the read: the totals, the layer (or parameter) norms, each layer's
+        ``||grad W|| / ||W||`` (divided on the device) and the ratios of the last measured update; returns the names
+        of what was added per layer."""
+        result = step.result
+        assert result is not None
+        threshold = result.threshold
+        read.add("total", step.total)
+        read.add("total_clipped", step.total if result.total_after is None else result.total_after)
+        read.add("clipped", step.clipped)
+        read.add("threshold", torch.as_tensor(math.nan if threshold is None else threshold, device=step.device))
+        health = self.vanishing is not None and step.all_reduce is None  # flat FSDP1 shards: no per-layer norms
+        names: list[str] = list(step.names) if self.log_norms == "parameter" else []
+        norms = self._norm_vector(step).float() if names else torch.zeros(0, device=step.device)
+        layers: list[str] = []
+        if self.log_norms == "layer" or health:
+            layers, grads = self._by_layer(slot, self._norm_vector(step))
+            if self.log_norms == "layer":
+                names, norms = layers, grads
+            if health:
+                read.add_all("health_ratios", ratio_vector(grads, self._layer_weight_norms(slot, step)))
+        read.add_all("layer_norms", norms)
+        # (value, threshold, flag) of each spike test, to say which spiked (a loss or the gradient norm)
+        checks = [(c.value, c.threshold, c.flag) for c in step.spike_checks]
+        read.add_all("spike_checks", [t.to(step.device, torch.float64) for check in checks for t in check])
+        updates: list[str] = []
+        pending = slot.units.update_ratios
+        if pending is not None:  # the last measured update, read at the logging step after it
+            updates, slot.units.update_ratios = pending[0], None
+            read.add_all("update_ratios", pending[1])
+        return {"layer_names": names, "health_layers": layers if health else [], "update_layers": updates}
 
     def _report(
         self, i: int, slot: Slot, step: StepRecord, values: dict[str, Any], counts: dict[str, int]
@@ -606,7 +633,7 @@ class ClipEngine:
         """Vanishing layers from this logging step's host values: a rate-limited warning and the tags."""
         monitor = slot.units.vanishing
         assert monitor is not None
-        layer_ratios = ratios(values["health_layers"], values["health_grads"], values["health_weights"])
+        layer_ratios = named_ratios(values["health_layers"], values["health_ratios"])
         flagged = monitor.update(layer_ratios)
         if flagged is not None:
             self.warn(describe_vanishing(flagged, monitor.ratio, monitor.patience, step.global_step))
@@ -622,18 +649,24 @@ class ClipEngine:
         return out
 
     def _watch_update(self, slot: Slot, step: StepRecord) -> None:
-        """On a logging step (layer norms, health on): measure ``||dW|| / ||W||`` per layer once the optimizer has
-        applied this step's update; read at the next logging step. One copy of the weights, on logging steps only."""
+        """On a logging step (layer norms, health on), the 1st and then every ``update_ratio_every``-th: measure
+        ``||dW|| / ||W||`` per layer once the optimizer has applied this step's update (divided on the device); read
+        at the next logging step. The weights before the update go to the slot's
+        :class:`~lightning_clip.slots.UpdateBuffers` (kept between logging steps on the CPU: no fresh allocation)."""
         if self.vanishing is None or self.log_norms != "layer" or step.sharded:
             return
+        if not slot.updates.due(self.update_ratio_every):
+            return
         weights = [p.detach() for p in step.params]
-        before = torch._foreach_mul(weights, 1.0)  # a copy, in one kernel per group
+        groups = slot.layout.weight_groups(weights)
+        slot.updates.take(weights, slot.layout.key)
 
         def measure() -> None:
-            torch._foreach_sub_(before, weights)  # before - after: the update (its norm is all that is kept)
-            layers, moves = self._by_layer(step.names, F.grad_norms(before, self.norm_type))
-            sizes = self._by_layer(step.names, F.grad_norms(weights, self.norm_type))[1]
-            slot.units.update_ratios = (layers, torch.stack(moves).to(step.device) / torch.stack(sizes).to(step.device))
+            moves = F.grad_norms(slot.updates.update(weights), self.norm_type, groups)  # before - after, in place
+            sizes = F.grad_norms(weights, self.norm_type, groups)
+            layers, move = self._by_layer(slot, _stack_on(moves, step.device))
+            slot.units.update_ratios = (layers, move / self._by_layer(slot, _stack_on(sizes, step.device))[1])
+            slot.updates.release()
 
         slot.control.after_update = measure
 
@@ -684,43 +717,24 @@ class ClipEngine:
             )
         return None
 
-    def _layer_norms(self, step: StepRecord) -> tuple[list[str], list[Tensor]]:
-        if self.log_norms in ("total", "none"):
-            return [], []
-        if self.log_norms == "parameter":
-            return list(step.names), [n.float() for n in self._true_norms(step)]
-        return self._by_layer(step.names, self._true_norms(step))
+    def _norm_vector(self, step: StepRecord) -> Tensor:
+        """The per-tensor norms of this step as one vector on its device, in true units (fp16: unscaled)."""
+        norms = _stack_on(step.norms, step.device)
+        return norms if step.inv_scale is None else norms * step.inv_scale
 
-    def _true_norms(self, step: StepRecord) -> list[Tensor]:
-        moved = [n.to(step.device) for n in step.norms]
-        return moved if step.inv_scale is None else [n * step.inv_scale for n in moved]
+    def _by_layer(self, slot: Slot, norms: Tensor) -> tuple[list[str], Tensor]:
+        """Per-tensor norms (a vector, in the order of the slot's parameters) combined per layer in one scatter
+        (logging steps): the layers and their norms (float32)."""
+        layers, where = slot.layout.layers(norms.device)
+        return layers, F.combine_norms(norms, where, len(layers), self.norm_type).float()
 
-    def _by_layer(self, names: Sequence[str], norms: Sequence[Tensor]) -> tuple[list[str], list[Tensor]]:
-        """Per-tensor norms combined per layer, all layers in one scatter (logging steps)."""
-        index: dict[str, int] = {}
-        positions = [index.setdefault(layer_of(name), len(index)) for name in names]
-        if not norms:
-            return [], []
-        stacked = torch.stack([n.to(norms[0].device, torch.float64) for n in norms])
-        where = torch.tensor(positions, device=stacked.device)
-        if math.isinf(self.norm_type):
-            layer = torch.zeros(len(index), dtype=torch.float64, device=stacked.device)
-            layer = layer.scatter_reduce(0, where, stacked, reduce="amax", include_self=False)
-        else:
-            powers = torch.zeros(len(index), dtype=torch.float64, device=stacked.device)
-            layer = powers.index_add_(0, where, stacked.pow(self.norm_type)).pow(1.0 / self.norm_type)
-        return list(index), list(layer.float().unbind())
-
-    def _layer_health(self, step: StepRecord) -> tuple[list[str], list[Tensor], list[Tensor]]:
-        """Per layer, the gradient norm and the weight norm (logging steps: vanishing_ratio)."""
+    def _layer_weight_norms(self, slot: Slot, step: StepRecord) -> Tensor:
+        """Each layer's weight norm (logging steps: vanishing_ratio); the whole tensors' under DTensor shards."""
         weights = [local_tensor(p) for p in step.params]
-        weight_norms = [n.to(step.device) for n in F.grad_norms(weights, self.norm_type)]
+        norms = F.grad_norms(weights, self.norm_type, slot.layout.weight_groups(weights))
         if step.specs:  # DTensor shards: the whole tensors' norms
-            weight_norms = [
-                n.to(step.device) for n in F.reduce_sharded_norms(weight_norms, step.specs, self.norm_type)[0]
-            ]
-        layers, grads = self._by_layer(step.names, self._true_norms(step))
-        return layers, grads, self._by_layer(step.names, weight_norms)[1]
+            norms = F.reduce_sharded_norms([n.to(step.device) for n in norms], step.specs, self.norm_type)[0]
+        return self._by_layer(slot, _stack_on(norms, step.device))[1]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -816,6 +830,15 @@ def warn_at_caller(message: str) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+def _stack_on(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """0-dim tensors as one vector on ``device``: one stack when they all live there (the usual case)."""
+    if not tensors:
+        return torch.zeros(0, device=device)
+    if {t.device for t in tensors} == {device}:
+        return torch.stack(list(tensors))
+    return torch.stack([t.to(device) for t in tensors])
 
 
 def _param_ids(optimizer: Optimizer) -> set[int]:

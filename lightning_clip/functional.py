@@ -197,6 +197,26 @@ def total_norm(
     return all_reduce(power_sum, "sum").pow(1.0 / norm_type)
 
 
+def combine_norms(norms: Tensor, index: Tensor, count: int, norm_type: float = 2.0) -> Tensor:
+    """The ``norm_type``-norm of each of ``count`` groups of tensors, from the tensors' norms.
+
+    ``norms[i]`` is tensor ``i``'s norm and ``index[i]`` its group: group ``j`` gets
+    :math:`(\\sum_{i: index_i = j} n_i^p)^{1/p}`, or :math:`\\max_{i: index_i = j} n_i` for ``p = inf``; one scatter
+    in float64 on the norms' device (no host read). The engine's per-layer norms (a layer: the tensors of one module).
+
+    Example::
+
+        >>> combine_norms(torch.tensor([3.0, 4.0, 1.0]), torch.tensor([0, 0, 1]), 2)
+        tensor([5., 1.], dtype=torch.float64)
+    """
+    values = norms.double()
+    if math.isinf(norm_type):
+        out = torch.zeros(count, dtype=torch.float64, device=values.device)
+        return out.scatter_reduce(0, index, values, reduce="amax", include_self=False)
+    powers = torch.zeros(count, dtype=torch.float64, device=values.device)
+    return powers.index_add_(0, index, values.pow(norm_type)).pow(1.0 / norm_type)
+
+
 def clip_coefficient(total: Tensor, max_norm: float, eps: float = EPS, finite: Tensor | None = None) -> Tensor:
     """``min(1, max_norm / (total + eps))``, or exactly ``1`` where ``total`` is not finite.
 

@@ -28,9 +28,12 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from lightning_clip.validation import check_count, check_positive
 
-__all__ = ["VanishingMonitor", "layer_of", "describe_vanishing", "ratios"]
+__all__ = ["VanishingMonitor", "layer_of", "describe_vanishing", "ratios", "ratio_vector", "named_ratios"]
 
 
 def layer_of(name: str) -> str:
@@ -45,6 +48,29 @@ def ratios(names: Sequence[str], grad_norms: Sequence[float], weight_norms: Sequ
         if w > 0 and math.isfinite(w) and math.isfinite(g):
             out[name] = g / w
     return out
+
+
+def ratio_vector(grad_norms: Tensor, weight_norms: Tensor) -> Tensor:
+    """:func:`ratios` on the device, for vectors of layer norms: ``||grad|| / ||W||`` in float64, NaN where
+    :func:`ratios` leaves the layer out (zero or non-finite weights, a non-finite gradient). No host read: the
+    ratios travel in the step's one transfer, and :func:`named_ratios` names them.
+
+    >>> ratio_vector(torch.tensor([1e-20, 1e-20, math.nan]), torch.tensor([1.0, 0.0, 1.0]))
+    tensor([1.0000e-20,        nan,        nan], dtype=torch.float64)
+    """
+    g, w = grad_norms.double(), weight_norms.double()
+    kept = (w > 0) & torch.isfinite(w) & torch.isfinite(g)
+    return torch.where(kept, g / w, torch.full_like(g, math.nan))
+
+
+def named_ratios(names: Sequence[str], values: Sequence[float]) -> dict[str, float]:
+    """The host values of :func:`ratio_vector` by layer, without the layers it left out (NaN): what :func:`ratios`
+    returns for the same norms.
+
+    >>> named_ratios(["a", "zero"], [1e-20, math.nan])
+    {'a': 1e-20}
+    """
+    return {name: r for name, r in zip(names, values) if not math.isnan(r)}
 
 
 class VanishingMonitor:

@@ -4,8 +4,10 @@
   detectors and the vanishing monitor.
 * :class:`~lightning_clip.control.SlotControl` -- the mechanisms a remedy's requests are carried out with (skip, LR
   scale, snapshots, the steps to skip) and the one owner of the optimizer's hooks.
-* :class:`Layout` -- the cached foreach groups and names of the parameters stepped last time: the same parameters
-  step every time, so the Python loops over them run once.
+* :class:`Layout` -- the cached foreach groups and names of the parameters stepped last time (and their layers, for
+  logging steps): the same parameters step every time, so the Python loops over them run once.
+* :class:`UpdateBuffers` -- the weights before a logging step's update, for its update-to-weight ratio: buffers kept
+  between logging steps on the CPU, so the copy costs no fresh allocation.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -22,12 +25,13 @@ from lightning_clip import functional as F
 from lightning_clip.control import SlotControl
 from lightning_clip.counters import StepCounters
 from lightning_clip.detect import SpikeDetector
-from lightning_clip.health import VanishingMonitor
+from lightning_clip.health import VanishingMonitor, layer_of
 from lightning_clip.remedies import Remedy
 from lightning_clip.rules import ClipRule
 from lightning_clip.state import DeviceState
 
 _DTYPE, _DEVICE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("layout")
+_SHAPE = operator.attrgetter("shape")
 
 
 @dataclass
@@ -69,6 +73,9 @@ class Layout:
     groups: list[F.Group] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     dtensor: bool = False
+    layer_names: list[str] = field(default_factory=list)  # the layers of ``names`` (logging steps), in order
+    _layer_index: dict[torch.device, Tensor] = field(default_factory=dict)  # per tensor: its layer's position
+    _weight_groups: list[F.Group] | None = None  # the foreach groups of the (dense, local) weights
 
     def update(self, params: list[Tensor], grads: list[Tensor], names: dict[int, str]) -> Layout:
         key = (
@@ -82,17 +89,86 @@ class Layout:
             self.names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
             self.dtensor = any(spec is not None for spec in F.local_shards(grads, self.names)[1])
             self.key, self.groups = key, F.plan(F.local_shards(grads)[0] if self.dtensor else grads)
+            self.layer_names, self._layer_index, self._weight_groups = [], {}, None
         return self
+
+    def layers(self, device: torch.device) -> tuple[list[str], Tensor]:
+        """The layers (:func:`~lightning_clip.health.layer_of` the names, in order of first appearance) and, on
+        ``device``, each tensor's layer position: what a scatter of per-tensor norms into layer norms takes."""
+        if device not in self._layer_index:
+            index: dict[str, int] = {}
+            positions = [index.setdefault(layer_of(name), len(index)) for name in self.names]
+            self.layer_names = list(index)
+            self._layer_index[device] = torch.tensor(positions, dtype=torch.long, device=device)
+        return self.layer_names, self._layer_index[device]
+
+    def weight_groups(self, weights: list[Tensor]) -> list[F.Group]:
+        """:func:`~lightning_clip.functional.plan` of the weights of these parameters (dense even where a gradient
+        is sparse), computed once per layout."""
+        if self._weight_groups is None:
+            self._weight_groups = F.plan(weights)
+        return self._weight_groups
+
+
+class UpdateBuffers:
+    """The weights before a logging step's update, for its update-to-weight ratio :math:`\\|W_{before} - W_{after}\\|`.
+
+    On the CPU the buffers are allocated once per layout and kept between logging steps (one copy of the weights,
+    :meth:`nbytes`): a fresh copy there costs page faults, most of the copy's time. On other devices the caching
+    allocator already reuses freed blocks, so the copy is made per logging step and freed once measured, and no
+    memory is held between logging steps. ``logging_steps`` counts the calls of :meth:`due`.
+    """
+
+    def __init__(self) -> None:
+        self.before: list[Tensor] = []
+        self.key: tuple[Any, ...] = ()
+        self.shapes: tuple[Any, ...] = ()
+        self.logging_steps = 0
+
+    def due(self, every: int | None) -> bool:
+        """Whether this logging step's update is measured: the 1st, then every ``every``-th (None: never)."""
+        if every is None:
+            self.clear()
+            return False
+        self.logging_steps += 1
+        return (self.logging_steps - 1) % every == 0
+
+    def take(self, weights: list[Tensor], key: tuple[Any, ...]) -> None:
+        """Copy ``weights`` (the parameters of layout ``key``) into the buffers, allocating them on a new layout."""
+        shapes = tuple(map(_SHAPE, weights))  # a parameter's data may be swapped for another shape in place
+        if key != self.key or shapes != self.shapes or len(self.before) != len(weights):
+            self.before = [torch.empty_like(w) for w in weights]
+            self.key, self.shapes = key, shapes
+        torch._foreach_copy_(self.before, weights)
+
+    def update(self, weights: list[Tensor]) -> list[Tensor]:
+        """``before - after`` per tensor, in the buffers themselves (their norms are the update's)."""
+        torch._foreach_sub_(self.before, weights)
+        return self.before
+
+    def release(self) -> None:
+        """After a measure: off the CPU, give the copy back to the caching allocator."""
+        if self.before and self.before[0].device.type != "cpu":
+            self.clear()
+
+    def clear(self) -> None:
+        self.before, self.key, self.shapes = [], (), ()
+
+    def nbytes(self) -> int:
+        """The memory held by the buffers now."""
+        return sum(t.numel() * t.element_size() for t in self.before)
 
 
 @dataclass
 class Slot:
-    """One optimizer: :class:`SlotUnits`, :class:`~lightning_clip.control.SlotControl` (mechanisms, hooks) and
-    :class:`Layout` (cache). Its checkpoint entry (format 3) has one section per unit; no unit reads another's."""
+    """One optimizer: :class:`SlotUnits`, :class:`~lightning_clip.control.SlotControl` (mechanisms, hooks),
+    :class:`Layout` (cache) and :class:`UpdateBuffers` (the update ratio's copy of the weights). Its checkpoint entry
+    (format 3) has one section per unit; no unit reads another's."""
 
     units: SlotUnits
     control: SlotControl = field(default_factory=SlotControl)
     layout: Layout = field(default_factory=Layout)
+    updates: UpdateBuffers = field(default_factory=UpdateBuffers)
 
     @property
     def optimizer(self) -> Optimizer | None:

@@ -148,9 +148,9 @@ def test_update_ratios_are_the_last_applied_updates_float64_reference(tmp_path):
     model = DeepSigmoid(residual=True, depth=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer(tmp_path, [GradientClipping(), rec], max_steps=4, logger=logger, log_every_n_steps=1).fit(
-            model, loader()
-        )
+        trainer(
+            tmp_path, [GradientClipping(update_ratio_every=1), rec], max_steps=4, logger=logger, log_every_n_steps=1
+        ).fit(model, loader())
     names = [n for n, _ in model.named_parameters()]
     logged = logger.series("grad_health/update_ratio/net.2.lin")
     assert len(logged) == 3  # from the second logging step on: each reports the update before it

@@ -17,7 +17,7 @@ logs on logging steps:
   counts rollbacks after the last logging step too, and the steps they undid (from each snapshot to its bad step);
 * gradient health: ``grad_health/vanishing_layers`` (last value: the layers the callback flags as vanishing now)
   and, per layer, ``grad_norm_layer/<layer>``, ``grad_health/grad_ratio/<layer>`` (``||grad W|| / ||W||``) and
-  ``grad_health/update_ratio/<layer>`` (``||dW|| / ||W||`` of the last applied update): the depth profile.
+  ``grad_health/update_ratio/<layer>`` (``||dW|| / ||W||`` of the last measured update): the depth profile.
 
 Layers are in *depth order*: the order in which the callback logs them (the model's ``named_parameters()``
 order), which is the order in which their tags first appear in the event files -- TensorBoard's reader keeps it.
@@ -79,7 +79,9 @@ class LayerHealth:
     name: str
     grad_norm: float | None = None  # grad_norm_layer/<name>
     grad_ratio: float | None = None  # grad_health/grad_ratio/<name>: ||grad W|| / ||W||
-    update_ratio: float | None = None  # grad_health/update_ratio/<name>: ||dW|| / ||W|| of the last applied update
+    # grad_health/update_ratio/<name>: ||dW|| / ||W|| of the last update measured by then (every
+    # ``update_ratio_every``-th logging step's, logged at the next logging step)
+    update_ratio: float | None = None
 
 
 @dataclass
@@ -273,7 +275,8 @@ def _depth_profile(
     acc: EventAccumulator, entries: Sequence[tuple[str, str, str]]
 ) -> tuple[dict[str, dict[str, dict[int, float]]], list[LayerHealth], int | None]:
     """The per-layer series (layer -> field -> step -> value, layers in depth order) and the depth profile: every
-    layer's values at the last logging step whose logged norms and ratios are all finite (else the last step)."""
+    layer's values at the last logging step whose logged norms and ratios are all finite (else the last step); the
+    update ratio is the last one logged by then (it is measured every ``update_ratio_every``-th logging step)."""
     series: dict[str, dict[str, dict[int, float]]] = {}
     for tag, kind, layer in entries:  # reading order: the first tag of a layer places it
         series.setdefault(layer, {})[kind] = dict(_scalars(acc, tag))
@@ -287,10 +290,18 @@ def _depth_profile(
 
     at = next((s for s in reversed(steps) if finite_at(s)), steps[-1])
     layers = [
-        LayerHealth(layer, *(by.get(k, {}).get(at) for k in ("grad_norm", "grad_ratio", "update_ratio")))
+        LayerHealth(
+            layer, by.get("grad_norm", {}).get(at), by.get("grad_ratio", {}).get(at), _last_update_ratio(by, at)
+        )
         for layer, by in series.items()
     ]
     return series, layers, at
+
+
+def _last_update_ratio(by: dict[str, dict[int, float]], step: int) -> float | None:
+    """The update ratio logged last at or before ``step``."""
+    logged = [s for s in by.get("update_ratio", {}) if s <= step]
+    return by["update_ratio"][max(logged)] if logged else None
 
 
 def _vanishing_layers(
