@@ -114,7 +114,7 @@ class UpdateBuffers:
     """The weights before a logging step's update, for its update-to-weight ratio :math:`\\|W_{before} - W_{after}\\|`.
 
     On the CPU the buffers are allocated once per layout and kept between logging steps (one copy of the weights,
-    :meth:`nbytes`): a fresh copy there costs page faults, most of the copy's time. On other devices the caching
+    :meth:`nbytes`): a fresh copy there pays page faults on every measured logging step. On other devices the caching
     allocator already reuses freed blocks, so the copy is made per logging step and freed once measured, and no
     memory is held between logging steps. ``logging_steps`` counts the calls of :meth:`due`.
     """
