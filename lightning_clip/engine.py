@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
 import types
 import warnings
@@ -63,17 +62,32 @@ from lightning_clip import metrics as M
 from lightning_clip.control import fused_skip_is_safe
 from lightning_clip.counters import COUNTERS
 from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
+from lightning_clip.distributed import flat_shard_all_reduce, join_without_gradients, param_ids, total_norm_reducer
 from lightning_clip.errors import NonFiniteGradientError
-from lightning_clip.health import VanishingMonitor, describe_vanishing, named_ratios, ratio_vector
+from lightning_clip.health import VanishingMonitor
 from lightning_clip.record import HostRead, Request, RunEnd, SpikeCheck, StepRead, StepRecord
 from lightning_clip.remedies import Remedy, build_remedy
+from lightning_clip.reporter import LoggedValues, Reporter
 from lightning_clip.rules import ClipRule, NormClip
 from lightning_clip.slots import Slot, SlotUnits
-from lightning_clip.snapshot import local_tensor
 from lightning_clip.validation import check_choice, check_count, check_finite, check_positive
 
 LOG_NORMS = ("layer", "parameter", "total", "none")
 _UNSET: Any = object()  # configure(): a setting not passed
+
+
+class _OfReporter:
+    """An engine attribute the engine's :class:`~lightning_clip.reporter.Reporter` holds: one copy, read and set
+    through the engine (``engine.log_norms``) as before the reporter had it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, engine: Any, owner: Any = None) -> Any:
+        return self if engine is None else getattr(engine.reporter, self.name)
+
+    def __set__(self, engine: Any, value: Any) -> None:
+        setattr(engine.reporter, self.name, value)
 
 
 def _same_optimizer(a: Any, b: Any) -> bool:
@@ -109,6 +123,13 @@ class ClipEngine:
     ``optimizer.step()``, and :meth:`finish` after the last step. Save :meth:`state_dict` with the checkpoint.
     """
 
+    # The reporter's settings (``configure`` sets the live ones), read and set here as the engine's own.
+    log_norms = _OfReporter()
+    update_ratio_every = _OfReporter()
+    name = _OfReporter()  # tags get the suffix /<name>
+    vanishing = _OfReporter()
+    spike_top_k = _OfReporter()  # layers named when a logged step holds a spike
+
     def __init__(
         self,
         rule: ClipRule | None = None,
@@ -140,9 +161,7 @@ class ClipEngine:
         # Prototypes: each optimizer gets its own copies (SlotUnits), with their own statistics and state.
         self.spike_skip = spike_skip
         self.loss_spike = loss_spike
-        self.vanishing = vanishing
-        self.spike_top_k = 3  # layers named when a logged step holds a spike
-        self.name = name  # tags get the suffix /<name>
+        self.reporter = Reporter(name=name, vanishing=vanishing)  # logging steps: per-layer norms, health, spikes
         self.detector = BadStepDetector(
             check_inputs, check_loss=self.remedy.checks_loss, keep_losses=loss_spike is not None
         )
@@ -272,8 +291,8 @@ class ClipEngine:
                 return i, slot
         # An optimizer re-created for the same parameters takes over the slot (counters, LR scale, statistics) of
         # the one it replaces; one never attached (a plain loop that skipped attach) is bound in order of first use.
-        params = _param_ids(optimizer)
-        taken = [i for i, s in enumerate(self._slots) if s.optimizer is not None and _param_ids(s.optimizer) == params]
+        params = param_ids(optimizer)
+        taken = [i for i, s in enumerate(self._slots) if s.optimizer is not None and param_ids(s.optimizer) == params]
         free = [i for i, s in enumerate(self._slots) if s.optimizer is None]
         i = (taken or free or [len(self._slots)])[0]
         slot = self._slot_at(i)
@@ -326,10 +345,10 @@ class ClipEngine:
         """
         try:
             i, slot = self._slot_of(optimizer)
-            all_reduce = self._all_reduce(optimizer, sharded, distributed)
+            all_reduce = flat_shard_all_reduce(optimizer, sharded, distributed)
             step = self._layout(i, slot, optimizer, all_reduce)
             if step is None:  # no gradient here: join the collectives the other ranks make, in the same order
-                self._join_without_gradients(optimizer, all_reduce, distributed)
+                join_without_gradients(optimizer, all_reduce, distributed, self.detector, self.norm_type)
                 return {}
             step.log, step.scaler, step.read_every, step.epoch = log, scaler, read_every, epoch
             step.global_step = slot.units.counters.steps if global_step is None else global_step
@@ -340,20 +359,6 @@ class ClipEngine:
             return self._remedy(i, slot, step)
         finally:
             self.detector.step_done()
-
-    def _all_reduce(
-        self, optimizer: Optimizer, sharded: bool | Any | None, distributed: bool
-    ) -> Callable[[Tensor, str], Tensor] | None:
-        """The collective for flat-sharded gradients (FSDP1), or None when every rank holds whole gradients."""
-        if sharded is None:
-            # From every parameter, not only those with a gradient: a rank whose shard holds no gradient must
-            # still take part in the same collectives as the others.
-            sharded = distributed and any(
-                getattr(p, "_fsdp_flattened", False) for group in optimizer.param_groups for p in group["params"]
-            )
-        if sharded is False:
-            return None
-        return F.distributed_all_reduce(None if isinstance(sharded, bool) else sharded)
 
     def _layout(
         self, i: int, slot: Slot, optimizer: Optimizer, all_reduce: Callable[[Tensor, str], Tensor] | None
@@ -402,23 +407,8 @@ class ClipEngine:
             input_problems=self.detector.input_problems,
             warn=self.warn,
         )
-        step.reduce_total = self._reducer(step)
+        step.reduce_total = total_norm_reducer(step)
         return step
-
-    def _join_without_gradients(
-        self, optimizer: Optimizer, all_reduce: Callable[[Tensor, str], Tensor] | None, distributed: bool
-    ) -> None:
-        """Every parameter frozen or unused: nothing to clip. The rank still joins the collectives the others make
-        (norm, loss/input flag, clipped flag), in the same order, or they would hang in theirs."""
-        device = _device_of(optimizer)
-        if all_reduce is not None:
-            F.total_norm([], self.norm_type, all_reduce=all_reduce)
-        if self.detector.active:
-            # Consume this optimizer's losses (those owed to another stay for its step), so a NaN loss of a step
-            # without gradients does not spoil this optimizer's next step; ranks agree when distributed.
-            self.detector.flag(device, agree=distributed, params=_param_ids(optimizer))
-        if all_reduce is not None:
-            agree_any(torch.zeros((), dtype=torch.bool, device=device))
 
     def _measure(self, slot: Slot, step: StepRecord) -> None:
         """Stage 2: per-tensor norms and the total, in true units (fused optimizers under fp16 still hold scaled
@@ -511,7 +501,7 @@ class ClipEngine:
         control.skip_on_device(step, step.skipped_on_device)
         if not (remedy.needs_read(step) or step.log):
             return {}
-        values = self._read(slot, step)
+        values, logged = self._read(slot, step)
         counts = self._counts(slot, slot.units.counters.from_values(values["counts"]))
         read = StepRead(
             bool(values["bad"]),
@@ -524,9 +514,11 @@ class ClipEngine:
         )
         request = remedy.decide(step, read)
         self._carry_out(slot, step, read, request)
-        if step.log and not read.skip:
-            self._watch_update(slot, step)
-        return self._report(i, slot, step, values, self._counts(slot, counts)) if step.log else {}
+        if logged is None:
+            return {}
+        if not read.skip:
+            self.reporter.watch_update(slot, step)
+        return self.reporter.report(i, slot, step, logged, self._counts(slot, counts))
 
     def _carry_out(self, slot: Slot, step: StepRecord, read: StepRead, request: Request) -> None:
         """What the remedy decided, by the slot's mechanisms (:meth:`SlotControl.carry_out`); a stop raises here,
@@ -553,8 +545,9 @@ class ClipEngine:
         counts["skipped_steps"] = self._skipped(counts)
         return counts
 
-    def _read(self, slot: Slot, step: StepRecord) -> dict[str, Any]:
-        """The one device-to-host transfer of this step, by name."""
+    def _read(self, slot: Slot, step: StepRecord) -> tuple[dict[str, Any], LoggedValues | None]:
+        """The one device-to-host transfer of this step, by name: the remedy's values and, on a logging step, the
+        reporter's (:meth:`Reporter.add_to <lightning_clip.reporter.Reporter.add_to>`), typed."""
         assert step.counters is not None
         read = HostRead(step.device)
         read.add("bad", step.bad)
@@ -563,178 +556,9 @@ class ClipEngine:
         read.add("skip", step.skip)
         read.add("spike", step.counters.false if step.spike is None else step.spike)
         read.add_all("counts", step.counters.counts)
-        names = self._add_logged(slot, step, read) if step.log else {}
+        names = self.reporter.add_to(read, slot, step) if step.log else None
         values = read.read()
-        values.update({"layer_names": [], "health_layers": [], "update_layers": [], **names})
-        return values
-
-    def _add_logged(self, slot: Slot, step: StepRecord, read: HostRead) -> dict[str, list[str]]:
-        """A logging step's part of the read: the totals, the layer (or parameter) norms, each layer's
-        ``||grad W|| / ||W||`` (divided on the device) and the ratios of the last measured update; returns the names
-        of what was added per layer."""
-        result = step.result
-        assert result is not None
-        threshold = result.threshold
-        read.add("total", step.total)
-        read.add("total_clipped", step.total if result.total_after is None else result.total_after)
-        read.add("clipped", step.clipped)
-        read.add("threshold", torch.as_tensor(math.nan if threshold is None else threshold, device=step.device))
-        health = self.vanishing is not None and step.all_reduce is None  # flat FSDP1 shards: no per-layer norms
-        names: list[str] = list(step.names) if self.log_norms == "parameter" else []
-        norms = self._norm_vector(step).float() if names else torch.zeros(0, device=step.device)
-        layers: list[str] = []
-        if self.log_norms == "layer" or health:
-            layers, grads = self._by_layer(slot, self._norm_vector(step))
-            if self.log_norms == "layer":
-                names, norms = layers, grads
-            if health:
-                read.add_all("health_ratios", ratio_vector(grads, self._layer_weight_norms(slot, step)))
-        read.add_all("layer_norms", norms)
-        # (value, threshold, flag) of each spike test, to say which spiked (a loss or the gradient norm)
-        checks = [(c.value, c.threshold, c.flag) for c in step.spike_checks]
-        read.add_all("spike_checks", [t.to(step.device, torch.float64) for check in checks for t in check])
-        updates: list[str] = []
-        pending = slot.units.update_ratios
-        if pending is not None:  # the last measured update, read at the logging step after it
-            updates, slot.units.update_ratios = pending[0], None
-            read.add_all("update_ratios", pending[1])
-        return {"layer_names": names, "health_layers": layers if health else [], "update_layers": updates}
-
-    def _report(
-        self, i: int, slot: Slot, step: StepRecord, values: dict[str, Any], counts: dict[str, int]
-    ) -> dict[str, float]:
-        """Stage 7: the metrics of a logging step, from the values read back."""
-        step_values = {
-            "total": values["total"],
-            "total_clipped": values["total_clipped"],
-            "clipped": values["clipped"],
-            "threshold": None if math.isnan(values["threshold"]) else values["threshold"],
-            "max_norm": getattr(slot.units.rule, "max_norm", None),
-            "lr_scale": slot.control.lr_scale,
-        }
-        group = {"layer": M.LAYER_GROUP, "parameter": M.PARAM_GROUP}.get(self.log_norms)
-        names, norms = values["layer_names"], values["layer_norms"]
-        out = M.step_metrics(i, step_values, counts, group, names, norms, self.name)
-        if values["health_layers"]:
-            out.update(self._health(i, slot, step, values))
-        spiked = bool(values["spike"]) or (slot.units.rule.reports_spikes and step_values["clipped"] > 0)
-        if spiked and norms:
-            triples = values["spike_checks"]
-            failed = [
-                (check.what, *triples[3 * j : 3 * j + 2])
-                for j, check in enumerate(step.spike_checks)
-                if triples[3 * j + 2]
-            ]
-            share = self._attribute_spike(step, bool(values["spike"]), step_values, names, norms, failed)
-            out[M.tag(M.TOP_LAYER_SHARE, i, self.name)] = share
-        return out
-
-    def _health(self, i: int, slot: Slot, step: StepRecord, values: dict[str, Any]) -> dict[str, float]:
-        """Vanishing layers from this logging step's host values: a rate-limited warning and the tags."""
-        monitor = slot.units.vanishing
-        assert monitor is not None
-        layer_ratios = named_ratios(values["health_layers"], values["health_ratios"])
-        flagged = monitor.update(layer_ratios)
-        if flagged is not None:
-            self.warn(describe_vanishing(flagged, monitor.ratio, monitor.patience, step.global_step))
-        out = {M.tag(M.VANISHING_LAYERS, i, self.name): float(monitor.flagged)}
-        if self.log_norms == "layer":
-            out.update({M.norm_tag(M.GRAD_RATIO_GROUP, k, i, self.name): v for k, v in layer_ratios.items()})
-            updates = dict(zip(values["update_layers"], values.get("update_ratios", [])))
-            out.update({M.norm_tag(M.UPDATE_RATIO_GROUP, k, i, self.name): v for k, v in updates.items()})
-            finite = sorted(v for v in updates.values() if math.isfinite(v))
-            if finite:
-                summary = (finite[0], statistics.median(finite), finite[-1])
-                out.update({M.tag(name, i, self.name): v for name, v in zip(M.UPDATE_RATIO_SUMMARY, summary)})
-        return out
-
-    def _watch_update(self, slot: Slot, step: StepRecord) -> None:
-        """On a logging step (layer norms, health on), the 1st and then every ``update_ratio_every``-th: measure
-        ``||dW|| / ||W||`` per layer once the optimizer has applied this step's update (divided on the device); read
-        at the next logging step. The weights before the update go to the slot's
-        :class:`~lightning_clip.slots.UpdateBuffers` (kept between logging steps on the CPU: no fresh allocation)."""
-        if self.vanishing is None or self.log_norms != "layer" or step.sharded:
-            return
-        if not slot.updates.due(self.update_ratio_every):
-            return
-        weights = [p.detach() for p in step.params]
-        groups = slot.layout.weight_groups(weights)
-        slot.updates.take(weights, slot.layout.key)
-
-        def measure() -> None:
-            moves = F.grad_norms(slot.updates.update(weights), self.norm_type, groups)  # before - after, in place
-            sizes = F.grad_norms(weights, self.norm_type, groups)
-            layers, move = self._by_layer(slot, _stack_on(moves, step.device))
-            slot.units.update_ratios = (layers, move / self._by_layer(slot, _stack_on(sizes, step.device))[1])
-            slot.updates.release()
-
-        slot.control.after_update = measure
-
-    def _attribute_spike(
-        self,
-        step: StepRecord,
-        skipped: bool,
-        values: dict[str, Any],
-        names: Sequence[str],
-        norms: Sequence[float],
-        spikes: Sequence[tuple[str, float, float]] = (),
-    ) -> float:
-        """Name the layers that carried a spike (host values of this logging step: no extra read); return the
-        top layer's share of the squared norm. ``spikes``: the spike tests that failed (what, value, threshold)."""
-        ranked = sorted(zip(names, norms), key=lambda pair: -pair[1] if math.isfinite(pair[1]) else math.inf)
-        squares = sum(n * n for _, n in ranked if math.isfinite(n)) or 1.0
-        top = ranked[: self.spike_top_k]
-        listed = ", ".join(f"{name} ({norm:.3g}, {100 * norm * norm / squares:.0f}%)" for name, norm in top)
-        threshold = values["threshold"]
-        if spikes:  # skip_spikes / loss_spikes: their own thresholds (mean + k sigma), not the clip threshold
-            kind = "Loss" if all(what == "loss" for what, _, _ in spikes) else "Gradient"
-            measured = "; ".join(
-                f"{'total norm' if what == 'gradient norm' else what} {value:.4g}, threshold {limit:.4g}"
-                for what, value, limit in spikes
-            )
-        else:
-            kind = "Gradient"
-            measured = f"total norm {values['total']:.4g}" + (
-                f", threshold {threshold:.4g}" if threshold is not None else ""
-            )
-        self.warn(
-            f"{kind} spike {'skipped' if skipped else 'clipped'} at global step {step.global_step} (optimizer "
-            f"{step.optimizer_idx}): {measured}. Largest {'layers' if self.log_norms == 'layer' else 'parameters'} "
-            f"(norm, share of the squared norm): {listed}."
-        )
-        return top[0][1] ** 2 / squares if top and math.isfinite(top[0][1]) else math.nan
-
-    def _reducer(self, step: StepRecord) -> Callable[[Sequence[Tensor]], Tensor] | None:
-        """How a rule gets the total norm of sharded gradients (the same collectives as the measured norm)."""
-        specs, all_reduce, groups = step.specs, step.all_reduce, step.groups
-        if specs:
-            return lambda tensors: F.reduce_sharded_norms(
-                F.grad_norms(tensors, self.norm_type, groups), specs, self.norm_type
-            )[1]
-        if all_reduce is not None:
-            return lambda tensors: F.total_norm(
-                F.grad_norms(tensors, self.norm_type, groups), self.norm_type, all_reduce=all_reduce
-            )
-        return None
-
-    def _norm_vector(self, step: StepRecord) -> Tensor:
-        """The per-tensor norms of this step as one vector on its device, in true units (fp16: unscaled)."""
-        norms = _stack_on(step.norms, step.device)
-        return norms if step.inv_scale is None else norms * step.inv_scale
-
-    def _by_layer(self, slot: Slot, norms: Tensor) -> tuple[list[str], Tensor]:
-        """Per-tensor norms (a vector, in the order of the slot's parameters) combined per layer in one scatter
-        (logging steps): the layers and their norms (float32)."""
-        layers, where = slot.layout.layers(norms.device)
-        return layers, F.combine_norms(norms, where, len(layers), self.norm_type).float()
-
-    def _layer_weight_norms(self, slot: Slot, step: StepRecord) -> Tensor:
-        """Each layer's weight norm (logging steps: vanishing_ratio); the whole tensors' under DTensor shards."""
-        weights = [local_tensor(p) for p in step.params]
-        norms = F.grad_norms(weights, self.norm_type, slot.layout.weight_groups(weights))
-        if step.specs:  # DTensor shards: the whole tensors' norms
-            norms = F.reduce_sharded_norms([n.to(step.device) for n in norms], step.specs, self.norm_type)[0]
-        return self._by_layer(slot, _stack_on(norms, step.device))[1]
+        return values, None if names is None else LoggedValues.of(values, names)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -830,23 +654,3 @@ def warn_at_caller(message: str) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
-
-
-def _stack_on(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """0-dim tensors as one vector on ``device``: one stack when they all live there (the usual case)."""
-    if not tensors:
-        return torch.zeros(0, device=device)
-    if {t.device for t in tensors} == {device}:
-        return torch.stack(list(tensors))
-    return torch.stack([t.to(device) for t in tensors])
-
-
-def _param_ids(optimizer: Optimizer) -> set[int]:
-    return {id(p) for group in optimizer.param_groups for p in group["params"]}
-
-
-def _device_of(optimizer: Optimizer) -> torch.device:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            return p.device
-    return torch.device("cpu")
