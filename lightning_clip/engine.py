@@ -12,7 +12,7 @@ detect     bad-step flag: norm, loss, inputs, ranks    :mod:`lightning_clip.dete
 clip       the rule clips in place; spikes flagged     :mod:`lightning_clip.rules`
 count      device-side counters                        :mod:`lightning_clip.counters`
 remedy     skip / halve_lr / raise / ignore            :mod:`lightning_clip.remedies`
-report     one host transfer, then the metrics dict    :mod:`lightning_clip.record`, :mod:`lightning_clip.metrics`
+report     one host transfer, then the metrics dict    :mod:`lightning_clip.record`, :mod:`lightning_clip.reporter`
 =========  ==========================================  ============================================
 
 Nothing is read back to the host unless the remedy asks for it (:meth:`Remedy.needs_read`) or the step logs;
@@ -65,7 +65,7 @@ from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, lea
 from lightning_clip.distributed import flat_shard_all_reduce, join_without_gradients, param_ids, total_norm_reducer
 from lightning_clip.errors import NonFiniteGradientError
 from lightning_clip.health import VanishingMonitor
-from lightning_clip.record import HostRead, Request, RunEnd, SpikeCheck, StepRead, StepRecord
+from lightning_clip.record import HostRead, Request, RunEnd, StepRead, StepRecord
 from lightning_clip.remedies import Remedy, build_remedy
 from lightning_clip.reporter import LoggedValues, Reporter
 from lightning_clip.rules import ClipRule, NormClip
@@ -123,6 +123,8 @@ class ClipEngine:
     ``optimizer.step()``, and :meth:`finish` after the last step. Save :meth:`state_dict` with the checkpoint.
     """
 
+    norm_type: float  # set by configure, as eps
+    eps: float
     # The reporter's settings (``configure`` sets the live ones), read and set here as the engine's own.
     log_norms = _OfReporter()
     update_ratio_every = _OfReporter()
@@ -148,16 +150,7 @@ class ClipEngine:
         M.check_instance_name(name)
         self.rule = rule if rule is not None else NormClip()
         self.remedy = remedy if remedy is not None else build_remedy("skip")
-        if not isinstance(self.rule, ClipRule):
-            raise ValueError(f"`rule` must be a lightning_clip.rules.ClipRule, got {self.rule!r}.")
-        if not isinstance(self.remedy, Remedy):
-            raise ValueError(f"`remedy` must be a lightning_clip.remedies.Remedy, got {self.remedy!r}.")
-        for setting, detector in (("skip_spikes", spike_skip), ("loss_spikes", loss_spike)):
-            if detector is not None and not self.remedy.skips_steps:
-                raise ValueError(
-                    f"`{setting}` needs a nan_policy that skips steps ('skip', 'halve_lr', 'rollback'); got "
-                    f"nan_policy={self.remedy.policy!r}."
-                )
+        _check_units(self.rule, self.remedy, spike_skip, loss_spike)
         # Prototypes: each optimizer gets its own copies (SlotUnits), with their own statistics and state.
         self.spike_skip = spike_skip
         self.loss_spike = loss_spike
@@ -187,24 +180,11 @@ class ClipEngine:
         update_ratio_every: Any = _UNSET,
     ) -> None:
         """Set the engine's own settings (those passed), checked as in the constructor; from the next step on."""
-        if norm_type is not _UNSET:
-            check_positive("norm_type", norm_type, allow_inf=True)
-            self.norm_type = float(norm_type)
-        if eps is not _UNSET:
-            check_finite("eps", eps)
-            if eps < 0:
-                raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
-            self.eps = float(eps)
-        if log_norms is not _UNSET:
-            check_choice("log_norms", log_norms, LOG_NORMS)
-            self.log_norms = log_norms
-        if check_inputs is not _UNSET:
-            if not isinstance(check_inputs, bool):
-                raise ValueError(f"`check_inputs` must be True or False, got {check_inputs!r}.")
-            self.detector.check_inputs = check_inputs
-        if update_ratio_every is not _UNSET:
-            check_count("update_ratio_every", update_ratio_every)
-            self.update_ratio_every = None if update_ratio_every is None else int(update_ratio_every)
+        settings = _checked_settings(norm_type, eps, log_norms, check_inputs, update_ratio_every)
+        if "check_inputs" in settings:
+            self.detector.check_inputs = settings.pop("check_inputs")
+        for setting, value in settings.items():  # log_norms, update_ratio_every: the reporter's (_OfReporter)
+            setattr(self, setting, value)
         if self.update_ratio_every is None or self.log_norms != "layer":
             for slot in self._slots:  # no update ratio measured any more: its copy of the weights goes
                 slot.updates.clear()
@@ -232,7 +212,7 @@ class ClipEngine:
         for slot in self._slots:
             slot.layout.key = ()  # names may have changed
         for i, optimizer in enumerate(optimizers):
-            self._bind(self._slot_at(i), optimizer)
+            self._slot_at(i).bind(optimizer)
         del self._slots[max(len(optimizers), 1) :]
 
     def attached_to(self, optimizers: Sequence[Optimizer]) -> bool:
@@ -267,18 +247,6 @@ class ClipEngine:
             if request.stop is not None and not failed:
                 raise NonFiniteGradientError(*astuple(request.stop))
 
-    def _bind(self, slot: Slot, optimizer: Optimizer) -> None:
-        # A closure optimizer that moves the weights between evaluations (LBFGS) is snapshotted at each step start
-        # under a remedy that skips: a bad evaluation anywhere in the step restores it, so the step is a no-op.
-        remedy = slot.units.remedy
-        slot.control.track(
-            optimizer,
-            guard=remedy.skips_steps and _moves_between_evaluations(optimizer),
-            snapshots=remedy.keeps_snapshots,
-            on_device=remedy.snapshot_on_device,
-            statistics=slot.units.statistics,
-        )
-
     def _slot_at(self, i: int) -> Slot:
         while len(self._slots) <= i:
             units = SlotUnits.copies_of(self.rule, self.remedy, self.spike_skip, self.loss_spike, self.vanishing)
@@ -296,7 +264,7 @@ class ClipEngine:
         free = [i for i, s in enumerate(self._slots) if s.optimizer is None]
         i = (taken or free or [len(self._slots)])[0]
         slot = self._slot_at(i)
-        self._bind(slot, optimizer)
+        slot.bind(optimizer)
         return i, slot
 
     # ------------------------------------------------------------------ per micro-batch
@@ -363,51 +331,11 @@ class ClipEngine:
     def _layout(
         self, i: int, slot: Slot, optimizer: Optimizer, all_reduce: Callable[[Tensor, str], Tensor] | None
     ) -> StepRecord | None:
-        """Stage 1: the record of this step (None when no parameter has a gradient)."""
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not params:
-            return None
-        grads: list[Tensor] = [p.grad for p in params]
-        units = slot.units
-        counters = units.counters.on(grads[0].device)
-        layout = slot.layout.update(params, grads, self._names)
-        specs: list[F.ShardSpec | None] = []
-        if layout.dtensor:  # DTensor gradients (FSDP2, tensor parallel): the math runs on the local shards, in place
-            grads, specs = F.local_shards(grads, layout.names)
-        control = slot.control
-        reevaluation = control.reevaluation()
-        if reevaluation and units.remedy.skips_steps and not control.guard:
-            _refuse_moving_closure(optimizer, units.remedy)
-        requested = control.take_requested_skip() if not reevaluation else False
-        false = counters.false
-        step = StepRecord(
-            params=params,
-            grads=grads,
-            names=layout.names,
-            optimizer=optimizer,
-            optimizer_idx=i,
-            groups=layout.groups,
-            norm_type=self.norm_type,
-            eps=self.eps,
-            sharded=layout.dtensor or all_reduce is not None,
-            update_statistics=not (reevaluation or requested),
-            reevaluation=reevaluation,
-            state_before=control.state_before(),
-            batch_idx=self.detector.last_batch_idx(),
-            specs=specs,
-            all_reduce=all_reduce,
-            total=false,  # placeholders until measured: no allocation per step
-            finite=false,
-            bad=false,
-            overflow=false,
-            clipped=false,
-            requested=requested,
-            counters=counters,
-            loss_nonfinite=self.detector.loss_nonfinite,
-            input_problems=self.detector.input_problems,
-            warn=self.warn,
-        )
-        step.reduce_total = total_norm_reducer(step)
+        """Stage 1: the record of this step (None when no parameter has a gradient): :meth:`Slot.record
+        <lightning_clip.slots.Slot.record>`, with the engine's settings and evidence."""
+        step = slot.record(i, optimizer, self._names, self.detector, all_reduce, self.norm_type, self.eps, self.warn)
+        if step is not None:
+            step.reduce_total = total_norm_reducer(step)
         return step
 
     def _measure(self, slot: Slot, step: StepRecord) -> None:
@@ -417,13 +345,7 @@ class ClipEngine:
         device = step.grads[0].device
         if step.grads_scaled:
             step.inv_scale = step.scaler._scale.double().reciprocal().float().to(device)
-        if (
-            slot.units.rule.measures_finite
-            and not step.log
-            and slot.units.spikes is None
-            and not step.sharded
-            and step.inv_scale is None
-        ):
+        if slot.units.rule_measures(step):
             step.finite_measured = False
             return
         norms = F.grad_norms(step.grads, self.norm_type, step.groups)
@@ -465,16 +387,7 @@ class ClipEngine:
             step.finite, step.norms = result.finite, list(result.tensor_norms)
             self._judge(step)
             step.total = torch.full((), math.nan, device=step.device)
-        units = slot.units
-        if units.spikes is not None and step.update_statistics:  # the total is the same on every rank
-            step.spike = units.spikes.flag(step.total, step.bad | step.overflow)
-            step.spike_checks.append(SpikeCheck("gradient norm", step.total, units.spikes.threshold, step.spike))
-        if units.loss_spikes is not None and step.update_statistics and step.loss is not None:
-            loss_spike = units.loss_spikes.flag(step.loss, step.bad | step.overflow)
-            if step.distributed:  # each rank has its own loss: the ranks skip together
-                loss_spike = agree_any(loss_spike)
-            step.spike_checks.append(SpikeCheck("loss", step.loss, units.loss_spikes.threshold, loss_spike))
-            step.spike = loss_spike if step.spike is None else step.spike | loss_spike
+        slot.units.flag_spikes(step)
         clipped = result.clipped & ~step.skip
         if step.sharded:
             # Element-wise rules (value, AGC) see only this rank's shard: every rank must count the same step.
@@ -527,12 +440,7 @@ class ClipEngine:
         if request.stop is not None:
             slot.control.abandon()  # the scheduler's LR back before the error leaves the step
             raise NonFiniteGradientError(*astuple(request.stop))
-        if (request.skip or request.skip_steps or request.restore is not None) and not remedy.skips_steps:
-            raise ValueError(f"{remedy!r} asked to skip steps but does not declare `skips_steps`.")
-        if request.lr_factor != 1.0 and not remedy.scales_lr:
-            raise ValueError(f"{remedy!r} asked to scale the LR but does not declare `scales_lr`.")
-        if request.restore is not None and not remedy.keeps_snapshots:
-            raise ValueError(f"{remedy!r} asked to restore a snapshot but does not declare `keeps_snapshots`.")
+        _check_declared(remedy, request)
         skip = (request.skip or step.requested) and not step.skipped_on_device
         slot.control.carry_out(step, replace(request, skip=skip), read.skip and remedy.skips_steps)
         if request.warn is not None:
@@ -623,6 +531,48 @@ class ClipEngine:
         return self._slots[optimizer_idx].units.remedy
 
 
+def _check_units(
+    rule: ClipRule, remedy: Remedy, spike_skip: SpikeDetector | None, loss_spike: SpikeDetector | None
+) -> None:
+    """The engine's units are what they say, and a spike detector comes with a remedy that skips steps."""
+    if not isinstance(rule, ClipRule):
+        raise ValueError(f"`rule` must be a lightning_clip.rules.ClipRule, got {rule!r}.")
+    if not isinstance(remedy, Remedy):
+        raise ValueError(f"`remedy` must be a lightning_clip.remedies.Remedy, got {remedy!r}.")
+    for setting, detector in (("skip_spikes", spike_skip), ("loss_spikes", loss_spike)):
+        if detector is not None and not remedy.skips_steps:
+            raise ValueError(
+                f"`{setting}` needs a nan_policy that skips steps ('skip', 'halve_lr', 'rollback'); got "
+                f"nan_policy={remedy.policy!r}."
+            )
+
+
+def _checked_settings(
+    norm_type: Any, eps: Any, log_norms: Any, check_inputs: Any, update_ratio_every: Any
+) -> dict[str, Any]:
+    """The settings of :meth:`ClipEngine.configure` that were passed (not ``_UNSET``), checked and converted."""
+    out: dict[str, Any] = {}
+    if norm_type is not _UNSET:
+        check_positive("norm_type", norm_type, allow_inf=True)
+        out["norm_type"] = float(norm_type)
+    if eps is not _UNSET:
+        check_finite("eps", eps)
+        if eps < 0:
+            raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
+        out["eps"] = float(eps)
+    if log_norms is not _UNSET:
+        check_choice("log_norms", log_norms, LOG_NORMS)
+        out["log_norms"] = log_norms
+    if check_inputs is not _UNSET:
+        if not isinstance(check_inputs, bool):
+            raise ValueError(f"`check_inputs` must be True or False, got {check_inputs!r}.")
+        out["check_inputs"] = check_inputs
+    if update_ratio_every is not _UNSET:
+        check_count("update_ratio_every", update_ratio_every)
+        out["update_ratio_every"] = None if update_ratio_every is None else int(update_ratio_every)
+    return out
+
+
 def _copy_options(new: ClipRule | Remedy, targets: Sequence[ClipRule | Remedy]) -> None:
     if type(new) is not type(targets[0]):
         raise ValueError(f"cannot retune {targets[0]!r} from a {type(new).__name__}: build a new one instead.")
@@ -631,19 +581,14 @@ def _copy_options(new: ClipRule | Remedy, targets: Sequence[ClipRule | Remedy]) 
             setattr(target, option, getattr(new, option))
 
 
-def _moves_between_evaluations(optimizer: Optimizer) -> bool:
-    """A closure optimizer that evaluates several times per step and moves the weights in between (LBFGS)."""
-    defaults = optimizer.defaults
-    return int(defaults.get("max_iter", 1) or 1) > 1 or defaults.get("line_search_fn") is not None
-
-
-def _refuse_moving_closure(optimizer: Optimizer, remedy: Remedy) -> None:
-    raise ValueError(
-        f"{type(optimizer).__name__} evaluated its closure more than once in one step() and moves the weights "
-        "between evaluations, but declares neither `max_iter` nor `line_search_fn` in its defaults (as LBFGS does, "
-        f"which is snapshotted at each step start): nan_policy={remedy.policy!r} cannot undo a move made before a "
-        "bad evaluation. Use nan_policy='raise' or 'ignore' with it, or declare `max_iter` in its defaults."
-    )
+def _check_declared(remedy: Remedy, request: Request) -> None:
+    """A remedy asks only for what it declares (the engine sets up the mechanisms by the declarations)."""
+    if (request.skip or request.skip_steps or request.restore is not None) and not remedy.skips_steps:
+        raise ValueError(f"{remedy!r} asked to skip steps but does not declare `skips_steps`.")
+    if request.lr_factor != 1.0 and not remedy.scales_lr:
+        raise ValueError(f"{remedy!r} asked to scale the LR but does not declare `scales_lr`.")
+    if request.restore is not None and not remedy.keeps_snapshots:
+        raise ValueError(f"{remedy!r} asked to restore a snapshot but does not declare `keeps_snapshots`.")
 
 
 def warn_at_caller(message: str) -> None:

@@ -567,7 +567,7 @@ def zscore_clip_(
     """
     if clip_option not in ZSCORE_OPTIONS:
         raise ValueError(f"`clip_option` must be one of {ZSCORE_OPTIONS}, got {clip_option!r}.")
-    mean, var, buf, collected, ready = state.mean, state.var, state.warmup_norms, state.collected, state.initialized
+    mean, var, ready = state.mean, state.var, state.initialized
     dtype = mean.dtype
     x = total_norm.to(dtype)
     zt, alpha = z_threshold, ema_decay
@@ -600,6 +600,17 @@ def zscore_clip_(
     coef = torch.where(finite, torch.where(ready, coef_ready, coef_warm), one)
     scale_(grads, coef, groups)
 
+    new_state = _zscore_statistics(state, x, clip_val, healthy, alpha)
+    if max_norm is None:
+        threshold = torch.where(ready, bound, math.nan)
+    else:
+        threshold = torch.where(ready, bound.clamp(max=max_norm), max_norm)
+    return ZScoreStep(coef, threshold, new_state)
+
+
+def _zscore_statistics(state: ZScoreState, x: Tensor, clip_val: Tensor, healthy: Tensor, alpha: float) -> ZScoreState:
+    """:func:`zscore_clip_`'s statistics after a step with total norm ``x`` (spike-clipped: ``clip_val``)."""
+    mean, var, buf, collected, ready = state.mean, state.var, state.warmup_norms, state.collected, state.initialized
     # EMA update with the spike-clipped norm; healthy steps only (a NaN never enters).
     update = ready & healthy
     new_mean = alpha * mean + (1 - alpha) * clip_val
@@ -612,18 +623,13 @@ def zscore_clip_(
     init_now = collect & (collected >= len(buf))
     init_mean = buf.mean()
     init_var = (buf - init_mean).pow(2).mean()
-    new_state = ZScoreState(
+    return ZScoreState(
         mean=torch.where(init_now, init_mean, torch.where(update, new_mean, mean)),
         var=torch.where(init_now, init_var, torch.where(update, new_var, var)),
         warmup_norms=buf,
         collected=collected,
         initialized=ready | init_now,
     )
-    if max_norm is None:
-        threshold = torch.where(ready, bound, math.nan)
-    else:
-        threshold = torch.where(ready, bound.clamp(max=max_norm), max_norm)
-    return ZScoreStep(coef, threshold, new_state)
 
 
 # ----------------------------------------------------------------------------- sharded gradients (DTensor)
