@@ -12,7 +12,7 @@ detect     bad-step flag: norm, loss, inputs, ranks    :mod:`lightning_clip.dete
 clip       the rule clips in place; spikes flagged     :mod:`lightning_clip.rules`
 count      device-side counters                        :mod:`lightning_clip.counters`
 remedy     skip / halve_lr / raise / ignore            :mod:`lightning_clip.remedies`
-report     one host transfer, then the metrics dict    :mod:`lightning_clip.record`, :mod:`lightning_clip.metrics`
+report     one host transfer, then the metrics dict    :mod:`lightning_clip.record`, :mod:`lightning_clip.reporter`
 =========  ==========================================  ============================================
 
 Nothing is read back to the host unless the remedy asks for it (:meth:`Remedy.needs_read`) or the step logs;
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
 import types
 import warnings
@@ -63,17 +62,32 @@ from lightning_clip import metrics as M
 from lightning_clip.control import fused_skip_is_safe
 from lightning_clip.counters import COUNTERS
 from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
+from lightning_clip.distributed import flat_shard_all_reduce, join_without_gradients, param_ids, total_norm_reducer
 from lightning_clip.errors import NonFiniteGradientError
-from lightning_clip.health import VanishingMonitor, describe_vanishing, named_ratios, ratio_vector
-from lightning_clip.record import HostRead, Request, RunEnd, SpikeCheck, StepRead, StepRecord
+from lightning_clip.health import VanishingMonitor
+from lightning_clip.record import HostRead, Request, RunEnd, StepRead, StepRecord
 from lightning_clip.remedies import Remedy, build_remedy
+from lightning_clip.reporter import LoggedValues, Reporter
 from lightning_clip.rules import ClipRule, NormClip
 from lightning_clip.slots import Slot, SlotUnits
-from lightning_clip.snapshot import local_tensor
 from lightning_clip.validation import check_choice, check_count, check_finite, check_positive
 
 LOG_NORMS = ("layer", "parameter", "total", "none")
 _UNSET: Any = object()  # configure(): a setting not passed
+
+
+class _OfReporter:
+    """An engine attribute the engine's :class:`~lightning_clip.reporter.Reporter` holds: one copy, read and set
+    through the engine (``engine.log_norms``) as before the reporter had it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, engine: Any, owner: Any = None) -> Any:
+        return self if engine is None else getattr(engine.reporter, self.name)
+
+    def __set__(self, engine: Any, value: Any) -> None:
+        setattr(engine.reporter, self.name, value)
 
 
 def _same_optimizer(a: Any, b: Any) -> bool:
@@ -109,6 +123,15 @@ class ClipEngine:
     ``optimizer.step()``, and :meth:`finish` after the last step. Save :meth:`state_dict` with the checkpoint.
     """
 
+    norm_type: float  # set by configure, as eps
+    eps: float
+    # The reporter's settings (``configure`` sets the live ones), read and set here as the engine's own.
+    log_norms = _OfReporter()
+    update_ratio_every = _OfReporter()
+    name = _OfReporter()  # tags get the suffix /<name>
+    vanishing = _OfReporter()
+    spike_top_k = _OfReporter()  # layers named when a logged step holds a spike
+
     def __init__(
         self,
         rule: ClipRule | None = None,
@@ -127,22 +150,11 @@ class ClipEngine:
         M.check_instance_name(name)
         self.rule = rule if rule is not None else NormClip()
         self.remedy = remedy if remedy is not None else build_remedy("skip")
-        if not isinstance(self.rule, ClipRule):
-            raise ValueError(f"`rule` must be a lightning_clip.rules.ClipRule, got {self.rule!r}.")
-        if not isinstance(self.remedy, Remedy):
-            raise ValueError(f"`remedy` must be a lightning_clip.remedies.Remedy, got {self.remedy!r}.")
-        for setting, detector in (("skip_spikes", spike_skip), ("loss_spikes", loss_spike)):
-            if detector is not None and not self.remedy.skips_steps:
-                raise ValueError(
-                    f"`{setting}` needs a nan_policy that skips steps ('skip', 'halve_lr', 'rollback'); got "
-                    f"nan_policy={self.remedy.policy!r}."
-                )
+        _check_units(self.rule, self.remedy, spike_skip, loss_spike)
         # Prototypes: each optimizer gets its own copies (SlotUnits), with their own statistics and state.
         self.spike_skip = spike_skip
         self.loss_spike = loss_spike
-        self.vanishing = vanishing
-        self.spike_top_k = 3  # layers named when a logged step holds a spike
-        self.name = name  # tags get the suffix /<name>
+        self.reporter = Reporter(name=name, vanishing=vanishing)  # logging steps: per-layer norms, health, spikes
         self.detector = BadStepDetector(
             check_inputs, check_loss=self.remedy.checks_loss, keep_losses=loss_spike is not None
         )
@@ -168,24 +180,11 @@ class ClipEngine:
         update_ratio_every: Any = _UNSET,
     ) -> None:
         """Set the engine's own settings (those passed), checked as in the constructor; from the next step on."""
-        if norm_type is not _UNSET:
-            check_positive("norm_type", norm_type, allow_inf=True)
-            self.norm_type = float(norm_type)
-        if eps is not _UNSET:
-            check_finite("eps", eps)
-            if eps < 0:
-                raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
-            self.eps = float(eps)
-        if log_norms is not _UNSET:
-            check_choice("log_norms", log_norms, LOG_NORMS)
-            self.log_norms = log_norms
-        if check_inputs is not _UNSET:
-            if not isinstance(check_inputs, bool):
-                raise ValueError(f"`check_inputs` must be True or False, got {check_inputs!r}.")
-            self.detector.check_inputs = check_inputs
-        if update_ratio_every is not _UNSET:
-            check_count("update_ratio_every", update_ratio_every)
-            self.update_ratio_every = None if update_ratio_every is None else int(update_ratio_every)
+        settings = _checked_settings(norm_type, eps, log_norms, check_inputs, update_ratio_every)
+        if "check_inputs" in settings:
+            self.detector.check_inputs = settings.pop("check_inputs")
+        for setting, value in settings.items():  # log_norms, update_ratio_every: the reporter's (_OfReporter)
+            setattr(self, setting, value)
         if self.update_ratio_every is None or self.log_norms != "layer":
             for slot in self._slots:  # no update ratio measured any more: its copy of the weights goes
                 slot.updates.clear()
@@ -213,7 +212,7 @@ class ClipEngine:
         for slot in self._slots:
             slot.layout.key = ()  # names may have changed
         for i, optimizer in enumerate(optimizers):
-            self._bind(self._slot_at(i), optimizer)
+            self._slot_at(i).bind(optimizer)
         del self._slots[max(len(optimizers), 1) :]
 
     def attached_to(self, optimizers: Sequence[Optimizer]) -> bool:
@@ -248,18 +247,6 @@ class ClipEngine:
             if request.stop is not None and not failed:
                 raise NonFiniteGradientError(*astuple(request.stop))
 
-    def _bind(self, slot: Slot, optimizer: Optimizer) -> None:
-        # A closure optimizer that moves the weights between evaluations (LBFGS) is snapshotted at each step start
-        # under a remedy that skips: a bad evaluation anywhere in the step restores it, so the step is a no-op.
-        remedy = slot.units.remedy
-        slot.control.track(
-            optimizer,
-            guard=remedy.skips_steps and _moves_between_evaluations(optimizer),
-            snapshots=remedy.keeps_snapshots,
-            on_device=remedy.snapshot_on_device,
-            statistics=slot.units.statistics,
-        )
-
     def _slot_at(self, i: int) -> Slot:
         while len(self._slots) <= i:
             units = SlotUnits.copies_of(self.rule, self.remedy, self.spike_skip, self.loss_spike, self.vanishing)
@@ -272,12 +259,12 @@ class ClipEngine:
                 return i, slot
         # An optimizer re-created for the same parameters takes over the slot (counters, LR scale, statistics) of
         # the one it replaces; one never attached (a plain loop that skipped attach) is bound in order of first use.
-        params = _param_ids(optimizer)
-        taken = [i for i, s in enumerate(self._slots) if s.optimizer is not None and _param_ids(s.optimizer) == params]
+        params = param_ids(optimizer)
+        taken = [i for i, s in enumerate(self._slots) if s.optimizer is not None and param_ids(s.optimizer) == params]
         free = [i for i, s in enumerate(self._slots) if s.optimizer is None]
         i = (taken or free or [len(self._slots)])[0]
         slot = self._slot_at(i)
-        self._bind(slot, optimizer)
+        slot.bind(optimizer)
         return i, slot
 
     # ------------------------------------------------------------------ per micro-batch
@@ -326,10 +313,10 @@ class ClipEngine:
         """
         try:
             i, slot = self._slot_of(optimizer)
-            all_reduce = self._all_reduce(optimizer, sharded, distributed)
+            all_reduce = flat_shard_all_reduce(optimizer, sharded, distributed)
             step = self._layout(i, slot, optimizer, all_reduce)
             if step is None:  # no gradient here: join the collectives the other ranks make, in the same order
-                self._join_without_gradients(optimizer, all_reduce, distributed)
+                join_without_gradients(optimizer, all_reduce, distributed, self.detector, self.norm_type)
                 return {}
             step.log, step.scaler, step.read_every, step.epoch = log, scaler, read_every, epoch
             step.global_step = slot.units.counters.steps if global_step is None else global_step
@@ -341,84 +328,15 @@ class ClipEngine:
         finally:
             self.detector.step_done()
 
-    def _all_reduce(
-        self, optimizer: Optimizer, sharded: bool | Any | None, distributed: bool
-    ) -> Callable[[Tensor, str], Tensor] | None:
-        """The collective for flat-sharded gradients (FSDP1), or None when every rank holds whole gradients."""
-        if sharded is None:
-            # From every parameter, not only those with a gradient: a rank whose shard holds no gradient must
-            # still take part in the same collectives as the others.
-            sharded = distributed and any(
-                getattr(p, "_fsdp_flattened", False) for group in optimizer.param_groups for p in group["params"]
-            )
-        if sharded is False:
-            return None
-        return F.distributed_all_reduce(None if isinstance(sharded, bool) else sharded)
-
     def _layout(
         self, i: int, slot: Slot, optimizer: Optimizer, all_reduce: Callable[[Tensor, str], Tensor] | None
     ) -> StepRecord | None:
-        """Stage 1: the record of this step (None when no parameter has a gradient)."""
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not params:
-            return None
-        grads: list[Tensor] = [p.grad for p in params]
-        units = slot.units
-        counters = units.counters.on(grads[0].device)
-        layout = slot.layout.update(params, grads, self._names)
-        specs: list[F.ShardSpec | None] = []
-        if layout.dtensor:  # DTensor gradients (FSDP2, tensor parallel): the math runs on the local shards, in place
-            grads, specs = F.local_shards(grads, layout.names)
-        control = slot.control
-        reevaluation = control.reevaluation()
-        if reevaluation and units.remedy.skips_steps and not control.guard:
-            _refuse_moving_closure(optimizer, units.remedy)
-        requested = control.take_requested_skip() if not reevaluation else False
-        false = counters.false
-        step = StepRecord(
-            params=params,
-            grads=grads,
-            names=layout.names,
-            optimizer=optimizer,
-            optimizer_idx=i,
-            groups=layout.groups,
-            norm_type=self.norm_type,
-            eps=self.eps,
-            sharded=layout.dtensor or all_reduce is not None,
-            update_statistics=not (reevaluation or requested),
-            reevaluation=reevaluation,
-            state_before=control.state_before(),
-            batch_idx=self.detector.last_batch_idx(),
-            specs=specs,
-            all_reduce=all_reduce,
-            total=false,  # placeholders until measured: no allocation per step
-            finite=false,
-            bad=false,
-            overflow=false,
-            clipped=false,
-            requested=requested,
-            counters=counters,
-            loss_nonfinite=self.detector.loss_nonfinite,
-            input_problems=self.detector.input_problems,
-            warn=self.warn,
-        )
-        step.reduce_total = self._reducer(step)
+        """Stage 1: the record of this step (None when no parameter has a gradient): :meth:`Slot.record
+        <lightning_clip.slots.Slot.record>`, with the engine's settings and evidence."""
+        step = slot.record(i, optimizer, self._names, self.detector, all_reduce, self.norm_type, self.eps, self.warn)
+        if step is not None:
+            step.reduce_total = total_norm_reducer(step)
         return step
-
-    def _join_without_gradients(
-        self, optimizer: Optimizer, all_reduce: Callable[[Tensor, str], Tensor] | None, distributed: bool
-    ) -> None:
-        """Every parameter frozen or unused: nothing to clip. The rank still joins the collectives the others make
-        (norm, loss/input flag, clipped flag), in the same order, or they would hang in theirs."""
-        device = _device_of(optimizer)
-        if all_reduce is not None:
-            F.total_norm([], self.norm_type, all_reduce=all_reduce)
-        if self.detector.active:
-            # Consume this optimizer's losses (those owed to another stay for its step), so a NaN loss of a step
-            # without gradients does not spoil this optimizer's next step; ranks agree when distributed.
-            self.detector.flag(device, agree=distributed, params=_param_ids(optimizer))
-        if all_reduce is not None:
-            agree_any(torch.zeros((), dtype=torch.bool, device=device))
 
     def _measure(self, slot: Slot, step: StepRecord) -> None:
         """Stage 2: per-tensor norms and the total, in true units (fused optimizers under fp16 still hold scaled
@@ -427,13 +345,7 @@ class ClipEngine:
         device = step.grads[0].device
         if step.grads_scaled:
             step.inv_scale = step.scaler._scale.double().reciprocal().float().to(device)
-        if (
-            slot.units.rule.measures_finite
-            and not step.log
-            and slot.units.spikes is None
-            and not step.sharded
-            and step.inv_scale is None
-        ):
+        if slot.units.rule_measures(step):
             step.finite_measured = False
             return
         norms = F.grad_norms(step.grads, self.norm_type, step.groups)
@@ -475,16 +387,7 @@ class ClipEngine:
             step.finite, step.norms = result.finite, list(result.tensor_norms)
             self._judge(step)
             step.total = torch.full((), math.nan, device=step.device)
-        units = slot.units
-        if units.spikes is not None and step.update_statistics:  # the total is the same on every rank
-            step.spike = units.spikes.flag(step.total, step.bad | step.overflow)
-            step.spike_checks.append(SpikeCheck("gradient norm", step.total, units.spikes.threshold, step.spike))
-        if units.loss_spikes is not None and step.update_statistics and step.loss is not None:
-            loss_spike = units.loss_spikes.flag(step.loss, step.bad | step.overflow)
-            if step.distributed:  # each rank has its own loss: the ranks skip together
-                loss_spike = agree_any(loss_spike)
-            step.spike_checks.append(SpikeCheck("loss", step.loss, units.loss_spikes.threshold, loss_spike))
-            step.spike = loss_spike if step.spike is None else step.spike | loss_spike
+        slot.units.flag_spikes(step)
         clipped = result.clipped & ~step.skip
         if step.sharded:
             # Element-wise rules (value, AGC) see only this rank's shard: every rank must count the same step.
@@ -511,7 +414,7 @@ class ClipEngine:
         control.skip_on_device(step, step.skipped_on_device)
         if not (remedy.needs_read(step) or step.log):
             return {}
-        values = self._read(slot, step)
+        values, logged = self._read(slot, step)
         counts = self._counts(slot, slot.units.counters.from_values(values["counts"]))
         read = StepRead(
             bool(values["bad"]),
@@ -524,9 +427,11 @@ class ClipEngine:
         )
         request = remedy.decide(step, read)
         self._carry_out(slot, step, read, request)
-        if step.log and not read.skip:
-            self._watch_update(slot, step)
-        return self._report(i, slot, step, values, self._counts(slot, counts)) if step.log else {}
+        if logged is None:
+            return {}
+        if not read.skip:
+            self.reporter.watch_update(slot, step)
+        return self.reporter.report(i, slot, step, logged, self._counts(slot, counts))
 
     def _carry_out(self, slot: Slot, step: StepRecord, read: StepRead, request: Request) -> None:
         """What the remedy decided, by the slot's mechanisms (:meth:`SlotControl.carry_out`); a stop raises here,
@@ -535,12 +440,7 @@ class ClipEngine:
         if request.stop is not None:
             slot.control.abandon()  # the scheduler's LR back before the error leaves the step
             raise NonFiniteGradientError(*astuple(request.stop))
-        if (request.skip or request.skip_steps or request.restore is not None) and not remedy.skips_steps:
-            raise ValueError(f"{remedy!r} asked to skip steps but does not declare `skips_steps`.")
-        if request.lr_factor != 1.0 and not remedy.scales_lr:
-            raise ValueError(f"{remedy!r} asked to scale the LR but does not declare `scales_lr`.")
-        if request.restore is not None and not remedy.keeps_snapshots:
-            raise ValueError(f"{remedy!r} asked to restore a snapshot but does not declare `keeps_snapshots`.")
+        _check_declared(remedy, request)
         skip = (request.skip or step.requested) and not step.skipped_on_device
         slot.control.carry_out(step, replace(request, skip=skip), read.skip and remedy.skips_steps)
         if request.warn is not None:
@@ -553,8 +453,9 @@ class ClipEngine:
         counts["skipped_steps"] = self._skipped(counts)
         return counts
 
-    def _read(self, slot: Slot, step: StepRecord) -> dict[str, Any]:
-        """The one device-to-host transfer of this step, by name."""
+    def _read(self, slot: Slot, step: StepRecord) -> tuple[dict[str, Any], LoggedValues | None]:
+        """The one device-to-host transfer of this step, by name: the remedy's values and, on a logging step, the
+        reporter's (:meth:`Reporter.add_to <lightning_clip.reporter.Reporter.add_to>`), typed."""
         assert step.counters is not None
         read = HostRead(step.device)
         read.add("bad", step.bad)
@@ -563,178 +464,9 @@ class ClipEngine:
         read.add("skip", step.skip)
         read.add("spike", step.counters.false if step.spike is None else step.spike)
         read.add_all("counts", step.counters.counts)
-        names = self._add_logged(slot, step, read) if step.log else {}
+        names = self.reporter.add_to(read, slot, step) if step.log else None
         values = read.read()
-        values.update({"layer_names": [], "health_layers": [], "update_layers": [], **names})
-        return values
-
-    def _add_logged(self, slot: Slot, step: StepRecord, read: HostRead) -> dict[str, list[str]]:
-        """A logging step's part of the read: the totals, the layer (or parameter) norms, each layer's
-        ``||grad W|| / ||W||`` (divided on the device) and the ratios of the last measured update; returns the names
-        of what was added per layer."""
-        result = step.result
-        assert result is not None
-        threshold = result.threshold
-        read.add("total", step.total)
-        read.add("total_clipped", step.total if result.total_after is None else result.total_after)
-        read.add("clipped", step.clipped)
-        read.add("threshold", torch.as_tensor(math.nan if threshold is None else threshold, device=step.device))
-        health = self.vanishing is not None and step.all_reduce is None  # flat FSDP1 shards: no per-layer norms
-        names: list[str] = list(step.names) if self.log_norms == "parameter" else []
-        norms = self._norm_vector(step).float() if names else torch.zeros(0, device=step.device)
-        layers: list[str] = []
-        if self.log_norms == "layer" or health:
-            layers, grads = self._by_layer(slot, self._norm_vector(step))
-            if self.log_norms == "layer":
-                names, norms = layers, grads
-            if health:
-                read.add_all("health_ratios", ratio_vector(grads, self._layer_weight_norms(slot, step)))
-        read.add_all("layer_norms", norms)
-        # (value, threshold, flag) of each spike test, to say which spiked (a loss or the gradient norm)
-        checks = [(c.value, c.threshold, c.flag) for c in step.spike_checks]
-        read.add_all("spike_checks", [t.to(step.device, torch.float64) for check in checks for t in check])
-        updates: list[str] = []
-        pending = slot.units.update_ratios
-        if pending is not None:  # the last measured update, read at the logging step after it
-            updates, slot.units.update_ratios = pending[0], None
-            read.add_all("update_ratios", pending[1])
-        return {"layer_names": names, "health_layers": layers if health else [], "update_layers": updates}
-
-    def _report(
-        self, i: int, slot: Slot, step: StepRecord, values: dict[str, Any], counts: dict[str, int]
-    ) -> dict[str, float]:
-        """Stage 7: the metrics of a logging step, from the values read back."""
-        step_values = {
-            "total": values["total"],
-            "total_clipped": values["total_clipped"],
-            "clipped": values["clipped"],
-            "threshold": None if math.isnan(values["threshold"]) else values["threshold"],
-            "max_norm": getattr(slot.units.rule, "max_norm", None),
-            "lr_scale": slot.control.lr_scale,
-        }
-        group = {"layer": M.LAYER_GROUP, "parameter": M.PARAM_GROUP}.get(self.log_norms)
-        names, norms = values["layer_names"], values["layer_norms"]
-        out = M.step_metrics(i, step_values, counts, group, names, norms, self.name)
-        if values["health_layers"]:
-            out.update(self._health(i, slot, step, values))
-        spiked = bool(values["spike"]) or (slot.units.rule.reports_spikes and step_values["clipped"] > 0)
-        if spiked and norms:
-            triples = values["spike_checks"]
-            failed = [
-                (check.what, *triples[3 * j : 3 * j + 2])
-                for j, check in enumerate(step.spike_checks)
-                if triples[3 * j + 2]
-            ]
-            share = self._attribute_spike(step, bool(values["spike"]), step_values, names, norms, failed)
-            out[M.tag(M.TOP_LAYER_SHARE, i, self.name)] = share
-        return out
-
-    def _health(self, i: int, slot: Slot, step: StepRecord, values: dict[str, Any]) -> dict[str, float]:
-        """Vanishing layers from this logging step's host values: a rate-limited warning and the tags."""
-        monitor = slot.units.vanishing
-        assert monitor is not None
-        layer_ratios = named_ratios(values["health_layers"], values["health_ratios"])
-        flagged = monitor.update(layer_ratios)
-        if flagged is not None:
-            self.warn(describe_vanishing(flagged, monitor.ratio, monitor.patience, step.global_step))
-        out = {M.tag(M.VANISHING_LAYERS, i, self.name): float(monitor.flagged)}
-        if self.log_norms == "layer":
-            out.update({M.norm_tag(M.GRAD_RATIO_GROUP, k, i, self.name): v for k, v in layer_ratios.items()})
-            updates = dict(zip(values["update_layers"], values.get("update_ratios", [])))
-            out.update({M.norm_tag(M.UPDATE_RATIO_GROUP, k, i, self.name): v for k, v in updates.items()})
-            finite = sorted(v for v in updates.values() if math.isfinite(v))
-            if finite:
-                summary = (finite[0], statistics.median(finite), finite[-1])
-                out.update({M.tag(name, i, self.name): v for name, v in zip(M.UPDATE_RATIO_SUMMARY, summary)})
-        return out
-
-    def _watch_update(self, slot: Slot, step: StepRecord) -> None:
-        """On a logging step (layer norms, health on), the 1st and then every ``update_ratio_every``-th: measure
-        ``||dW|| / ||W||`` per layer once the optimizer has applied this step's update (divided on the device); read
-        at the next logging step. The weights before the update go to the slot's
-        :class:`~lightning_clip.slots.UpdateBuffers` (kept between logging steps on the CPU: no fresh allocation)."""
-        if self.vanishing is None or self.log_norms != "layer" or step.sharded:
-            return
-        if not slot.updates.due(self.update_ratio_every):
-            return
-        weights = [p.detach() for p in step.params]
-        groups = slot.layout.weight_groups(weights)
-        slot.updates.take(weights, slot.layout.key)
-
-        def measure() -> None:
-            moves = F.grad_norms(slot.updates.update(weights), self.norm_type, groups)  # before - after, in place
-            sizes = F.grad_norms(weights, self.norm_type, groups)
-            layers, move = self._by_layer(slot, _stack_on(moves, step.device))
-            slot.units.update_ratios = (layers, move / self._by_layer(slot, _stack_on(sizes, step.device))[1])
-            slot.updates.release()
-
-        slot.control.after_update = measure
-
-    def _attribute_spike(
-        self,
-        step: StepRecord,
-        skipped: bool,
-        values: dict[str, Any],
-        names: Sequence[str],
-        norms: Sequence[float],
-        spikes: Sequence[tuple[str, float, float]] = (),
-    ) -> float:
-        """Name the layers that carried a spike (host values of this logging step: no extra read); return the
-        top layer's share of the squared norm. ``spikes``: the spike tests that failed (what, value, threshold)."""
-        ranked = sorted(zip(names, norms), key=lambda pair: -pair[1] if math.isfinite(pair[1]) else math.inf)
-        squares = sum(n * n for _, n in ranked if math.isfinite(n)) or 1.0
-        top = ranked[: self.spike_top_k]
-        listed = ", ".join(f"{name} ({norm:.3g}, {100 * norm * norm / squares:.0f}%)" for name, norm in top)
-        threshold = values["threshold"]
-        if spikes:  # skip_spikes / loss_spikes: their own thresholds (mean + k sigma), not the clip threshold
-            kind = "Loss" if all(what == "loss" for what, _, _ in spikes) else "Gradient"
-            measured = "; ".join(
-                f"{'total norm' if what == 'gradient norm' else what} {value:.4g}, threshold {limit:.4g}"
-                for what, value, limit in spikes
-            )
-        else:
-            kind = "Gradient"
-            measured = f"total norm {values['total']:.4g}" + (
-                f", threshold {threshold:.4g}" if threshold is not None else ""
-            )
-        self.warn(
-            f"{kind} spike {'skipped' if skipped else 'clipped'} at global step {step.global_step} (optimizer "
-            f"{step.optimizer_idx}): {measured}. Largest {'layers' if self.log_norms == 'layer' else 'parameters'} "
-            f"(norm, share of the squared norm): {listed}."
-        )
-        return top[0][1] ** 2 / squares if top and math.isfinite(top[0][1]) else math.nan
-
-    def _reducer(self, step: StepRecord) -> Callable[[Sequence[Tensor]], Tensor] | None:
-        """How a rule gets the total norm of sharded gradients (the same collectives as the measured norm)."""
-        specs, all_reduce, groups = step.specs, step.all_reduce, step.groups
-        if specs:
-            return lambda tensors: F.reduce_sharded_norms(
-                F.grad_norms(tensors, self.norm_type, groups), specs, self.norm_type
-            )[1]
-        if all_reduce is not None:
-            return lambda tensors: F.total_norm(
-                F.grad_norms(tensors, self.norm_type, groups), self.norm_type, all_reduce=all_reduce
-            )
-        return None
-
-    def _norm_vector(self, step: StepRecord) -> Tensor:
-        """The per-tensor norms of this step as one vector on its device, in true units (fp16: unscaled)."""
-        norms = _stack_on(step.norms, step.device)
-        return norms if step.inv_scale is None else norms * step.inv_scale
-
-    def _by_layer(self, slot: Slot, norms: Tensor) -> tuple[list[str], Tensor]:
-        """Per-tensor norms (a vector, in the order of the slot's parameters) combined per layer in one scatter
-        (logging steps): the layers and their norms (float32)."""
-        layers, where = slot.layout.layers(norms.device)
-        return layers, F.combine_norms(norms, where, len(layers), self.norm_type).float()
-
-    def _layer_weight_norms(self, slot: Slot, step: StepRecord) -> Tensor:
-        """Each layer's weight norm (logging steps: vanishing_ratio); the whole tensors' under DTensor shards."""
-        weights = [local_tensor(p) for p in step.params]
-        norms = F.grad_norms(weights, self.norm_type, slot.layout.weight_groups(weights))
-        if step.specs:  # DTensor shards: the whole tensors' norms
-            norms = F.reduce_sharded_norms([n.to(step.device) for n in norms], step.specs, self.norm_type)[0]
-        return self._by_layer(slot, _stack_on(norms, step.device))[1]
+        return values, None if names is None else LoggedValues.of(values, names)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -799,6 +531,48 @@ class ClipEngine:
         return self._slots[optimizer_idx].units.remedy
 
 
+def _check_units(
+    rule: ClipRule, remedy: Remedy, spike_skip: SpikeDetector | None, loss_spike: SpikeDetector | None
+) -> None:
+    """The engine's units are what they say, and a spike detector comes with a remedy that skips steps."""
+    if not isinstance(rule, ClipRule):
+        raise ValueError(f"`rule` must be a lightning_clip.rules.ClipRule, got {rule!r}.")
+    if not isinstance(remedy, Remedy):
+        raise ValueError(f"`remedy` must be a lightning_clip.remedies.Remedy, got {remedy!r}.")
+    for setting, detector in (("skip_spikes", spike_skip), ("loss_spikes", loss_spike)):
+        if detector is not None and not remedy.skips_steps:
+            raise ValueError(
+                f"`{setting}` needs a nan_policy that skips steps ('skip', 'halve_lr', 'rollback'); got "
+                f"nan_policy={remedy.policy!r}."
+            )
+
+
+def _checked_settings(
+    norm_type: Any, eps: Any, log_norms: Any, check_inputs: Any, update_ratio_every: Any
+) -> dict[str, Any]:
+    """The settings of :meth:`ClipEngine.configure` that were passed (not ``_UNSET``), checked and converted."""
+    out: dict[str, Any] = {}
+    if norm_type is not _UNSET:
+        check_positive("norm_type", norm_type, allow_inf=True)
+        out["norm_type"] = float(norm_type)
+    if eps is not _UNSET:
+        check_finite("eps", eps)
+        if eps < 0:
+            raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
+        out["eps"] = float(eps)
+    if log_norms is not _UNSET:
+        check_choice("log_norms", log_norms, LOG_NORMS)
+        out["log_norms"] = log_norms
+    if check_inputs is not _UNSET:
+        if not isinstance(check_inputs, bool):
+            raise ValueError(f"`check_inputs` must be True or False, got {check_inputs!r}.")
+        out["check_inputs"] = check_inputs
+    if update_ratio_every is not _UNSET:
+        check_count("update_ratio_every", update_ratio_every)
+        out["update_ratio_every"] = None if update_ratio_every is None else int(update_ratio_every)
+    return out
+
+
 def _copy_options(new: ClipRule | Remedy, targets: Sequence[ClipRule | Remedy]) -> None:
     if type(new) is not type(targets[0]):
         raise ValueError(f"cannot retune {targets[0]!r} from a {type(new).__name__}: build a new one instead.")
@@ -807,19 +581,14 @@ def _copy_options(new: ClipRule | Remedy, targets: Sequence[ClipRule | Remedy]) 
             setattr(target, option, getattr(new, option))
 
 
-def _moves_between_evaluations(optimizer: Optimizer) -> bool:
-    """A closure optimizer that evaluates several times per step and moves the weights in between (LBFGS)."""
-    defaults = optimizer.defaults
-    return int(defaults.get("max_iter", 1) or 1) > 1 or defaults.get("line_search_fn") is not None
-
-
-def _refuse_moving_closure(optimizer: Optimizer, remedy: Remedy) -> None:
-    raise ValueError(
-        f"{type(optimizer).__name__} evaluated its closure more than once in one step() and moves the weights "
-        "between evaluations, but declares neither `max_iter` nor `line_search_fn` in its defaults (as LBFGS does, "
-        f"which is snapshotted at each step start): nan_policy={remedy.policy!r} cannot undo a move made before a "
-        "bad evaluation. Use nan_policy='raise' or 'ignore' with it, or declare `max_iter` in its defaults."
-    )
+def _check_declared(remedy: Remedy, request: Request) -> None:
+    """A remedy asks only for what it declares (the engine sets up the mechanisms by the declarations)."""
+    if (request.skip or request.skip_steps or request.restore is not None) and not remedy.skips_steps:
+        raise ValueError(f"{remedy!r} asked to skip steps but does not declare `skips_steps`.")
+    if request.lr_factor != 1.0 and not remedy.scales_lr:
+        raise ValueError(f"{remedy!r} asked to scale the LR but does not declare `scales_lr`.")
+    if request.restore is not None and not remedy.keeps_snapshots:
+        raise ValueError(f"{remedy!r} asked to restore a snapshot but does not declare `keeps_snapshots`.")
 
 
 def warn_at_caller(message: str) -> None:
@@ -830,23 +599,3 @@ def warn_at_caller(message: str) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
-
-
-def _stack_on(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """0-dim tensors as one vector on ``device``: one stack when they all live there (the usual case)."""
-    if not tensors:
-        return torch.zeros(0, device=device)
-    if {t.device for t in tensors} == {device}:
-        return torch.stack(list(tensors))
-    return torch.stack([t.to(device) for t in tensors])
-
-
-def _param_ids(optimizer: Optimizer) -> set[int]:
-    return {id(p) for group in optimizer.param_groups for p in group["params"]}
-
-
-def _device_of(optimizer: Optimizer) -> torch.device:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            return p.device
-    return torch.device("cpu")

@@ -50,6 +50,9 @@ __all__ = [
     "plan",
     "grad_norms",
     "total_norm",
+    "combine_norms",
+    "stack_norms",
+    "whole_norms",
     "clip_coefficient",
     "clip_by_norm_",
     "clip_by_value_",
@@ -215,6 +218,45 @@ def combine_norms(norms: Tensor, index: Tensor, count: int, norm_type: float = 2
         return out.scatter_reduce(0, index, values, reduce="amax", include_self=False)
     powers = torch.zeros(count, dtype=torch.float64, device=values.device)
     return powers.index_add_(0, index, values.pow(norm_type)).pow(1.0 / norm_type)
+
+
+def stack_norms(norms: Sequence[Tensor], device: torch.device, inv_scale: Tensor | None = None) -> Tensor:
+    """0-dim norms (:func:`grad_norms`) as one vector on ``device``, times ``inv_scale`` when given (the true units
+    of gradients a ``GradScaler`` still scales). One stack when they all live on ``device``, the usual case.
+
+    Example::
+
+        >>> stack_norms([torch.tensor(3.0), torch.tensor(4.0)], torch.device("cpu"), torch.tensor(0.5))
+        tensor([1.5000, 2.0000])
+    """
+    if not norms:
+        vector = torch.zeros(0, device=device)
+    elif {t.device for t in norms} == {device}:
+        vector = torch.stack(list(norms))
+    else:
+        vector = torch.stack([t.to(device) for t in norms])
+    return vector if inv_scale is None else vector * inv_scale
+
+
+def whole_norms(
+    tensors: Sequence[Tensor],
+    norm_type: float,
+    groups: Sequence[Group] | None,
+    specs: Sequence[ShardSpec | None],
+    device: torch.device,
+) -> Tensor:
+    """Each tensor's ``norm_type``-norm as one vector on ``device``; where ``specs`` holds a DTensor shard's spec
+    (:func:`local_shards`), the norm of the whole tensor, reduced over the ranks that hold its shards.
+
+    Example::
+
+        >>> whole_norms([torch.tensor([3.0, 4.0]), torch.ones(4)], 2.0, None, [], torch.device("cpu"))
+        tensor([5., 2.])
+    """
+    norms = grad_norms(tensors, norm_type, groups)
+    if specs:
+        norms = reduce_sharded_norms([n.to(device) for n in norms], specs, norm_type)[0]
+    return stack_norms(norms, device)
 
 
 def clip_coefficient(total: Tensor, max_norm: float, eps: float = EPS, finite: Tensor | None = None) -> Tensor:
@@ -525,7 +567,7 @@ def zscore_clip_(
     """
     if clip_option not in ZSCORE_OPTIONS:
         raise ValueError(f"`clip_option` must be one of {ZSCORE_OPTIONS}, got {clip_option!r}.")
-    mean, var, buf, collected, ready = state.mean, state.var, state.warmup_norms, state.collected, state.initialized
+    mean, var, ready = state.mean, state.var, state.initialized
     dtype = mean.dtype
     x = total_norm.to(dtype)
     zt, alpha = z_threshold, ema_decay
@@ -558,6 +600,17 @@ def zscore_clip_(
     coef = torch.where(finite, torch.where(ready, coef_ready, coef_warm), one)
     scale_(grads, coef, groups)
 
+    new_state = _zscore_statistics(state, x, clip_val, healthy, alpha)
+    if max_norm is None:
+        threshold = torch.where(ready, bound, math.nan)
+    else:
+        threshold = torch.where(ready, bound.clamp(max=max_norm), max_norm)
+    return ZScoreStep(coef, threshold, new_state)
+
+
+def _zscore_statistics(state: ZScoreState, x: Tensor, clip_val: Tensor, healthy: Tensor, alpha: float) -> ZScoreState:
+    """:func:`zscore_clip_`'s statistics after a step with total norm ``x`` (spike-clipped: ``clip_val``)."""
+    mean, var, buf, collected, ready = state.mean, state.var, state.warmup_norms, state.collected, state.initialized
     # EMA update with the spike-clipped norm; healthy steps only (a NaN never enters).
     update = ready & healthy
     new_mean = alpha * mean + (1 - alpha) * clip_val
@@ -570,18 +623,13 @@ def zscore_clip_(
     init_now = collect & (collected >= len(buf))
     init_mean = buf.mean()
     init_var = (buf - init_mean).pow(2).mean()
-    new_state = ZScoreState(
+    return ZScoreState(
         mean=torch.where(init_now, init_mean, torch.where(update, new_mean, mean)),
         var=torch.where(init_now, init_var, torch.where(update, new_var, var)),
         warmup_norms=buf,
         collected=collected,
         initialized=ready | init_now,
     )
-    if max_norm is None:
-        threshold = torch.where(ready, bound, math.nan)
-    else:
-        threshold = torch.where(ready, bound.clamp(max=max_norm), max_norm)
-    return ZScoreStep(coef, threshold, new_state)
 
 
 # ----------------------------------------------------------------------------- sharded gradients (DTensor)

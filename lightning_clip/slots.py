@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +25,9 @@ from torch.optim import Optimizer
 from lightning_clip import functional as F
 from lightning_clip.control import SlotControl
 from lightning_clip.counters import StepCounters
-from lightning_clip.detect import SpikeDetector
+from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any
 from lightning_clip.health import VanishingMonitor, layer_of
+from lightning_clip.record import SpikeCheck, StepRecord
 from lightning_clip.remedies import Remedy
 from lightning_clip.rules import ClipRule
 from lightning_clip.state import DeviceState
@@ -57,6 +59,30 @@ class SlotUnits:
         vanishing: VanishingMonitor | None = None,
     ) -> SlotUnits:
         return cls(StepCounters(), *copy.deepcopy((rule, remedy, spikes, loss_spikes, vanishing)))
+
+    def rule_measures(self, step: StepRecord) -> bool:
+        """Whether the rule measures this step itself: it reads every element anyway (``measures_finite``, value
+        mode) and nothing else needs the p-norm (no logging, no spike history, whole unscaled gradients)."""
+        return (
+            self.rule.measures_finite
+            and not step.log
+            and self.spikes is None
+            and not step.sharded
+            and step.inv_scale is None
+        )
+
+    def flag_spikes(self, step: StepRecord) -> None:
+        """The spike detectors' verdict on this step (``spike``, with its ``spike_checks``): ``skip_spikes`` on the
+        total norm, ``loss_spikes`` on the loss (agreed across ranks); only where ``update_statistics``."""
+        if self.spikes is not None and step.update_statistics:  # the total is the same on every rank
+            step.spike = self.spikes.flag(step.total, step.bad | step.overflow)
+            step.spike_checks.append(SpikeCheck("gradient norm", step.total, self.spikes.threshold, step.spike))
+        if self.loss_spikes is not None and step.update_statistics and step.loss is not None:
+            loss_spike = self.loss_spikes.flag(step.loss, step.bad | step.overflow)
+            if step.distributed:  # each rank has its own loss: the ranks skip together
+                loss_spike = agree_any(loss_spike)
+            step.spike_checks.append(SpikeCheck("loss", step.loss, self.loss_spikes.threshold, loss_spike))
+            step.spike = loss_spike if step.spike is None else step.spike | loss_spike
 
     def statistics(self) -> list[DeviceState]:
         """The device statistics of this optimizer's units (the rule's, the spike histories), as a snapshot
@@ -174,6 +200,77 @@ class Slot:
     def optimizer(self) -> Optimizer | None:
         return self.control.optimizer
 
+    def bind(self, optimizer: Optimizer) -> None:
+        """Track ``optimizer`` with the mechanisms this slot's remedy declares. A closure optimizer that moves the
+        weights between evaluations (LBFGS) is snapshotted at each step start under a remedy that skips: a bad
+        evaluation anywhere in the step restores it, so the step is a no-op."""
+        remedy = self.units.remedy
+        self.control.track(
+            optimizer,
+            guard=remedy.skips_steps and _moves_between_evaluations(optimizer),
+            snapshots=remedy.keeps_snapshots,
+            on_device=remedy.snapshot_on_device,
+            statistics=self.units.statistics,
+        )
+
+    def record(
+        self,
+        i: int,
+        optimizer: Optimizer,
+        names: dict[int, str],
+        detector: BadStepDetector,
+        all_reduce: Callable[[Tensor, str], Tensor] | None,
+        norm_type: float,
+        eps: float,
+        warn: Callable[[str], None],
+    ) -> StepRecord | None:
+        """The record of this optimizer's step ``i`` (None when no parameter has a gradient): the parameters with a
+        gradient (``names`` by id), their gradients (the local shards of DTensor gradients), the cached layout, the
+        control's view of the step and the evidence of ``detector``; ``all_reduce``: the collective of flat shards
+        (FSDP1), if any. The flags are placeholders until measured."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
+        grads: list[Tensor] = [p.grad for p in params]
+        counters = self.units.counters.on(grads[0].device)
+        layout = self.layout.update(params, grads, names)
+        specs: list[F.ShardSpec | None] = []
+        if layout.dtensor:  # DTensor gradients (FSDP2, tensor parallel): the math runs on the local shards, in place
+            grads, specs = F.local_shards(grads, layout.names)
+        control, remedy = self.control, self.units.remedy
+        reevaluation = control.reevaluation()
+        if reevaluation and remedy.skips_steps and not control.guard:
+            _refuse_moving_closure(optimizer, remedy)
+        requested = control.take_requested_skip() if not reevaluation else False
+        false = counters.false
+        return StepRecord(
+            params=params,
+            grads=grads,
+            names=layout.names,
+            optimizer=optimizer,
+            optimizer_idx=i,
+            groups=layout.groups,
+            norm_type=norm_type,
+            eps=eps,
+            sharded=layout.dtensor or all_reduce is not None,
+            update_statistics=not (reevaluation or requested),
+            reevaluation=reevaluation,
+            state_before=control.state_before(),
+            batch_idx=detector.last_batch_idx(),
+            specs=specs,
+            all_reduce=all_reduce,
+            total=false,  # placeholders until measured: no allocation per step
+            finite=false,
+            bad=false,
+            overflow=false,
+            clipped=false,
+            requested=requested,
+            counters=counters,
+            loss_nonfinite=detector.loss_nonfinite,
+            input_problems=detector.input_problems,
+            warn=warn,
+        )
+
     def state_dict(self) -> dict[str, Any]:
         units = self.units
         pairs = (("spikes", units.spikes), ("loss_spikes", units.loss_spikes))
@@ -206,6 +303,21 @@ class Slot:
         vanishing = state.get("reporter", {}).get("vanishing")
         if vanishing and units.vanishing is not None:
             units.vanishing.load_state_dict(vanishing)
+
+
+def _moves_between_evaluations(optimizer: Optimizer) -> bool:
+    """A closure optimizer that evaluates several times per step and moves the weights in between (LBFGS)."""
+    defaults = optimizer.defaults
+    return int(defaults.get("max_iter", 1) or 1) > 1 or defaults.get("line_search_fn") is not None
+
+
+def _refuse_moving_closure(optimizer: Optimizer, remedy: Remedy) -> None:
+    raise ValueError(
+        f"{type(optimizer).__name__} evaluated its closure more than once in one step() and moves the weights "
+        "between evaluations, but declares neither `max_iter` nor `line_search_fn` in its defaults (as LBFGS does, "
+        f"which is snapshotted at each step start): nan_policy={remedy.policy!r} cannot undo a move made before a "
+        "bad evaluation. Use nan_policy='raise' or 'ignore' with it, or declare `max_iter` in its defaults."
+    )
 
 
 # The keys of the flat entries of 0.1.0 and 0.2.0.dev0 that belong to each section of format 3.

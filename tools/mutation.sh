@@ -34,7 +34,7 @@ done
   echo '[tool.mutmut]'
   echo 'source_paths = ["lightning_clip"]'
   echo 'only_mutate = ['
-  for m in engine record slots state detect rules/norm rules/value rules/monitor remedies/skip remedies/halve_lr \
+  for m in engine reporter distributed record slots state detect rules/norm rules/value rules/monitor remedies/skip remedies/halve_lr \
            remedies/raise_error remedies/base lr_scale counters; do
     echo "    \"lightning_clip/$m.py\","
   done

@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_cmd_demo)
 
+    _add_report_parser(sub)
+    return parser
+
+
+def _add_report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The ``report`` sub-command's parser."""
     report = sub.add_parser(
         "report",
         help="summarize the gradient norms in TensorBoard logs written by GradientClipping",
@@ -145,7 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
         "depth, when logged",
     )
     report.set_defaults(func=_cmd_report)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -559,6 +564,12 @@ def _vanishing(
     print()
     print(vanishing_table(plain, residual))
     print()
+    _vanishing_verdict(plain, residual)
+    return runs
+
+
+def _vanishing_verdict(plain: DemoRun, residual: DemoRun) -> None:
+    """What the vanishing story showed: the plain net's named layers and the remedies, or why it did not show."""
     if plain.vanishing_warnings and not residual.vanishing_warnings and residual.val_mse < plain.val_mse:
         print(
             f"The plain sigmoid net's first layers got (almost) no gradient: the callback named "
@@ -579,7 +590,6 @@ def _vanishing(
             f"The residual net did not clearly do better here (val MSE {_num(residual.val_mse)} vs "
             f"{_num(plain.val_mse)}): try more --steps."
         )
-    return runs
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
