@@ -15,7 +15,7 @@ repo="$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)"
 work="${1:-$(mktemp -d /tmp/lightning-clip-mutation.XXXXXX)}"
 tests="${MUTATION_TESTS:-tests/test_rules.py tests/test_remedies.py tests/test_engine.py tests/test_plain_loops.py \
 tests/test_nan_policies.py tests/test_lr_scale.py tests/test_spikes.py tests/test_mutation_survivors.py \
-tests/test_remedy_units.py tests/test_regressions_13.py}"
+tests/test_remedy_units.py tests/test_regressions_13.py tests/test_regressions_19.py tests/test_reporter.py}"
 children="${MUTATION_CHILDREN:-2}"
 rev="${MUTATION_REV:-HEAD}"
 
@@ -34,7 +34,7 @@ done
   echo '[tool.mutmut]'
   echo 'source_paths = ["lightning_clip"]'
   echo 'only_mutate = ['
-  for m in engine reporter distributed record slots state detect rules/norm rules/value rules/monitor remedies/skip remedies/halve_lr \
+  for m in engine reporter distributed control record slots state detect rules/norm rules/value rules/monitor remedies/skip remedies/halve_lr \
            remedies/raise_error remedies/base lr_scale counters; do
     echo "    \"lightning_clip/$m.py\","
   done
