@@ -166,7 +166,8 @@ def write_scalars(logger: Any, metrics: Mapping[str, float], step: int, is_globa
     nothing to write (``log_metrics`` is rank-zero only): True.
     """
     kinds = [kind for kind in _tensorboard_logger_classes() if isinstance(logger, kind)]
-    if not kinds or type(logger).log_metrics is not kinds[0].log_metrics:
+    own = type(logger).log_metrics is not kinds[0].log_metrics if kinds else True
+    if own or "log_metrics" in vars(logger):  # its own log_metrics, on the class or patched on the instance
         return False
     if not is_global_zero:
         return True

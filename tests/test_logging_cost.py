@@ -157,6 +157,9 @@ def test_other_loggers_and_tensorboard_subclasses_with_their_own_log_metrics_get
     assert counting.calls == 2 and len(recording.records) == 2
     assert recording.records == [(step, metrics) for step, metrics in cb.returned]
     assert TB.write_scalars(recording, {"a": 1.0}, 0) is False and TB.write_scalars(counting, {"a": 1.0}, 0) is False
+    patched = TensorBoardLogger(tmp_path, name="patched", version=0)
+    patched.log_metrics = lambda metrics, step=None: None  # type: ignore[method-assign]
+    assert TB.write_scalars(patched, {"a": 1.0}, 0) is False  # a log_metrics patched on the instance is honoured
 
 
 def test_a_rank_other_than_zero_writes_nothing(tmp_path):
