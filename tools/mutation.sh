@@ -39,7 +39,7 @@ done
     echo "    \"lightning_clip/$m.py\","
   done
   echo ']'
-  echo 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-k", "not example and not yaml and not ddp_spawn"]'
+  echo 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-k", "not example and not yaml and not ddp_spawn and not in_the_docs"]'
   printf 'pytest_add_cli_args_test_selection = ['
   for t in $selected; do printf '"%s", ' "$t"; done
   echo ']'
