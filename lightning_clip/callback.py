@@ -19,139 +19,12 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_clip import functional as F
 from lightning_clip import metrics as M
 from lightning_clip import tensorboard as TB
 from lightning_clip._namespaces import CallbackBase
-from lightning_clip.detect import SpikeDetector
-from lightning_clip.engine import ClipEngine
-from lightning_clip.health import VanishingMonitor
-from lightning_clip.remedies import Remedy, build_remedy
-from lightning_clip.rules import ClipRule, build_rule
-from lightning_clip.validation import check_count, check_in_range, check_positive
-
-
-class _Setting:
-    """A constructor argument as an attribute: reads give the value in force; assignments are checked and reach
-    the unit that uses it (``unit``), or are refused with the reason (``fixed``)."""
-
-    def __init__(self, unit: str | None = None, fixed: str | None = None) -> None:
-        self.unit, self.fixed = unit, fixed
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        if obj is None:
-            return self
-        if self.name in ("min_value", "max_value"):  # as the rule holds them (clip_value sets both)
-            return getattr(obj.engine.rule, self.name, None)
-        if self.name == "mode":
-            return obj.engine.rule.mode
-        return obj._settings[self.name]
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        if self.unit is None:
-            raise AttributeError(
-                f"`{self.name}` cannot be changed after GradientClipping is built ({self.fixed}); build a new "
-                f"GradientClipping({self.name}={value!r}, ...) instead."
-            )
-        obj._retune(self.name, value, self.unit)
-
-
-_FLOATS = (
-    "max_norm",
-    "norm_type",
-    "clip_value",
-    "min_value",
-    "max_value",
-    "lr_factor",
-    "min_lr_scale",
-    "eps",
-    "skip_spikes",
-    "loss_spikes",
-    "rollback_lr_factor",
-    "vanishing_ratio",
-)
-_INTS = (
-    "lr_recovery_steps",
-    "max_consecutive_nonfinite",
-    "spike_window",
-    "snapshot_every",
-    "rollback_after",
-    "rollback_skip_steps",
-    "vanishing_patience",
-    "update_ratio_every",
-)
-
-
-def _plain(settings: dict[str, Any]) -> dict[str, Any]:
-    """Checked numbers (numpy scalars included) as Python floats and ints; None stays None."""
-    out = {k: float(v) for k, v in settings.items() if k in _FLOATS and v is not None}
-    out.update({k: int(v) for k, v in settings.items() if k in _INTS and v is not None})
-    return out
-
-
-def _build_rule(settings: dict[str, Any]) -> ClipRule:
-    """The rule named by ``mode`` from the flat arguments; a bound that the mode would ignore is refused."""
-    value_args = {k: settings[k] for k in ("clip_value", "min_value", "max_value")}
-    check_positive("max_norm", settings["max_norm"])  # checked whatever the mode: it carries a default
-    rule = build_rule(settings["mode"], strict=value_args, max_norm=settings["max_norm"])
-    if settings["max_norm"] != 1.0 and "max_norm" not in rule.options:
-        # max_norm carries a default, so only a changed value shows it was set for nothing.
-        raise ValueError(
-            f"`max_norm` does not apply to mode={settings['mode']!r}; got max_norm={settings['max_norm']!r}."
-        )
-    return rule
-
-
-def _check_rule_object(rule: ClipRule, settings: dict[str, Any]) -> ClipRule:
-    check_positive("max_norm", settings["max_norm"])
-    value_args = {k: settings[k] for k in ("clip_value", "min_value", "max_value")}
-    mode = settings["mode"]
-    if mode not in ("norm", getattr(rule, "mode", None)) or any(v is not None for v in value_args.values()):
-        raise ValueError(f"`rule` ({rule!r}) replaces `mode` and its bounds; got mode={mode!r} with {value_args}.")
-    return rule
-
-
-_REMEDY_DEFAULTS: dict[str, Any] = {
-    "lr_factor": 0.5,
-    "min_lr_scale": None,
-    "lr_recovery_steps": None,
-    "max_consecutive_nonfinite": 10,
-    "snapshot_every": 50,
-    "rollback_after": 1,
-    "rollback_skip_steps": 0,
-    "rollback_lr_factor": 0.5,
-}
-# Read by the policies that need them; a changed value under another policy would be ignored: refused.
-_DEFAULTED = ("lr_factor", "snapshot_every", "rollback_after", "rollback_skip_steps", "rollback_lr_factor")
-
-
-def _build_remedy(settings: dict[str, Any]) -> Remedy:
-    """The remedy named by ``nan_policy`` (or given as one); a setting the policy would ignore is refused."""
-    check_in_range("lr_factor", settings["lr_factor"], 0.0, 1.0)  # checked whatever the policy: it has a default
-    check_count("max_consecutive_nonfinite", settings["max_consecutive_nonfinite"])
-    policy = settings["nan_policy"]
-    if isinstance(policy, Remedy):
-        changed = {k: settings[k] for k, default in _REMEDY_DEFAULTS.items() if settings[k] != default}
-        if changed:
-            raise ValueError(
-                f"`nan_policy` ({policy!r}) is a remedy object, which carries its own settings; got {changed} as well: "
-                "pass them to the remedy instead."
-            )
-        return policy
-    changed = {k: settings[k] for k in _DEFAULTED if settings[k] != _REMEDY_DEFAULTS[k]}
-    return build_remedy(
-        policy,
-        strict={
-            "min_lr_scale": settings["min_lr_scale"],
-            "lr_recovery_steps": settings["lr_recovery_steps"],
-            **changed,
-        },
-        max_consecutive_nonfinite=settings["max_consecutive_nonfinite"],
-        **{k: settings[k] for k in _DEFAULTED},
-    )
+from lightning_clip.remedies import Remedy
+from lightning_clip.rules import ClipRule
+from lightning_clip.settings import Settings, declared_default
 
 
 class GradientClipping(CallbackBase):
@@ -242,111 +115,58 @@ class GradientClipping(CallbackBase):
     def __init__(
         self,
         mode: str = "norm",
-        max_norm: float = 1.0,
-        norm_type: float = 2.0,
-        clip_value: float | None = None,
-        min_value: float | None = None,
-        max_value: float | None = None,
+        max_norm: float = declared_default("max_norm"),
+        norm_type: float = declared_default("norm_type"),
+        clip_value: float | None = declared_default("clip_value"),
+        min_value: float | None = declared_default("min_value"),
+        max_value: float | None = declared_default("max_value"),
         nan_policy: str | Remedy = "skip",
-        lr_factor: float = 0.5,
-        min_lr_scale: float | None = None,
-        lr_recovery_steps: int | None = None,
-        max_consecutive_nonfinite: int | None = 10,
-        check_inputs: bool = False,
-        log_norms: str = "layer",
-        eps: float = F.EPS,
+        lr_factor: float = declared_default("lr_factor"),
+        min_lr_scale: float | None = declared_default("min_lr_scale"),
+        lr_recovery_steps: int | None = declared_default("lr_recovery_steps"),
+        max_consecutive_nonfinite: int | None = declared_default("max_consecutive_nonfinite"),
+        check_inputs: bool = declared_default("check_inputs"),
+        log_norms: str = declared_default("log_norms"),
+        eps: float = declared_default("eps"),
         name: str | None = None,
         rule: ClipRule | None = None,
         skip_spikes: float | None = None,
         spike_window: int = 128,
         loss_spikes: float | None = None,
-        snapshot_every: int = 50,
-        rollback_after: int = 1,
-        rollback_skip_steps: int = 0,
-        rollback_lr_factor: float = 0.5,
+        snapshot_every: int = declared_default("snapshot_every"),
+        rollback_after: int = declared_default("rollback_after"),
+        rollback_skip_steps: int = declared_default("rollback_skip_steps"),
+        rollback_lr_factor: float = declared_default("rollback_lr_factor"),
         vanishing_ratio: float | None = 1e-8,
         vanishing_patience: int = 3,
-        update_ratio_every: int | None = 4,
+        update_ratio_every: int | None = declared_default("update_ratio_every"),
     ) -> None:
         super().__init__()
-        check_count("spike_window", spike_window, allow_none=False)  # checked also while skip_spikes is off
-        M.check_instance_name(name)
-        settings = dict(locals())
-        del settings["self"], settings["__class__"]
-        self.__dict__["_settings"] = settings  # read and written through the _Setting descriptors below
-        rule = _build_rule(settings) if rule is None else _check_rule_object(rule, settings)
-        warmup = min(20, spike_window)
-        spikes = None if skip_spikes is None else SpikeDetector(skip_spikes, spike_window, warmup)
-        losses = None if loss_spikes is None else SpikeDetector(loss_spikes, spike_window, warmup, "loss_spikes")
-        check_count("vanishing_patience", vanishing_patience, allow_none=False)
-        vanishing = None if vanishing_ratio is None else VanishingMonitor(vanishing_ratio, vanishing_patience)
-        self.engine = ClipEngine(
-            rule,
-            _build_remedy(settings),
-            norm_type=norm_type,
-            eps=eps,
-            check_inputs=check_inputs,
-            log_norms=log_norms,
-            spike_skip=spikes,
-            name=name,
-            loss_spike=losses,
-            vanishing=vanishing,
-            update_ratio_every=update_ratio_every,
-        )
+        values = dict(locals())
+        del values["self"], values["__class__"]
+        self.__dict__["_settings"] = Settings(values, GradientClipping.__init__)
+        self.engine = self._settings.engine
         self._windows_written: list[dict[str, Any]] = []
         self.engine.warn = _warn
-        settings.update(_plain(settings))  # checked by now: numpy scalars become Python numbers
 
     # ------------------------------------------------------------------ settings, live after construction
-    # Assigning one (``clip.max_norm = 0.01``) is checked as in __init__ and takes effect from the next step;
-    # those that decide the checkpoint key, the tags or which units run are fixed (a clear error, never ignored).
-    _settings: dict[str, Any]
-    mode = _Setting(fixed="it picks the clip rule and the checkpoint key")
-    nan_policy = _Setting(fixed="it picks the remedy")
-    name = _Setting(fixed="it is part of the checkpoint key and of every tag")
-    rule = _Setting(fixed="it is the clip rule itself")
-    skip_spikes = _Setting(fixed="it decides whether spike statistics are kept")
-    loss_spikes = _Setting(fixed="it decides whether loss statistics are kept")
-    vanishing_ratio = _Setting(fixed="it decides whether weight norms are measured")
-    vanishing_patience = _Setting(fixed="it is part of the vanishing monitor's state")
-    spike_window = _Setting(fixed="it sizes the spike history")
-    max_norm = _Setting(unit="rule")
-    clip_value = _Setting(unit="rule")
-    min_value = _Setting(unit="rule")
-    max_value = _Setting(unit="rule")
-    lr_factor = _Setting(unit="remedy")
-    min_lr_scale = _Setting(unit="remedy")
-    lr_recovery_steps = _Setting(unit="remedy")
-    max_consecutive_nonfinite = _Setting(unit="remedy")
-    snapshot_every = _Setting(unit="remedy")
-    rollback_after = _Setting(unit="remedy")
-    rollback_skip_steps = _Setting(unit="remedy")
-    rollback_lr_factor = _Setting(unit="remedy")
-    norm_type = _Setting(unit="engine")
-    eps = _Setting(unit="engine")
-    log_norms = _Setting(unit="engine")
-    check_inputs = _Setting(unit="engine")
-    update_ratio_every = _Setting(unit="engine")
+    # Each argument reads as the value in force (``clip.max_norm``); assigning one (``clip.max_norm = 0.01``) is
+    # checked as in __init__ and takes effect from the next step, or is refused with the reason (settings.py):
+    # any option a registered rule or remedy declares is live, with no edit here.
+    _settings: Settings
 
-    def _retune(self, setting: str, value: Any, unit: str) -> None:
-        settings = {**self._settings, setting: value}
-        if unit == "engine":
-            self.engine.configure(**{setting: value})
-        elif unit == "remedy":
-            if isinstance(self._settings["nan_policy"], Remedy):
-                raise ValueError(
-                    f"`{setting}` does not apply: this GradientClipping was built with nan_policy="
-                    f"{self._settings['nan_policy']!r}; build a new GradientClipping with the remedy you want."
-                )
-            self.engine.retune(remedy=_build_remedy(settings))
-        elif self._settings["rule"] is not None:
-            raise ValueError(
-                f"`{setting}` does not apply: this GradientClipping was built with rule={self._settings['rule']!r}; "
-                "build a new GradientClipping with the rule you want."
-            )
+    def __getattr__(self, name: str) -> Any:
+        settings = self.__dict__.get("_settings")  # absent while unpickling: a plain AttributeError
+        if settings is None or name.startswith("__") or not settings.knows(name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return settings.get(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        settings = self.__dict__.get("_settings")
+        if settings is not None and settings.knows(name):
+            settings.assign(name, value)
         else:
-            self.engine.retune(rule=_build_rule(settings))
-        self._settings.update(_plain({setting: value}))
+            super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ state
     @property

@@ -2,7 +2,9 @@
 out), longest first.
 
 Usage: python tools/function_lengths.py lightning_clip [more files or folders] [--max 60] [--max-class 300]
-Exits 1 when a function is longer than --max, or a class than --max-class (default: no limit).
+    [--max-module 500]
+Exits 1 when a function is longer than --max, a class than --max-class, or a whole module than --max-module
+(default: no limit).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def code_lines(source: str, node: ast.AST) -> int:
             if isinstance(value, ast.Constant) and isinstance(value.value, str):
                 docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
     lines = set()
-    start, end = node.lineno, node.end_lineno
+    # A module has no line numbers of its own: all of it.
+    start, end = getattr(node, "lineno", 1), getattr(node, "end_lineno", None) or len(source.splitlines())
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         inside = start <= tok.start[0] <= end and tok.start[0] not in docstrings
         if inside and tok.type not in _LAYOUT_ONLY:
@@ -50,10 +53,13 @@ def _files(paths: list[str]) -> list[Path]:
 def main(argv: list[str]) -> int:
     limit, argv = _option(argv, "--max")
     class_limit, argv = _option(argv, "--max-class")
-    rows, classes = [], []
+    module_limit, argv = _option(argv, "--max-module")
+    rows, classes, modules = [], [], []
     for path in _files(argv):
         source = path.read_text()
-        for node in ast.walk(ast.parse(source)):
+        tree = ast.parse(source)
+        modules.append((code_lines(source, tree), str(path)))
+        for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 rows.append((code_lines(source, node), f"{path}:{node.lineno} {node.name}"))
             elif isinstance(node, ast.ClassDef):
@@ -64,9 +70,13 @@ def main(argv: list[str]) -> int:
     print("classes:")
     for n, where in sorted(classes, reverse=True)[:5]:
         print(f"{n:4d}  {where}")
+    print("modules:")
+    for n, where in sorted(modules, reverse=True)[:5]:
+        print(f"{n:4d}  {where}")
     too_long = limit is not None and rows and max(rows)[0] > limit
     too_large = class_limit is not None and classes and max(classes)[0] > class_limit
-    return 1 if too_long or too_large else 0
+    too_big = module_limit is not None and modules and max(modules)[0] > module_limit
+    return 1 if too_long or too_large or too_big else 0
 
 
 if __name__ == "__main__":

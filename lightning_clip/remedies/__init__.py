@@ -8,10 +8,12 @@ asks which class it holds: it reads what the remedy declares -- ``skips_steps``,
 ``finish``, ``state_dict``/``load_state_dict``). No remedy inherits another's behaviour.
 
 To add one: write ``remedies/<name>.py`` with a ``Remedy`` subclass that sets ``policy`` (and ``options``, the
-flat ``GradientClipping`` arguments it is built from), then add it to :data:`REMEDIES` below. Nothing else
-changes: ``GradientClipping(nan_policy="<name>")`` works, and so does ``nan_policy=<object>`` (YAML:
-``class_path``), which needs no registry entry. ``tests/test_remedy_units.py`` has a worked example
-(``SkipWindow``: ``decide`` returns ``Request(skip=True, skip_steps=window)``).
+flat ``GradientClipping`` arguments it is built from, typed and defaulted once, in its ``__init__`` signature:
+:mod:`lightning_clip.settings` derives the callback's defaults, checks and live settings from it), then add it to
+:data:`REMEDIES` below. Nothing else changes: ``GradientClipping(nan_policy="<name>")`` works, and so does
+``nan_policy=<object>`` (YAML: ``class_path``), which needs no registry entry.
+``tests/test_remedy_units.py`` has a worked example (``SkipWindow``: ``decide`` returns
+``Request(skip=True, skip_steps=window)``).
 
 Example::
 
