@@ -64,7 +64,7 @@ from lightning_clip.counters import COUNTERS
 from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
 from lightning_clip.distributed import flat_shard_all_reduce, join_without_gradients, param_ids, total_norm_reducer
 from lightning_clip.errors import NonFiniteGradientError
-from lightning_clip.health import VanishingMonitor
+from lightning_clip.health import VanishingEvent, VanishingMonitor
 from lightning_clip.record import HostRead, Request, RunEnd, StepRead, StepRecord
 from lightning_clip.remedies import Remedy, build_remedy
 from lightning_clip.reporter import LoggedValues, Reporter
@@ -516,6 +516,11 @@ class ClipEngine:
     def vanishing_layers(self) -> list[str]:
         """The layers named as vanishing so far (every optimizer's; ``vanishing_ratio``), sorted by name."""
         return sorted({layer for slot in self._slots if slot.units.vanishing for layer in slot.units.vanishing.warned})
+
+    def vanishing_events(self) -> list[VanishingEvent]:
+        """Every vanishing-gradient warning so far, as a record (step, optimizer, layers and ratios), in order.
+        Not part of the checkpoint: after a resume, the events since the resume."""
+        return list(self.reporter.vanishing_events)
 
     def snapshot_nbytes(self, optimizer_idx: int = 0) -> int:
         """Memory held by one optimizer's snapshots now (rollback; 0 once training ended)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +34,27 @@ from torch import Tensor
 
 from lightning_clip.validation import check_count, check_positive
 
-__all__ = ["VanishingMonitor", "layer_of", "describe_vanishing", "ratios", "ratio_vector", "named_ratios"]
+__all__ = [
+    "VanishingMonitor",
+    "VanishingEvent",
+    "VANISHING_PREFIX",
+    "VANISHING_REMEDIES",
+    "layer_of",
+    "describe_vanishing",
+    "vanishing_headline",
+    "ratios",
+    "ratio_vector",
+    "named_ratios",
+]
+
+VANISHING_PREFIX = "Vanishing gradients"  # how the warning begins (a RuntimeWarning)
+VANISHING_REMEDIES = (
+    "normalization between layers (LayerNorm/BatchNorm)",
+    "an initialisation suited to the activation (Xavier for tanh/sigmoid, Kaiming for ReLU)",
+    "residual connections around deep blocks",
+    "another activation (ReLU/GELU instead of sigmoid/tanh)",
+    "a higher learning rate, where a low one is the cause",
+)
 
 
 def layer_of(name: str) -> str:
@@ -114,16 +135,51 @@ class VanishingMonitor:
         self.warnings = int(state.get("warnings", 0))
 
 
+def vanishing_headline(
+    layers: Sequence[tuple[str, float]], ratio: float, patience: int, step: int, shown: int | None = None
+) -> str:
+    """The warning's first line: the step, the bound and the layers (the first ``shown`` of them, None: all).
+
+    >>> vanishing_headline([("a", 1e-12), ("b", 2e-12)], 1e-8, 3, 7, shown=1).partition("first: ")[2][:24]
+    'a (1e-12), ... (1 more).'
+    """
+    listed = ", ".join(f"{name} ({r:.2g})" for name, r in layers[:shown])
+    if shown is not None and len(layers) > shown:
+        listed += f", ... ({len(layers) - shown} more)"
+    return (
+        f"{VANISHING_PREFIX} at global step {step}: ||grad W|| / ||W|| below {ratio:g} on {patience} logging steps in "
+        f"a row, shallowest first: {listed}. These layers barely learn: the chain rule multiplies per-layer "
+        "derivatives below 1 on the way back to them."
+    )
+
+
 def describe_vanishing(layers: Iterable[tuple[str, float]], ratio: float, patience: int, step: int) -> str:
     """The warning: which layers, what it means, and the article's remedies."""
-    listed = ", ".join(f"{name} ({r:.2g})" for name, r in layers)
-    return (
-        f"Vanishing gradients at global step {step}: ||grad W|| / ||W|| below {ratio:g} on {patience} logging steps in "
-        f"a row, shallowest first: {listed}. These layers barely learn: the chain rule multiplies per-layer "
-        "derivatives below 1 on the way back to them.\nWhat to try:\n"
-        "  - normalization between layers (LayerNorm/BatchNorm)\n"
-        "  - an initialisation suited to the activation (Xavier for tanh/sigmoid, Kaiming for ReLU)\n"
-        "  - residual connections around deep blocks\n"
-        "  - another activation (ReLU/GELU instead of sigmoid/tanh)\n"
-        "  - a higher learning rate, where a low one is the cause"
-    )
+    remedies = "".join(f"\n  - {line}" for line in VANISHING_REMEDIES)
+    return f"{vanishing_headline(list(layers), ratio, patience, step)}\nWhat to try:{remedies}"
+
+
+@dataclass(frozen=True)
+class VanishingEvent:
+    """One vanishing-gradient warning, as a record: at ``global_step`` the layers of optimizer ``optimizer_idx``
+    in ``layers`` (``(name, ||grad W|| / ||W||)``, shallowest first) had stayed below ``ratio`` (the
+    ``vanishing_ratio``) on ``patience`` logging steps in a row. :meth:`message` is the warning's text.
+
+    >>> e = VanishingEvent(global_step=7, optimizer_idx=0, layers=(("net.0", 3e-12),), ratio=1e-8, patience=3)
+    >>> e.message().splitlines()[0][:38]
+    'Vanishing gradients at global step 7: '
+    """
+
+    global_step: int
+    optimizer_idx: int
+    layers: tuple[tuple[str, float], ...]
+    ratio: float
+    patience: int
+
+    def headline(self, shown: int | None = None) -> str:
+        """The warning's first line, its list of layers cut to the first ``shown`` (None: all)."""
+        return vanishing_headline(self.layers, self.ratio, self.patience, self.global_step, shown)
+
+    def message(self) -> str:
+        """The warning's whole text (:func:`describe_vanishing`)."""
+        return describe_vanishing(self.layers, self.ratio, self.patience, self.global_step)

@@ -48,7 +48,13 @@ from pathlib import Path
 from traceback import walk_tb
 from typing import Any, NoReturn
 
-from jsonargparse import ArgumentParser, Namespace, get_loader
+try:
+    from jsonargparse import ArgumentParser, Namespace, get_loader
+except ImportError as err:  # LightningCLI itself needs jsonargparse: say how to get it
+    raise ImportError(
+        f"GradientClippingCLI needs jsonargparse, as LightningCLI does, and it could not be imported ({err}): "
+        "pip install 'lightning-clip[cli]' (or 'jsonargparse[signatures]')"
+    ) from err
 from pytorch_lightning.cli import LightningCLI
 
 from lightning_clip.callback import GradientClipping

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lightning_clip import functional as F
 from lightning_clip import metrics as M
-from lightning_clip.health import VanishingMonitor, describe_vanishing, named_ratios, ratio_vector
+from lightning_clip.health import VanishingEvent, VanishingMonitor, named_ratios, ratio_vector
 from lightning_clip.record import HostRead, StepRecord
 from lightning_clip.slots import Slot
 from lightning_clip.snapshot import local_tensor
@@ -111,6 +111,9 @@ class Reporter:
         self.name = name
         self.vanishing = vanishing
         self.spike_top_k = spike_top_k
+        # every vanishing warning of every optimizer, as a record (not part of the checkpoint: a resumed run
+        # starts an empty list, while the monitors' state, which layers were named, is restored)
+        self.vanishing_events: list[VanishingEvent] = []
 
     # ------------------------------------------------------------------ the logging part of the host read
     def add_to(self, read: HostRead, slot: Slot, step: StepRecord) -> LoggedNames:
@@ -187,7 +190,9 @@ class Reporter:
         layer_ratios = named_ratios(logged.health_layers, logged.health_ratios)
         flagged = monitor.update(layer_ratios)
         if flagged is not None:
-            step.warn(describe_vanishing(flagged, monitor.ratio, monitor.patience, step.global_step))
+            event = VanishingEvent(step.global_step, i, tuple(flagged), monitor.ratio, monitor.patience)
+            self.vanishing_events.append(event)
+            step.warn(event.message())
         out = {M.tag(M.VANISHING_LAYERS, i, self.name): float(monitor.flagged)}
         if self.log_norms == "layer":
             out.update({M.norm_tag(M.GRAD_RATIO_GROUP, k, i, self.name): v for k, v in layer_ratios.items()})

@@ -167,3 +167,18 @@ def test_update_ratios_are_the_last_applied_updates_float64_reference(tmp_path):
 def test_no_update_ratio_without_layer_norms(tmp_path):
     logger, _ = fit(GradientClipping(log_norms="total"), DeepSigmoid(depth=3), tmp_path, steps=4)
     assert not any("update_ratio" in k for _, m in logger.records for k in m)
+
+
+def test_each_vanishing_warning_is_kept_as_an_event_with_its_step_layers_and_ratios(tmp_path):
+    cb = GradientClipping()
+    _, found = fit(cb, DeepSigmoid(), tmp_path, steps=30)
+    events = cb.engine.vanishing_events()
+    # One event per warning, its text the warning's: the app reads these records, never the text.
+    assert [e.message() for e in events] == [str(w.message) for w in found] and events
+    first = events[0]
+    assert first.optimizer_idx == 0 and (first.ratio, first.patience) == (1e-8, 3)
+    assert f"at global step {first.global_step}:" in str(found[0].message)
+    assert [e.global_step for e in events] == sorted({e.global_step for e in events})
+    assert first.layers[0][0] == "net.0" and all(r < 1e-8 for _, r in first.layers)
+    assert {name for e in events for name, _ in e.layers} == set(cb.engine.vanishing_layers())
+    assert first.headline(shown=2).count(" (") == 3  # two layers and "... (n more)"

@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # imported for real inside the commands: `lightning-clip --he
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from lightning_clip import GradientClipping
+    from lightning_clip.health import VanishingEvent
 
 PROG = "lightning-clip"
 SCENARIOS = ("all", "exploding", "vanishing")
@@ -182,13 +183,15 @@ def _error(command: str, message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- report
 def _cmd_report(args: argparse.Namespace) -> int:
-    from lightning_clip.app.report import ReportError, depth_path, format_table, load_runs, plot
+    from lightning_clip.app.report import ReportError, check_matplotlib, depth_path, format_table, load_runs, plot
 
     if not Path(args.logdir).is_dir():
         problem = "log directory not found" if not Path(args.logdir).exists() else "not a directory"
         _error("report", f"{problem}: {args.logdir}")
         return 2
     try:
+        if args.plot:  # before the reading: say at once what --plot needs
+            check_matplotlib()
         runs = load_runs(args.logdir)
     except ReportError as err:
         _error("report", str(err))
@@ -207,9 +210,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- demo
-VANISHING_WARNING = "Vanishing gradients"  # how the callback's vanishing-layer warning begins (lightning_clip.health)
-
-
 @dataclass
 class DemoRun:
     """What the demo tables show for one run."""
@@ -227,8 +227,9 @@ class DemoRun:
     first_nonfinite_step: int | None
     median_norm: float
     max_norm_seen: float
-    # the callback's vanishing-gradient warnings (whole text), and the layers they named, in depth order
-    vanishing_warnings: list[str] = field(default_factory=list)
+    # the callback's vanishing-gradient warnings, as the records it keeps (callback.engine.vanishing_events()),
+    # and the layers they named, in depth order
+    vanishing_events: list[VanishingEvent] = field(default_factory=list)
     vanishing_named: list[str] = field(default_factory=list)
     # the model's layers (parameter names without the last component) in depth order
     layers: list[str] = field(default_factory=list)
@@ -242,10 +243,7 @@ class DemoRun:
     @property
     def first_vanishing_step(self) -> int | None:
         """The global step of the first vanishing warning (None: no warning)."""
-        if not self.vanishing_warnings:
-            return None
-        found = re.search(r"global step (\d+)", self.vanishing_warnings[0])
-        return int(found.group(1)) if found else None
+        return self.vanishing_events[0].global_step if self.vanishing_events else None
 
 
 @contextmanager
@@ -267,18 +265,14 @@ def _quiet_lightning() -> Iterator[None]:
 
 
 @contextmanager
-def _vanishing_warnings_caught() -> Iterator[list[str]]:
-    """Collect the callback's vanishing-gradient warnings (the demo shows them in its own words) instead of printing
-    them; every other warning reaches stderr as before."""
-    found: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.filterwarnings("always", message=VANISHING_WARNING, category=RuntimeWarning)
-        yield found
-    for w in caught:
-        if issubclass(w.category, RuntimeWarning) and str(w.message).startswith(VANISHING_WARNING):
-            found.append(str(w.message))
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+def _vanishing_warnings_hidden() -> Iterator[None]:
+    """Hide the callback's vanishing-gradient warnings: the demo tells them from the events the callback keeps
+    (``callback.engine.vanishing_events()``), in its own words. Every other warning reaches stderr as before."""
+    from lightning_clip.health import VANISHING_PREFIX
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(VANISHING_PREFIX), category=RuntimeWarning)
+        yield
 
 
 def _train_once(
@@ -311,7 +305,7 @@ def _train_once(
         enable_progress_bar=progress,
         num_sanity_val_steps=0,
     )
-    with _vanishing_warnings_caught() as vanishing:
+    with _vanishing_warnings_hidden():
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         seconds = time.perf_counter() - start
@@ -322,7 +316,8 @@ def _train_once(
     logged = load_runs(log_dir)[0]
     # Depth order: the order of named_parameters(), the order the callback lists layers in.
     layers = list(dict.fromkeys(layer_of(name) for name, p in model.named_parameters() if p.requires_grad))
-    named = set(callback.engine.vanishing_layers())
+    events = callback.engine.vanishing_events()
+    named = {name for event in events for name, _ in event.layers}
     return DemoRun(
         label=label,
         log_dir=log_dir,
@@ -337,7 +332,7 @@ def _train_once(
         first_nonfinite_step=logged.first_nonfinite_step,
         median_norm=logged.median,
         max_norm_seen=logged.max,
-        vanishing_warnings=vanishing,
+        vanishing_events=events,
         vanishing_named=[layer for layer in layers if layer in named],
         layers=layers,
         grad_ratios={h.name: h.grad_ratio for h in logged.layers if h.grad_ratio is not None},
@@ -351,16 +346,15 @@ def _num(value: float | None) -> str:
 
 
 def _side_by_side(rows: Sequence[tuple[str, ...]]) -> str:
-    """Rows of (label, left, right), the first a header, as aligned columns with a rule under the header."""
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{a.ljust(widths[0])}  {b.rjust(widths[1])}  {c.rjust(widths[2])}" for a, b, c in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """Rows of (label, left, right), the first a header, as the report's aligned columns."""
+    from lightning_clip.app.report_table import format_rows
+
+    return format_rows(rows[0], rows[1:])
 
 
 def _warnings_cell(run: DemoRun) -> str:
     step = run.first_vanishing_step
-    count = len(run.vanishing_warnings)
+    count = len(run.vanishing_events)
     return str(count) if not count or step is None else f"{count} (first at step {step})"
 
 
@@ -419,29 +413,18 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2g}"
 
 
-def _headline(message: str, shown: int = 3, width: int = 100, indent: str = "      ") -> str:
+def _headline(event: VanishingEvent, shown: int = 3, width: int = 100, indent: str = "      ") -> str:
     """The first line of a vanishing warning, its list of layers cut to the first ``shown``, wrapped, indented."""
-    line = message.splitlines()[0] if message else ""
-    head, sep, rest = line.partition("shallowest first: ")
-    listed, dot, tail = rest.partition(". ")
-    if sep and dot:
-        items = listed.split(", ")
-        if len(items) > shown:
-            listed = ", ".join(items[:shown]) + f", ... ({len(items) - shown} more)"
-        line = f"{head}{sep}{listed}{dot}{tail}"
     return (
         textwrap.fill(
-            line, width=width, initial_indent=indent + '"', subsequent_indent=indent + " ", break_on_hyphens=False
+            event.headline(shown),
+            width=width,
+            initial_indent=indent + '"',
+            subsequent_indent=indent + " ",
+            break_on_hyphens=False,
         )
         + '"'
     )
-
-
-def _remedies(message: str) -> list[str]:
-    """The 'What to try' lines of a vanishing warning."""
-    lines = message.splitlines()
-    at = next((i for i, line in enumerate(lines) if line.startswith("What to try")), None)
-    return [] if at is None else [line.strip() for line in lines[at + 1 :] if line.strip()]
 
 
 def _print_run(i: int, total: int, label: str, detail: str) -> None:
@@ -451,8 +434,8 @@ def _print_run(i: int, total: int, label: str, detail: str) -> None:
 def _print_done(run: DemoRun) -> None:
     state = "diverged (NaN/Inf)" if run.diverged else "finite"
     warned = (
-        f", {len(run.vanishing_warnings)} vanishing-layer warning{'s' if len(run.vanishing_warnings) > 1 else ''}"
-        if run.vanishing_warnings
+        f", {len(run.vanishing_events)} vanishing-layer warning{'s' if len(run.vanishing_events) > 1 else ''}"
+        if run.vanishing_events
         else ""
     )
     print(f"      done in {run.seconds:.1f} s: final loss {_num(run.final_loss)}, {state}{warned}", flush=True)
@@ -511,7 +494,7 @@ def _exploding(
         )
     else:
         print("Both runs hit NaN/Inf: try a smaller --max-norm.")
-    if plain.vanishing_warnings:
+    if plain.vanishing_events:
         print(
             f"On its way there the growing weights saturated the tanh units, whose derivative is then 0: the "
             f"callback named {len(plain.vanishing_named)} layers as vanishing from step {plain.first_vanishing_step}."
@@ -556,9 +539,9 @@ def _vanishing(
             progress,
         )
         _print_done(run)
-        if run.vanishing_warnings:
+        if run.vanishing_events:
             print("      the callback's first warning, first line:")
-            print(_headline(run.vanishing_warnings[0]))
+            print(_headline(run.vanishing_events[0]))
         runs.append(run)
     plain, residual = runs
     print()
@@ -570,7 +553,9 @@ def _vanishing(
 
 def _vanishing_verdict(plain: DemoRun, residual: DemoRun) -> None:
     """What the vanishing story showed: the plain net's named layers and the remedies, or why it did not show."""
-    if plain.vanishing_warnings and not residual.vanishing_warnings and residual.val_mse < plain.val_mse:
+    from lightning_clip.health import VANISHING_REMEDIES
+
+    if plain.vanishing_events and not residual.vanishing_events and residual.val_mse < plain.val_mse:
         print(
             f"The plain sigmoid net's first layers got (almost) no gradient: the callback named "
             f"{len(plain.vanishing_named)} of its {len(plain.layers)} layers, {plain.vanishing_named[0]} first, and "
@@ -578,12 +563,10 @@ def _vanishing_verdict(plain: DemoRun, residual: DemoRun) -> None:
             f"With residual connections and LayerNorm the same depth got no warning and reached "
             f"{_num(residual.val_mse)}."
         )
-        remedies = _remedies(plain.vanishing_warnings[0])
-        if remedies:
-            print("The remedies the warning lists:")
-            for line in remedies:
-                print(f"  {line}")
-    elif not plain.vanishing_warnings:
+        print("The remedies the warning lists:")
+        for line in VANISHING_REMEDIES:
+            print(f"  - {line}")
+    elif not plain.vanishing_events:
         print("The plain sigmoid net got no vanishing-layer warning: try more --steps or another --seed.")
     else:
         print(
