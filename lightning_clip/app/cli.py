@@ -149,7 +149,7 @@ def _add_report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--plot",
         metavar="FILE.png",
         help="also write a PNG of the norms over steps, and FILE_depth.png: per-layer norms and ratios against "
-        "depth, when logged",
+        "depth, when logged (needs matplotlib: pip install 'lightning-clip[report]')",
     )
     report.set_defaults(func=_cmd_report)
 
