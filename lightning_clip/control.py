@@ -145,7 +145,18 @@ class SlotControl:
         self._handles: tuple[Any, ...] = ()
 
     # ------------------------------------------------------------------ binding
-    def track(self, optimizer: Optimizer, *, guard: bool, snapshots: int, on_device: bool, statistics: Statistics):
+    def track(
+        self,
+        optimizer: Optimizer,
+        *,
+        guard: bool,
+        snapshots: int,
+        on_device: bool,
+        statistics: Statistics,
+        scales_lr: bool = True,
+    ) -> None:
+        """Own ``optimizer``'s hooks with the mechanisms the remedy declares (``scales_lr``: the LR scale; the others
+        as in the class docstring)."""
         self.untrack()
         self.optimizer, self.guard, self.statistics = optimizer, guard, statistics
         self._start = Snapshot() if guard else None
@@ -153,7 +164,8 @@ class SlotControl:
         # The state training starts (or resumes) from, a restore target from step one: taken when the first step
         # begins, since Lightning restores a resumed optimizer's state after the callbacks are attached.
         self._initial_due = self.store is not None
-        self._lr = StepLRScale(optimizer, self.lr_scale, deferred=True, hooks=False)
+        # Only a remedy that scales the LR gets the scale's work in every step's hooks.
+        self._lr = StepLRScale(optimizer, self.lr_scale, deferred=True, hooks=False) if scales_lr else None
         # Bound methods, not closures: the callback must pickle (ddp_spawn, torch.save of a Trainer) mid-fit too.
         self._handles = (
             optimizer.register_step_pre_hook(self._pre),

@@ -211,6 +211,7 @@ class Slot:
             snapshots=remedy.keeps_snapshots,
             on_device=remedy.snapshot_on_device,
             statistics=self.units.statistics,
+            scales_lr=remedy.scales_lr,
         )
 
     def record(
