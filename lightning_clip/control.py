@@ -40,7 +40,7 @@ from lightning_clip.lr_scale import StepLRScale
 from lightning_clip.record import Request, StepRecord
 from lightning_clip.snapshot import Snapshot, SnapshotStore, Statistics, no_statistics
 
-__all__ = ["SlotControl", "StateGuard", "fused_skip_is_safe", "skip_step"]
+__all__ = ["SlotControl", "StateGuard", "copy_windows", "fused_skip_is_safe", "skip_step"]
 
 
 class StateGuard:
@@ -337,11 +337,16 @@ class SlotControl:
             "lr_scale": self.lr_scale,
             "skip_remaining": self.skip_remaining,
             "rollbacks": self.rollbacks,
-            "windows": [{**w, "skipped": list(w["skipped"])} for w in self.windows],
+            "windows": copy_windows(self.windows),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.skip_remaining = int(state.get("skip_remaining", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
-        self.windows = [{**w, "skipped": list(w["skipped"])} for w in state.get("windows", [])]
+        self.windows = copy_windows(state.get("windows", []))
+
+
+def copy_windows(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Skipped windows copied deep enough that the copy's ``skipped`` lists do not grow with the originals."""
+    return [{**w, "skipped": list(w["skipped"])} for w in windows]

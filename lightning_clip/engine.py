@@ -59,7 +59,7 @@ from torch.optim import Optimizer
 
 from lightning_clip import functional as F
 from lightning_clip import metrics as M
-from lightning_clip.control import fused_skip_is_safe
+from lightning_clip.control import copy_windows, fused_skip_is_safe
 from lightning_clip.counters import COUNTERS
 from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
 from lightning_clip.distributed import flat_shard_all_reduce, join_without_gradients, param_ids, total_norm_reducer
@@ -431,6 +431,7 @@ class ClipEngine:
             return {}
         if not read.skip:
             self.reporter.watch_update(slot, step)
+        # The counts again: a restore this step has changed ``rollbacks``.
         return self.reporter.report(i, slot, step, logged, self._counts(slot, counts))
 
     def _carry_out(self, slot: Slot, step: StepRecord, read: StepRead, request: Request) -> None:
@@ -504,8 +505,7 @@ class ClipEngine:
 
     def skipped_windows(self) -> list[dict[str, Any]]:
         """The data windows the remedies skipped (rollbacks), each with its ``optimizer`` index."""
-        windows = [(i, w) for i, slot in enumerate(self._slots) for w in slot.control.windows]
-        return [{"optimizer": i, **w, "skipped": list(w["skipped"])} for i, w in windows]
+        return [{"optimizer": i, **w} for i, slot in enumerate(self._slots) for w in copy_windows(slot.control.windows)]
 
     def _skipped(self, counts: dict[str, int]) -> int:
         # Skipped steps: bad ones, spikes and requested ones, under a remedy that skips.
