@@ -158,7 +158,27 @@ def module_class(namespace: str, model: str = "mlp") -> type:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
-    cls = StabilityMLP if model == "mlp" else StabilityRNN
+    class StabilityLM(pl.LightningModule):
+        """A small pre-LN transformer over characters: AdamW, linear warm-up then cosine decay (per step)."""
+
+        def __init__(self, lr: float, momentum: float = 0.0) -> None:
+            super().__init__()
+            self.net = CharTransformer()
+            self.lr = lr
+
+        def forward(self, tokens: Tensor) -> Tensor:
+            return self.net(tokens)
+
+        def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+            return next_char_loss(self, batch[0])
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, betas=(0.9, 0.95), weight_decay=0.1)
+            total = self.trainer.max_steps
+            schedule = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(warmup_cosine, total=total))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    cls = {"mlp": StabilityMLP, "rnn": StabilityRNN, "lm": StabilityLM}[model]
     cls.__qualname__ = cls.__name__ = f"{cls.__name__}_{namespace.replace('.', '_')}"
     _MODULE_CLASSES[namespace, model] = cls
     return cls
@@ -236,7 +256,101 @@ def val_cross_entropy(model: nn.Module, windows: Tensor) -> float:
     return value if math.isfinite(value) else math.nan
 
 
-# ---------------------------------------------------------------------------------------------- the two models
+# ---------------------------------------------------------------------------------------------- the transformer's text
+LM_LRS = (0.003, 0.03, 0.3, 1.0, 3.0)  # from a good AdamW LR for this model to 1000x too high
+LM_STEPS = 400
+LM_SEEDS = (0, 1, 2)
+LM_CONTEXT, LM_BATCH, LM_WIDTH, LM_LAYERS, LM_HEADS = 64, 32, 64, 2, 4
+LM_WARMUP = 0.1  # of the steps: linear warm-up, then cosine decay to 10 % of the peak
+LM_VAL_WINDOWS = 256
+LM_MARGIN = 0.3  # trained: a val CE at least this far (nats/char) below the best model without context
+
+
+@functools.lru_cache(maxsize=1)
+def python_docs_text() -> tuple[Tensor, Tensor, int]:
+    """``(train ids, val ids, vocabulary size)``: the characters of the Python reference documentation that ships
+    with every CPython (``pydoc_data.topics``, ~465,000 characters of English prose and grammar), in a fixed order;
+    the last 10 % is held out."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([index[c] for c in text])
+    cut = int(len(ids) * 0.9)
+    return ids[:cut], ids[cut:], len(vocab)
+
+
+@functools.lru_cache(maxsize=1)
+def unigram_cross_entropy() -> float:
+    """The val cross-entropy (nats/char) of the best model without context: the train text's character frequencies."""
+    train, val, vocab = python_docs_text()
+    counts = torch.bincount(train, minlength=vocab).double() + 0.5
+    logp = (counts / counts.sum()).log()
+    return float(-logp[val].mean())
+
+
+def warmup_cosine(step: int, total: int) -> float:
+    """The LR multiplier of step ``step`` of ``total``: linear warm-up over LM_WARMUP of them, then cosine to 0.1."""
+    warm = max(int(total * LM_WARMUP), 1)
+    if step < warm:
+        return (step + 1) / warm
+    progress = min((step - warm) / max(total - warm, 1), 1.0)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CharTransformer(nn.Module):
+    """Embedding + learned positions -> ``LM_LAYERS`` pre-LN causal transformer blocks -> LayerNorm -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        vocab = python_docs_text()[2]
+        self.embed = nn.Embedding(vocab, LM_WIDTH)
+        self.position = nn.Parameter(torch.randn(LM_CONTEXT, LM_WIDTH) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            LM_WIDTH, LM_HEADS, 4 * LM_WIDTH, dropout=0.0, batch_first=True, norm_first=True, activation="gelu"
+        )
+        self.blocks = nn.TransformerEncoder(layer, LM_LAYERS, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(LM_WIDTH)
+        self.head = nn.Linear(LM_WIDTH, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(LM_CONTEXT), persistent=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        n = tokens.shape[1]
+        x = self.embed(tokens) + self.position[:n]
+        x = self.blocks(x, mask=self.mask[:n, :n], is_causal=True)
+        return self.head(self.norm(x))
+
+
+def next_char_loss(model: nn.Module, windows: Tensor) -> Tensor:
+    logits = model(windows[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+
+
+def _lm_data(seed: int, steps: int) -> tuple[Any, Tensor]:
+    """``steps`` batches of random windows of the train text (the seed picks them), and fixed held-out windows."""
+    train, val, _ = python_docs_text()
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(train) - LM_CONTEXT - 1, (steps * LM_BATCH,), generator=g)
+    windows = train[starts[:, None] + torch.arange(LM_CONTEXT + 1)]
+    loader = DataLoader(TensorDataset(windows), batch_size=LM_BATCH, shuffle=False)
+    stride = (len(val) - LM_CONTEXT - 1) // LM_VAL_WINDOWS
+    held_out = val[torch.arange(LM_VAL_WINDOWS)[:, None] * stride + torch.arange(LM_CONTEXT + 1)]
+    return loader, held_out
+
+
+def val_char_cross_entropy(model: nn.Module, windows: Tensor) -> float:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            value = float(next_char_loss(model, windows))
+    finally:
+        model.train(was_training)
+    return value if math.isfinite(value) else math.nan
+
+
+# ---------------------------------------------------------------------------------------------- the models
 @dataclass(frozen=True)
 class ModelSpec:
     """What differs between the two sweeps: data, score, threshold, defaults and the plot."""
@@ -265,10 +379,12 @@ def _data(seed: int) -> tuple[Any, Any]:
 
 def loaders(model: str, seed: int, steps: int) -> tuple[Any, Any]:
     """The train batches and the held-out data of ``model`` for ``seed``."""
-    return _data(seed) if model == "mlp" else _rnn_data(seed, steps)
+    return {"mlp": _data, "rnn": _rnn_data, "lm": _lm_data}[model](*((seed,) if model == "mlp" else (seed, steps)))
 
 
 def score(model: str, module: nn.Module, val: Any) -> float:
+    if model == "lm":
+        return val_char_cross_entropy(module, val)
     return mean_squared_error(module, val) if model == "mlp" else val_cross_entropy(module, val)
 
 
@@ -285,6 +401,8 @@ def initial_val_mse(seed: int) -> float:
 
 
 def threshold_of(model: str, initial: dict[int, float]) -> float:
+    if model == "lm":
+        return unigram_cross_entropy() - LM_MARGIN
     return STABLE_FRACTION * min(initial.values()) if model == "mlp" else TRAINED_CE
 
 
@@ -298,6 +416,7 @@ class Config:
     namespace: str
     make_callbacks: Callable[[], list[Any]]
     detail: str
+    trainer_kwargs: tuple[tuple[str, Any], ...] = ()  # Trainer arguments of this row (gradient_clip_val)
 
 
 def _ours(rule: Any = None, nan_policy: str = "ignore", **kwargs: Any) -> Callable[[], list[Any]]:
@@ -329,6 +448,22 @@ _ROLLBACK_TEXT = f'nan_policy="rollback", loss_spikes=3.0, snapshot_every={SNAPS
 
 CONFIGS: tuple[Config, ...] = (
     Config("plain", "plain Lightning", "pytorch_lightning", list, "no clipping"),
+    Config(
+        "gclip",
+        "gradient_clip_val=1.0",
+        "pytorch_lightning",
+        list,
+        "Lightning's own Trainer(gradient_clip_val=1.0) (norm clipping), no callback",
+        (("gradient_clip_val", 1.0),),
+    ),
+    Config(
+        "rollback_defaults",
+        "rollback (its defaults)",
+        "pytorch_lightning",
+        _literal(nan_policy="rollback"),
+        'GradientClipping(nan_policy="rollback"): every other argument at its default (norm 1.0, divergence_margin '
+        "0.05, snapshot_every 50)",
+    ),
     Config(
         "norm",
         "norm",
@@ -429,6 +564,7 @@ CONFIGS: tuple[Config, ...] = (
     ),
 )
 CONFIG_KEYS = tuple(c.key for c in CONFIGS)
+CONFIG_BY_KEY = {c.key: c for c in CONFIGS}
 
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(
@@ -487,6 +623,7 @@ MODELS: dict[str, ModelSpec] = {
             "rollback",
             "rollback_0.25",
             "skip_noclip",
+            "rollback_defaults",
         ),
         panels=(
             ("clipping alone", ("plain", "norm", "defaults", "norm_0.25")),
@@ -499,6 +636,31 @@ MODELS: dict[str, ModelSpec] = {
         log_y=False,
         plot_cap=6.0,
         plot_bottom=1.5,
+    ),
+    "lm": ModelSpec(
+        key="lm",
+        summary=(
+            f"stability: LR sweep of a character transformer ({LM_LAYERS} pre-LN blocks, width {LM_WIDTH}, "
+            f"{LM_HEADS} heads, context {LM_CONTEXT}, batch {LM_BATCH}) on the Python reference documentation "
+            "(pydoc_data.topics), AdamW with warm-up and cosine decay"
+        ),
+        score_name="val CE",
+        good="trains",
+        lrs=LM_LRS,
+        steps=LM_STEPS,
+        seeds=LM_SEEDS,
+        momentum=0.0,
+        configs=("plain", "gclip", "zclip", "defaults", "rollback_defaults"),
+        panels=(
+            (
+                "clipping and recovery against plain training",
+                ("plain", "gclip", "zclip", "defaults", "rollback_defaults"),
+            ),
+        ),
+        plot_title="Character transformer (AdamW, warm-up + cosine): final val cross-entropy vs learning rate",
+        log_y=False,
+        plot_cap=4.0,
+        plot_bottom=1.0,
     ),
 }
 
@@ -597,6 +759,7 @@ def train_once(
             logger=False,
             callbacks=[*callbacks, recorder],
             default_root_dir=root,
+            **dict(config.trainer_kwargs),
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=False,
@@ -694,6 +857,7 @@ def sweep(
     progress: Callable[[str], None] = print,
     model: str = "mlp",
     momentum: float | None = None,
+    jobs: int = 1,
 ) -> Result:
     momentum = MODELS[model].momentum if momentum is None else momentum
     initial = {seed: initial_score(seed, model) for seed in seeds}
@@ -711,33 +875,65 @@ def sweep(
     total = len(configs) * len(lrs) * len(seeds)
     start = time.perf_counter()
     name = result.spec.score_name
-    with quiet_lightning():
-        for config in configs:  # untimed: the first fit of each kind pays one-time costs (imports, first calls)
-            train_once(config, lrs[0], seeds[0], min(steps, 3), model, momentum)
-        for seed in seeds:
-            for lr in lrs:
-                for config in configs:
-                    run = train_once(config, lr, seed, steps, model, momentum)
-                    result.runs.append(run)
-                    if run.raised_at is not None:
-                        outcome = f"stopped (NonFiniteGradientError at step {run.raised_at})"
-                    elif run.diverged and run.stopped_at is not None:
-                        outcome = f"diverged (NaN/Inf weights at step {run.stopped_at})"
-                    elif run.diverged:
-                        outcome = f"diverged (weights finite, {name} overflows)"
-                    else:
-                        outcome = f"{name} {_num(run.score)}" + (
-                            "" if result.is_stable(run) else (" (not stable)" if model == "mlp" else " (did not train)")
-                        )
-                    if run.rollbacks:
-                        at = ", ".join(f"{step} (to {snap})" for step, snap in run.rollback_at or [])
-                        outcome += f", {run.rollbacks} rollback(s)" + (f" at step {at}" if at else "")
-                    progress(
-                        f"[{len(result.runs):3d}/{total}] seed {seed} lr {lr:<6g} {config.label:24s} {outcome}"
-                        f"  {run.seconds:.1f} s, {time.perf_counter() - start:.0f} s elapsed"
-                    )
+    tasks = [(config.key, lr, seed) for seed in seeds for lr in lrs for config in configs]
+    for run in _runs(tasks, steps, model, momentum, jobs):
+        result.runs.append(run)
+        config = next(c for c in configs if c.key == run.config)
+        seed, lr = run.seed, run.lr
+        if run.raised_at is not None:
+            outcome = f"stopped (NonFiniteGradientError at step {run.raised_at})"
+        elif run.diverged and run.stopped_at is not None:
+            outcome = f"diverged (NaN/Inf weights at step {run.stopped_at})"
+        elif run.diverged:
+            outcome = f"diverged (weights finite, {name} overflows)"
+        else:
+            outcome = f"{name} {_num(run.score)}" + (
+                "" if result.is_stable(run) else (" (not stable)" if model == "mlp" else " (did not train)")
+            )
+        if run.rollbacks:
+            at = ", ".join(f"{step} (to {snap})" for step, snap in run.rollback_at or [])
+            outcome += f", {run.rollbacks} rollback(s)" + (f" at step {at}" if at else "")
+        progress(
+            f"[{len(result.runs):3d}/{total}] seed {seed} lr {lr:<6g} {config.label:24s} {outcome}"
+            f"  {run.seconds:.1f} s, {time.perf_counter() - start:.0f} s elapsed"
+        )
     result.seconds = time.perf_counter() - start
     return result
+
+
+Task = tuple[str, float, int]  # (configuration key, LR, seed): what a worker process is sent (configs hold lambdas)
+
+
+def _warm_up(keys: Sequence[str], lr: float, seed: int, steps: int, model: str, momentum: float) -> None:
+    """Untimed: the first fit of each kind pays one-time costs (imports, first calls)."""
+    with quiet_lightning():
+        for key in keys:
+            train_once(CONFIG_BY_KEY[key], lr, seed, min(steps, 3), model, momentum)
+
+
+def _task(task: Task, steps: int, model: str, momentum: float) -> Run:
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    key, lr, seed = task
+    with quiet_lightning():
+        return train_once(CONFIG_BY_KEY[key], lr, seed, steps, model, momentum)
+
+
+def _runs(tasks: list[Task], steps: int, model: str, momentum: float, jobs: int) -> Iterator[Run]:
+    """The runs of ``tasks`` in order, trained in ``jobs`` processes (each single-threaded) when ``jobs > 1``."""
+    configs = list(dict.fromkeys(t[0] for t in tasks))
+    if jobs <= 1:
+        _warm_up(configs, tasks[0][1], tasks[0][2], steps, model, momentum)
+        for task in tasks:
+            yield _task(task, steps, model, momentum)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch threads
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        list(pool.map(_warm_up, *zip(*[(configs, tasks[0][1], tasks[0][2], steps, model, momentum)] * jobs)))
+        yield from pool.map(functools.partial(_task, steps=steps, model=model, momentum=momentum), tasks)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -1074,6 +1270,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, nargs="+", help="seeds (weights and batches; the model's)")
     ap.add_argument("--configs", nargs="+", choices=CONFIG_KEYS, help="configurations (the model's rows)")
     ap.add_argument("--momentum", type=_momentum, help="SGD momentum (0.9 for both models)")
+    ap.add_argument("--jobs", type=int, default=1, help="train in this many processes, one thread each (1)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--plot", metavar="FILE.png", help="also plot the final score vs LR")
     ap.add_argument("--from-json", metavar="FILE", help="train nothing: print the tables (and --plot) of a --json file")
@@ -1110,7 +1307,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for c in configs:
         print(f"  {c.label:24s} {c.detail}")
     result = sweep(
-        configs, lrs, seeds, steps, progress=lambda line: print(line, flush=True), model=args.model, momentum=momentum
+        configs,
+        lrs,
+        seeds,
+        steps,
+        progress=lambda line: print(line, flush=True),
+        model=args.model,
+        momentum=momentum,
+        jobs=args.jobs,
     )
     print()
     print(report(result))

@@ -75,11 +75,17 @@ class GradientClipping(CallbackBase):
             under ``skip``/``halve_lr``, a bad step towards ``rollback_after`` under ``rollback``. On the device,
             NaN-safe, kept in checkpoints; counted in ``grad_clip/spike_skips``. None: off.
         snapshot_every: ``rollback``: keep an in-memory snapshot after every ``snapshot_every``-th step when the
-            steps since the last one were healthy (at most two are kept).
+            steps since the last one were healthy and the loss is near its best; trusted once the next
+            ``snapshot_every`` steps are healthy too (at most three are kept).
         rollback_after: ``rollback``: this many bad steps in a row trigger a rollback; fewer are skipped.
         rollback_skip_steps: ``rollback``: after a rollback, skip the bad step and this many more steps (the
             data window).
         rollback_lr_factor: ``rollback``: multiply the LR by this at each rollback, in (0, 1] (1.0 keeps it).
+        divergence_margin: ``rollback``: also roll back when the loss has risen more than this fraction above the
+            best smoothed loss of the run (and above its own noise) for a few steps: a too-high LR drifts up or
+            collapses to a plateau without turning NaN (:mod:`lightning_clip.divergence`). None: off.
+        rollbacks_per_snapshot: ``rollback``: at most this many LR reductions from one snapshot; then an older
+            trusted one, and with none left the run stops with a diagnosis.
         vanishing_ratio: on logging steps, warn about layers whose ``||grad W|| / ||W||`` stays below this (and
             below 1e-3 of the largest layer's) on ``vanishing_patience`` logging steps in a row: the article's
             vanishing gradients, named shallowest first (at most 3 warnings a run); counted in
@@ -137,6 +143,8 @@ class GradientClipping(CallbackBase):
         rollback_after: int = declared_default("rollback_after"),
         rollback_skip_steps: int = declared_default("rollback_skip_steps"),
         rollback_lr_factor: float = declared_default("rollback_lr_factor"),
+        divergence_margin: float | None = declared_default("divergence_margin"),
+        rollbacks_per_snapshot: int = declared_default("rollbacks_per_snapshot"),
         vanishing_ratio: float | None = 1e-8,
         vanishing_patience: int = 3,
         update_ratio_every: int | None = declared_default("update_ratio_every"),
@@ -278,6 +286,7 @@ class GradientClipping(CallbackBase):
         self._follow_optimizers(trainer, pl_module)  # re-created inside training_step: late, but not lost
         log = bool(trainer.loggers) and self.log_norms != "none" and _should_log(trainer)
         strategy = trainer.strategy
+        rollbacks = self.engine.rollbacks_total
         metrics = self.engine.step(
             optimizer,
             log=log,
@@ -289,6 +298,8 @@ class GradientClipping(CallbackBase):
             global_step=trainer.global_step,
             epoch=trainer.current_epoch,
         )
+        if self.engine.rollbacks_total > rollbacks and trainer.loggers and self.log_norms != "none":
+            metrics = {**metrics, **self._rollback_markers(trainer.global_step)}  # logging step or not
         if metrics:
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
@@ -296,6 +307,11 @@ class GradientClipping(CallbackBase):
                 # its writer's queue blocks); any other logger its log_metrics.
                 if not TB.write_scalars(logger, metrics, step, trainer.is_global_zero):
                     logger.log_metrics(metrics, step=step)
+
+    def _rollback_markers(self, global_step: int) -> dict[str, float]:
+        """The ``grad_clip/rollback`` marker of this step's rollback: the LR scale it left."""
+        windows = [w for w in self.engine.skipped_windows() if w["global_step"] == global_step and "lr_scale" in w]
+        return {M.tag(M.ROLLBACK, w["optimizer"], self.name): w["lr_scale"] for w in windows}
 
 
 def _warn(message: str) -> None:

@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 
 from lightning_clip import functional as F
 from lightning_clip.lr_scale import StepLRScale
-from lightning_clip.record import Request, StepRecord
+from lightning_clip.record import Request, RunEnd, StepRecord
 from lightning_clip.snapshot import Snapshot, SnapshotStore, Statistics, no_statistics
 
 __all__ = ["SlotControl", "StateGuard", "copy_windows", "fused_skip_is_safe", "skip_step"]
@@ -302,6 +302,8 @@ class SlotControl:
             self._restore_start = self.in_step  # LBFGS: undo the moves of the evaluations before this one
         if request.lr_factor != 1.0:
             self.lr_scale *= request.lr_factor
+        if request.restore is not None:
+            self.windows[-1]["lr_scale"] = self.lr_scale  # what the rollback left (the report's and the marker's)
         if request.skip_steps:
             self.skip_remaining = max(self.skip_remaining, int(request.skip_steps))
             if request.restore is None:
@@ -327,6 +329,14 @@ class SlotControl:
             window["snapshot_step"] = snapshot_step
         window["skipped"] = [step.global_step, step.global_step]  # extended as the window's steps are skipped
         self.windows.append(window)
+
+    def run_end(self, i: int, counts: dict[str, int], global_step: int, epoch: int, failed: bool) -> RunEnd:
+        """What the remedy is told when training ends (:meth:`Remedy.finish`)."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        base_lr = groups[0].get("initial_lr", groups[0].get("lr")) if groups else None
+        return RunEnd(
+            i, counts, global_step, epoch, failed, self.rollbacks, copy_windows(self.windows), self.lr_scale, base_lr
+        )
 
     def snapshot_labels(self) -> tuple[int, ...]:
         return tuple(self.store.labels()) if self.store is not None else ()

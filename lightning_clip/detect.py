@@ -57,6 +57,20 @@ def agree_any(flag: Tensor) -> Tensor:
     return as_int.bool()
 
 
+def agree_mean(value: Tensor | None, device: torch.device) -> Tensor | None:
+    """The mean of ``value`` over the ranks that have one (None: this rank has none; every rank must join), on the
+    device; None when no rank has one. A no-op outside ``torch.distributed``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return value
+    pair = torch.zeros(2, dtype=torch.float64, device=device)
+    if value is not None:
+        pair[0], pair[1] = value.to(device, torch.float64), 1.0
+    dist.all_reduce(pair)
+    return torch.where(pair[1] > 0, pair[0] / pair[1].clamp(min=1.0), math.nan).to(torch.float32)
+
+
 class BadStepDetector:
     """Collects the loss and input evidence of one accumulation window.
 

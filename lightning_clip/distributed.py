@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_clip import functional as F
-from lightning_clip.detect import BadStepDetector, agree_any
+from lightning_clip.detect import BadStepDetector, agree_any, agree_mean
 from lightning_clip.record import StepRecord
 
 
@@ -57,9 +57,11 @@ def join_without_gradients(
     distributed: bool,
     detector: BadStepDetector,
     norm_type: float,
+    mean_loss: bool = False,
 ) -> None:
     """Every parameter frozen or unused: nothing to clip. The rank still joins the collectives the others make
-    (norm, loss/input flag, clipped flag), in the same order, or they would hang in theirs."""
+    (norm, loss/input flag, the mean loss when the remedy reads it, clipped flag), in the same order, or they would
+    hang in theirs."""
     device = device_of(optimizer)
     if all_reduce is not None:
         F.total_norm([], norm_type, all_reduce=all_reduce)
@@ -67,6 +69,8 @@ def join_without_gradients(
         # Consume this optimizer's losses (those owed to another stay for its step), so a NaN loss of a step
         # without gradients does not spoil this optimizer's next step; ranks agree when distributed.
         detector.flag(device, agree=distributed, params=param_ids(optimizer))
+        if distributed and mean_loss:
+            agree_mean(None, device)
     if all_reduce is not None:
         agree_any(torch.zeros((), dtype=torch.bool, device=device))
 

@@ -61,11 +61,11 @@ from lightning_clip import functional as F
 from lightning_clip import metrics as M
 from lightning_clip.control import copy_windows, fused_skip_is_safe
 from lightning_clip.counters import COUNTERS
-from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
+from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, agree_mean, leaf_parameters
 from lightning_clip.distributed import flat_shard_all_reduce, join_without_gradients, param_ids, total_norm_reducer
 from lightning_clip.errors import NonFiniteGradientError
 from lightning_clip.health import VanishingEvent, VanishingMonitor
-from lightning_clip.record import HostRead, Request, RunEnd, StepRead, StepRecord
+from lightning_clip.record import HostRead, Request, StepRead, StepRecord
 from lightning_clip.remedies import Remedy, build_remedy
 from lightning_clip.reporter import LoggedValues, Reporter
 from lightning_clip.rules import ClipRule, NormClip
@@ -155,9 +155,8 @@ class ClipEngine:
         self.spike_skip = spike_skip
         self.loss_spike = loss_spike
         self.reporter = Reporter(name=name, vanishing=vanishing)  # logging steps: per-layer norms, health, spikes
-        self.detector = BadStepDetector(
-            check_inputs, check_loss=self.remedy.checks_loss, keep_losses=loss_spike is not None
-        )
+        self.detector = BadStepDetector(check_inputs, check_loss=self.remedy.checks_loss)
+        self._keep_losses()
         self._slots: list[Slot] = []
         self._names: dict[int, str] = {}
         self.configure(
@@ -196,6 +195,11 @@ class ClipEngine:
             _copy_options(rule, [self.rule, *(slot.units.rule for slot in self._slots)])
         if remedy is not None:
             _copy_options(remedy, [self.remedy, *(slot.units.remedy for slot in self._slots)])
+            self._keep_losses()
+
+    def _keep_losses(self) -> None:
+        """Keep each step's loss values when a loss-spike detector or the remedy (divergence) reads them."""
+        self.detector.keep_losses = self.loss_spike is not None or self.remedy.reads_loss
 
     # ------------------------------------------------------------------ set-up and tear-down
     def attach(
@@ -241,7 +245,7 @@ class ClipEngine:
                 continue
             counts = slot.units.counters.totals()
             step = counts["steps"] if global_step is None else global_step
-            request = slot.units.remedy.finish(RunEnd(i, counts, step, epoch, failed))
+            request = slot.units.remedy.finish(slot.control.run_end(i, counts, step, epoch, failed))
             if request.warn is not None:
                 self.warn(request.warn)
             if request.stop is not None and not failed:
@@ -316,7 +320,9 @@ class ClipEngine:
             all_reduce = flat_shard_all_reduce(optimizer, sharded, distributed)
             step = self._layout(i, slot, optimizer, all_reduce)
             if step is None:  # no gradient here: join the collectives the other ranks make, in the same order
-                join_without_gradients(optimizer, all_reduce, distributed, self.detector, self.norm_type)
+                join_without_gradients(
+                    optimizer, all_reduce, distributed, self.detector, self.norm_type, self.remedy.reads_loss
+                )
                 return {}
             step.log, step.scaler, step.read_every, step.epoch = log, scaler, read_every, epoch
             step.global_step = slot.units.counters.steps if global_step is None else global_step
@@ -363,6 +369,8 @@ class ClipEngine:
         if self.detector.active:
             step.data_bad = self.detector.flag(step.device, agree=distributed, params={id(p) for p in step.params})
             step.loss = self.detector.step_loss(step.device)
+            if distributed and self.remedy.reads_loss:  # every rank's remedy decides on the same value
+                step.loss = agree_mean(step.loss, step.device)
         step.distributed = distributed
         if step.finite_measured:
             self._judge(step)
@@ -424,6 +432,7 @@ class ClipEngine:
             bool(values["skip"]),
             control.lr_scale,
             control.snapshot_labels(),
+            values.get("loss", math.nan),
         )
         request = remedy.decide(step, read)
         self._carry_out(slot, step, read, request)
@@ -465,6 +474,8 @@ class ClipEngine:
         read.add("skip", step.skip)
         read.add("spike", step.counters.false if step.spike is None else step.spike)
         read.add_all("counts", step.counters.counts)
+        if slot.units.remedy.reads_loss:
+            read.add("loss", step.loss if step.loss is not None else torch.full((), math.nan))
         names = self.reporter.add_to(read, slot, step) if step.log else None
         values = read.read()
         return values, None if names is None else LoggedValues.of(values, names)
@@ -521,6 +532,11 @@ class ClipEngine:
         """Every vanishing-gradient warning so far, as a record (step, optimizer, layers and ratios), in order.
         Not part of the checkpoint: after a resume, the events since the resume."""
         return list(self.reporter.vanishing_events)
+
+    @property
+    def rollbacks_total(self) -> int:
+        """Snapshots restored so far, over all optimizers (a host count: free)."""
+        return sum(slot.control.rollbacks for slot in self._slots)
 
     def snapshot_nbytes(self, optimizer_idx: int = 0) -> int:
         """Memory held by one optimizer's snapshots now (rollback; 0 once training ended)."""

@@ -42,6 +42,7 @@ AMP_OVERFLOWS = "grad_clip/amp_overflows"
 SPIKE_SKIPS = "grad_clip/spike_skips"
 REQUESTED_SKIPS = "grad_clip/requested_skips"  # steps of a data window a remedy asked to skip
 ROLLBACKS = "grad_clip/rollbacks"  # nan_policy="rollback" only
+ROLLBACK = "grad_clip/rollback"  # a marker at each rollback's step: the LR scale it left (nan_policy="rollback")
 LR_SCALE = "grad_clip/lr_scale"
 MAX_NORM = "grad_clip/max_norm"
 THRESHOLD = "grad_clip/threshold"
@@ -88,8 +89,8 @@ def norm_tag(group: str, name: str, optimizer_idx: int, instance: str | None = N
 
 def windows_file(instance: str | None = None) -> str:
     """The name of the JSON file of skipped data windows (one object per rollback: ``optimizer``, ``global_step``,
-    ``epoch``, ``batch_idx``, ``snapshot_step``, ``skipped``) that the callback named ``instance`` writes beside
-    its event files."""
+    ``epoch``, ``batch_idx``, ``snapshot_step``, ``skipped``, ``lr_scale``: the scale the rollback left) that the callback
+    named ``instance`` writes beside its event files."""
     return f"lightning_clip_skipped_windows{f'_{instance}' if instance else ''}.json"
 
 

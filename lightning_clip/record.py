@@ -274,6 +274,7 @@ class StepRead:
     skip: bool = False  # not applied: bad, a spike, or a requested skip
     lr_scale: float = 1.0  # this optimizer's LR scale before this step's decision
     snapshots: tuple[int, ...] = ()  # the labels (global steps) of the snapshots kept, newest first
+    loss: float = math.nan  # the step's mean loss (over micro-batches and ranks), for a remedy that reads_loss
 
 
 @dataclass(frozen=True)
@@ -297,8 +298,9 @@ class Request:
       accumulation a step is a whole window), counted in ``requested_skips``. Only a remedy that
       :attr:`~lightning_clip.remedies.Remedy.skips_steps` may ask for a skip.
     * ``lr_factor``: multiply this optimizer's LR scale (from the next update on), on top of any scheduler.
-    * ``restore``: put back a snapshot first (0: the newest; 1: the one before), counted in ``rollbacks``; a closure
-      optimizer's step in progress (LBFGS) ends in that state. Needs a remedy that ``keeps_snapshots``.
+    * ``restore``: put back a snapshot first (0: the newest; 1: the one before; the newer ones are dropped), counted
+      in ``rollbacks``; a closure optimizer's step in progress (LBFGS) ends in that state. Needs a remedy that
+      ``keeps_snapshots``.
     * ``snapshot``: keep a snapshot of the state after this step's update (ignored when the step is skipped).
     * ``warn``: a message for the user; ``stop``: raise instead of applying the step.
     """
@@ -324,6 +326,10 @@ class RunEnd:
     global_step: int
     epoch: int
     failed: bool  # an exception ended training: report, never raise
+    rollbacks: int = 0  # snapshots restored
+    windows: Sequence[dict[str, Any]] = ()  # the data windows skipped (control.copy_windows)
+    lr_scale: float = 1.0  # the LR scale training ended on
+    base_lr: float | None = None  # the first param group's LR before any scale (its scheduler's, or as set)
 
 
 class HostRead:

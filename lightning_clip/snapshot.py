@@ -163,8 +163,8 @@ class SnapshotStore:
         >>> for label in (0, 1, 2):
         ...     store.take(opt, label)
         ...     w.grad = torch.ones(2); opt.step()
-        >>> store.labels(), store.restore(opt, age=1).step, w.data
-        ([2, 1], 1, tensor([0.5000, 0.5000]))
+        >>> store.labels(), store.restore(opt, age=1).step, w.data, store.labels()
+        ([2, 1], 1, tensor([0.5000, 0.5000]), [1])
     """
 
     def __init__(self, kept: int = 2, on_device: bool = False) -> None:
@@ -183,9 +183,12 @@ class SnapshotStore:
         self._snapshots.append(snap)
 
     def restore(self, optimizer: Optimizer, statistics: Statistics = no_statistics, age: int = 0) -> Snapshot:
-        """Put back the snapshot of this ``age`` (0: the newest; past the oldest, the oldest); return it."""
-        snap = self._snapshots[max(len(self._snapshots) - 1 - age, 0)]
+        """Put back the snapshot of this ``age`` (0: the newest; past the oldest, the oldest) and return it. The newer
+        ones are dropped: they belong to the timeline the restore abandons."""
+        keep = max(len(self._snapshots) - age, 1)
+        snap = self._snapshots[keep - 1]
         snap.restore(optimizer, statistics)
+        del self._snapshots[keep:]
         return snap
 
     def labels(self) -> list[int]:

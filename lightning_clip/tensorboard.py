@@ -9,7 +9,9 @@ category per optimizer and callback ``name``, titled like the tags' suffix (``li
 * ``counters``: the cumulative counters the callback logs (:data:`~lightning_clip.metrics.COUNTER_TAGS` but
   ``steps``: ``clipped_steps``, ``nonfinite_steps``, ``skipped_steps``, ..., ``rollbacks`` under
   ``nan_policy="rollback"``);
-* ``LR scale``: ``grad_clip/lr_scale``.
+* ``LR scale``: ``grad_clip/lr_scale``;
+* under ``nan_policy="rollback"``, ``rollbacks (marker: ...)``: ``grad_clip/rollback``, a point at each rollback's
+  step with the LR scale it left, beside ``grad_clip/lr_scale``.
 
 Each chart lists one anchored, escaped regular expression per tag (``^grad_norm/total_opt1/monitor$``), so two
 optimizers or two named callbacks never share a chart. The dictionary is what ``SummaryWriter.add_custom_scalars``
@@ -28,7 +30,9 @@ Example::
     >>> charts["lightning_clip_opt1/monitor"]  # doctest: +NORMALIZE_WHITESPACE
     {'gradient norm': ['Multiline', ['^grad_norm/total_opt1/monitor$', '^grad_norm/total_clipped_opt1/monitor$']],
      'counters': ['Multiline', ['^grad_clip/clipped_steps_opt1/monitor$', '^grad_clip/rollbacks_opt1/monitor$']],
-     'LR scale': ['Multiline', ['^grad_clip/lr_scale_opt1/monitor$']]}
+     'LR scale': ['Multiline', ['^grad_clip/lr_scale_opt1/monitor$']],
+     'rollbacks (marker: the LR scale each one left)': ['Multiline', ['^grad_clip/rollback_opt1/monitor$',
+                                                                     '^grad_clip/lr_scale_opt1/monitor$']]}
     >>> layout(1)["lightning_clip"]["gradient norm"][1]
     ['^grad_norm/total$', '^grad_norm/total_clipped$', '^grad_clip/threshold$']
 """
@@ -61,6 +65,7 @@ __all__ = [
 CATEGORY = "lightning_clip"  # the title of the categories, before the tag suffix
 CONFIG_TAG = "custom_scalars__config__"  # the tag the layout is stored under (plugin ``custom_scalars``)
 NORM_CHART, COUNTERS_CHART, LR_CHART = "gradient norm", "counters", "LR scale"
+ROLLBACK_CHART = "rollbacks (marker: the LR scale each one left)"
 
 # What the engine's counters always report (``steps`` and the device counters, plus ``skipped_steps``).
 ENGINE_COUNTERS = ("steps", *COUNTERS, "skipped_steps")
@@ -105,6 +110,11 @@ def layout(
             COUNTERS_CHART: ["Multiline", [tag_regex(t, i, name) for t in counter_names]],
             LR_CHART: ["Multiline", [tag_regex(M.LR_SCALE, i, name)]],
         }
+        if "rollbacks" in present:
+            out[CATEGORY + M.suffix(i, name)][ROLLBACK_CHART] = [
+                "Multiline",
+                [tag_regex(M.ROLLBACK, i, name), tag_regex(M.LR_SCALE, i, name)],
+            ]
     return out
 
 

@@ -234,4 +234,8 @@ def test_a_checkpoint_of_main_before_format_3_resumes_with_its_windows_and_rollb
     assert state["counters"]["requested_skips"] == saved["requested_skips"] == 4
     assert state["detectors"]["loss_spikes"]["count"] == saved["loss_spikes"]["count"] + 2
     assert torch.equal(state["detectors"]["loss_spikes"]["history"][:-2], saved["loss_spikes"]["history"])
-    assert state["remedy"] == {"healthy_steps": 0, "bad_run": 0, "unhealthy": 0, "clean": True}
+    counts = ("healthy_steps", "bad_run", "unhealthy", "run_from_clean")
+    assert {k: state["remedy"][k] for k in counts} == dict.fromkeys(counts[:3], 0) | {"run_from_clean": True}
+    watch = state["remedy"]["watch"]
+    assert watch["n"] == 2  # the divergence watch starts at the resume: its two steps since
+    assert state["remedy"]["clean"] == (watch["rising_steps"] == 0)  # no bad step: only a rising loss unsettles it

@@ -160,6 +160,7 @@ def test_windows_are_written_beside_the_logs_and_kept_in_the_checkpoint(tmp_path
     written = json.loads(cb.windows_path(t).read_text())
     assert written == [
         {"optimizer": 0, "global_step": 5, "epoch": 0, "batch_idx": 5, "snapshot_step": 4, "skipped": [5, 6]}
+        | {"lr_scale": 0.5}  # the LR scale the rollback left
     ]
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][cb.state_key]
     entry = state["optimizers"][0]["control"]  # the engine's section: it restores and keeps the windows
@@ -260,7 +261,7 @@ def test_a_plain_loop_rollback_needs_no_extra_call_and_restores_the_snapshot_exa
 
 
 def test_skip_keeps_its_behaviour_beside_rollback(tmp_path):
-    assert Skip.keeps_snapshots == 0 and Rollback.keeps_snapshots == 2
+    assert Skip.keeps_snapshots == 0 and Rollback.keeps_snapshots == 3
     cb = GradientClipping(nan_policy="skip")
     fit(trainer(tmp_path, [cb], max_steps=4), FaultModel(nan_loss_at=(2,)), data())
     assert "rollbacks" not in cb.counters and cb.engine.snapshot_nbytes(0) == 0

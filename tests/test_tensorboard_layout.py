@@ -154,6 +154,10 @@ def test_a_named_callback_gets_its_own_category_with_rollbacks(runs: dict[str, P
     assert covered(charts["gradient norm"], tags) == {"grad_norm/total/monitor", "grad_norm/total_clipped/monitor"}
     assert covered(charts["counters"], tags) == {f"{t}/monitor" for t in COUNTERS} | {"grad_clip/rollbacks/monitor"}
     assert covered(charts["LR scale"], tags) == {"grad_clip/lr_scale/monitor"}
+    # The rollback markers' chart: written at a rollback's step only (this run has none; test_divergence has one).
+    markers = charts.pop(TB.ROLLBACK_CHART)
+    assert markers == ["^grad_clip/rollback/monitor$", "^grad_clip/lr_scale/monitor$"]
+    assert TB.ROLLBACK_CHART not in layouts[-1]["lightning_clip"]  # nan_policy="skip": no such chart
     unnamed = set().union(*(covered(ch, tags) for ch in layouts[-1]["lightning_clip"].values()))
     named = set().union(*(covered(ch, tags) for ch in charts.values()))
     assert not unnamed & named and all(t.endswith("/monitor") for t in named)

@@ -62,5 +62,7 @@ def build_remedy(nan_policy: str, strict: dict[str, Any] | None = None, **option
     """
     check_choice("nan_policy", nan_policy, REMEDIES)
     cls = REMEDIES[nan_policy]
+    # None turns off an option whose default is on (divergence_margin): passed where the policy reads it.
+    off = {k: v for k, v in (strict or {}).items() if v is None and k in cls.options}
     strict = check_read("nan_policy", nan_policy, cls.options, strict)
-    return cls.from_options(**{**options, **strict})
+    return cls.from_options(**{**options, **off, **strict})

@@ -50,6 +50,11 @@ class Remedy:
     keeps_snapshots: ClassVar[int] = 0
     snapshot_on_device: bool = False  # keep them on the device rather than in pinned host memory
 
+    @property
+    def reads_loss(self) -> bool:
+        """Whether :meth:`decide` reads the step's loss (``StepRead.loss``; the mean over ranks)."""
+        return False
+
     @classmethod
     def from_options(cls, **options: Any) -> Remedy:
         """Build from the callback's arguments named in :attr:`options`."""
