@@ -36,6 +36,16 @@ In both, a run that reaches NaN/Inf weights is stopped there (the weights would 
 as is one whose score overflows float32, and one that the library stops with ``NonFiniteGradientError``
 (``max_consecutive_nonfinite`` bad steps without a healthy one): that run did not finish, and is not scored.
 
+``--model lm``: a character-level transformer language model (2 pre-LN blocks of width 64, 4 heads, context 64, batch
+32) on the Python reference documentation that ships with CPython (``pydoc_data.topics``: 465,000 characters of
+English prose and grammar; the last 10 % held out), AdamW (betas 0.9/0.95, weight decay 0.1) with a linear warm-up
+over 10 % of the 400 steps and a cosine decay to 10 %, LRs 0.003 to 30 (0.03 is the best), seeds 0-2.
+Configurations: plain Lightning, Lightning's ``gradient_clip_val=1.0``, ZClip's callback, our defaults and
+``GradientClipping(nan_policy="rollback")`` with its defaults. Score: the val cross-entropy (nats/char); a run
+*trains* below the best model without context (the character frequencies, 3.24) minus 0.3. Besides the tables, each
+sweep prints the LR sensitivity of Wortsman et al. 2023 and the rollbacks on its healthy cells (the LRs where plain
+training trains at every seed): false positives.
+
 Usage::
 
     python benchmarks/stability.py                                   # the documented MLP table (~3 min, 1 thread)
@@ -44,6 +54,8 @@ Usage::
     python benchmarks/stability.py --json benchmarks/results/stability.json --plot docs/images/stability.png
     python benchmarks/stability.py --model rnn --json benchmarks/results/stability_rnn.json \\
         --plot docs/images/stability_rnn.png
+    python benchmarks/stability.py --model lm --jobs 2 --json benchmarks/results/stability_lm.json \\
+        --plot docs/images/stability_lm.png                          # the transformer table (~15 min, 2 processes)
     python benchmarks/stability.py --from-json benchmarks/results/stability.json   # reprint, no training
 """
 
@@ -257,7 +269,7 @@ def val_cross_entropy(model: nn.Module, windows: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- the transformer's text
-LM_LRS = (0.003, 0.03, 0.3, 1.0, 3.0)  # from a good AdamW LR for this model to 1000x too high
+LM_LRS = (0.003, 0.03, 0.3, 1.0, 3.0, 30.0)  # 0.03 is this model's best AdamW LR: from 10x too low to 1000x too high
 LM_STEPS = 400
 LM_SEEDS = (0, 1, 2)
 LM_CONTEXT, LM_BATCH, LM_WIDTH, LM_LAYERS, LM_HEADS = 64, 32, 64, 2, 4
@@ -588,6 +600,7 @@ MODELS: dict[str, ModelSpec] = {
             "zscore_skip",
             "defaults",
             "rollback",
+            "rollback_defaults",
         ),
         panels=(
             ("clip modes against plain training", ("plain", "norm", "agc", "agc_all", "zscore", "percentile")),
@@ -595,7 +608,10 @@ MODELS: dict[str, ModelSpec] = {
                 "z-score: ours, capped, ZClip's callback, with skip",
                 ("norm", "zscore", "zscore_cap", "zclip", "zscore_skip"),
             ),
-            ("the defaults and rollback (on norm, max_norm=1)", ("plain", "norm", "defaults", "rollback")),
+            (
+                "the defaults and rollback (on norm, max_norm=1)",
+                ("plain", "norm", "defaults", "rollback", "rollback_defaults"),
+            ),
         ),
         plot_title="DeepMLP, 16 tanh layers without normalization: final val MSE vs learning rate",
         log_y=True,
@@ -629,7 +645,15 @@ MODELS: dict[str, ModelSpec] = {
             ("clipping alone", ("plain", "norm", "defaults", "norm_0.25")),
             (
                 "rollback + loss_spikes on top of each clip; skipping spikes without restore",
-                ("plain", "norm_0.25", "rollback_noclip", "rollback", "rollback_0.25", "skip_noclip"),
+                (
+                    "plain",
+                    "norm_0.25",
+                    "rollback_noclip",
+                    "rollback",
+                    "rollback_0.25",
+                    "skip_noclip",
+                    "rollback_defaults",
+                ),
             ),
         ),
         plot_title="RNN language model (tanh, SGD + momentum 0.9): final val cross-entropy vs learning rate",
@@ -992,6 +1016,18 @@ def format_table(result: Result) -> str:
             "'stable': runs (LR x seed) that end finite and below the threshold; 'best': the lowest median val MSE "
             "over the LRs, and its LR.",
         ]
+    elif result.model == "lm":
+        notes = [
+            "",
+            f"Final val cross-entropy (nats/char, {LM_VAL_WINDOWS} held-out windows of {LM_CONTEXT} characters) after "
+            f"{result.steps} AdamW steps (warm-up {LM_WARMUP:.0%}, cosine to 10 %), median over seed(s) {seeds}; "
+            "(k/n): seeds that trained at that LR.",
+            "'diverged': NaN/Inf weights (stopped there), or a run the library stopped (NonFiniteGradientError); "
+            "counted as +inf in the median.",
+            f"'!': finite but not below {result.threshold:.3f} nats = the best model without context (character "
+            f"frequencies, {unigram_cross_entropy():.3f}) minus {LM_MARGIN:g}; untrained model {initial}.",
+            "'trains': runs (LR x seed) that end finite and below that; 'best': the lowest median over the LRs.",
+        ]
     else:
         ref = text_entropies()
         notes = [
@@ -1085,8 +1121,49 @@ def format_cost(result: Result) -> str:
     return "\n".join([title, *_grid(rows)])
 
 
+def reference_score(result: Result) -> float:
+    """What a model that learns nothing useful scores: the best model without context (rnn, lm), the untrained
+    model (mlp). A diverged run counts as this in the LR sensitivity."""
+    if result.model == "lm":
+        return unigram_cross_entropy()
+    if result.model == "rnn":
+        return text_entropies()["unigram"]
+    return min(result.initial.values())
+
+
+def lr_sensitivity(result: Result, key: str) -> float:
+    """Wortsman et al. 2023: the mean over the LRs of min(score, reference) minus the best score over the LRs
+    (median over seeds at each LR; a diverged LR counts as the reference). 0: as good at every LR as at its best."""
+    ref = reference_score(result)
+    scores = [result.median_score(key, lr) for lr in result.lrs]
+    capped = [min(s, ref) if math.isfinite(s) else ref for s in scores]
+    return statistics.fmean(capped) - min(capped)
+
+
+def healthy_lrs(result: Result) -> list[float]:
+    """The LRs at which plain training trains at every seed (the cells where a remedy has nothing to do)."""
+    return [lr for lr in result.lrs if (n := result.stable_count("plain", lr))[1] and n[0] == n[1]]
+
+
+def format_sensitivity(result: Result) -> str:
+    """Per configuration: the LR sensitivity, and the rollbacks on the healthy cells (false positives)."""
+    healthy = healthy_lrs(result) if any(c.key == "plain" for c in result.configs) else []
+    header = ["configuration", "LR sensitivity", f"rollbacks at healthy LRs ({', '.join(f'{lr:g}' for lr in healthy)})"]
+    rows = [header]
+    for c in result.configs:
+        runs = [r for r in result.runs if r.config == c.key and r.lr in healthy]
+        rolled = "-" if all(r.rollbacks is None for r in runs) else str(sum(r.rollbacks or 0 for r in runs))
+        rows.append([c.label, f"{lr_sensitivity(result, c.key):.3f}", rolled])
+    title = (
+        f"LR sensitivity (Wortsman et al. 2023: mean over LRs of min(score, {reference_score(result):.3f}) minus the "
+        "best; lower is better) and rollbacks where plain training trains at every seed:"
+    )
+    return "\n".join([title, *_grid(rows)])
+
+
 def report(result: Result) -> str:
     parts = [format_table(result), format_clipped(result), format_remedies(result), format_cost(result)]
+    parts.insert(1, format_sensitivity(result))
     return "\n\n".join(parts)
 
 
@@ -1118,6 +1195,10 @@ def to_json(result: Result) -> dict[str, Any]:
     if result.model == "rnn":
         out["text_entropies"] = text_entropies()
         out["snapshot_every"] = SNAPSHOT_EVERY
+    if result.model == "lm":
+        out["unigram_cross_entropy"] = unigram_cross_entropy()
+    out["lr_sensitivity"] = {c.key: lr_sensitivity(result, c.key) for c in result.configs}
+    out["healthy_lrs"] = healthy_lrs(result) if any(c.key == "plain" for c in result.configs) else []
     out["configs"] = [
         {
             "key": c.key,
@@ -1226,10 +1307,10 @@ def plot(result: Result, path: str) -> None:
         ax.axhline(result.threshold, color="black", linestyle=":", linewidth=1)
         above = result.threshold * 1.1 if spec.log_y else result.threshold + 0.03
         ax.text(result.lrs[-1], above, f"{spec.good} below", fontsize=8, ha="right", va="bottom")
-        if result.model == "rnn":
-            uniform = text_entropies()["uniform"]
-            ax.axhline(uniform, color="grey", linestyle="-.", linewidth=0.8)
-            ax.text(result.lrs[-1], uniform + 0.03, "uniform guess", fontsize=8, ha="right", va="bottom")
+        if result.model in ("rnn", "lm"):
+            ref = reference_score(result)
+            ax.axhline(ref, color="grey", linestyle="-.", linewidth=0.8)
+            ax.text(result.lrs[-1], ref + 0.03, "no context (unigram)", fontsize=8, ha="right", va="bottom")
         ax.set_xscale("log")
         ax.set_xticks(result.lrs, [f"{lr:g}" for lr in result.lrs])
         ax.minorticks_off()
@@ -1237,7 +1318,8 @@ def plot(result: Result, path: str) -> None:
             ax.set_yscale("log")
         ax.set_ylim(spec.plot_bottom, top)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel(f"learning rate (SGD, momentum {result.momentum:g})")
+        optimizer = "AdamW, warm-up + cosine" if result.model == "lm" else f"SGD, momentum {result.momentum:g}"
+        ax.set_xlabel(f"learning rate ({optimizer})")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8, loc="center left")
     axes[0][0].set_ylabel(f"final {spec.score_name} after {result.steps} steps (median of {len(result.seeds)} seeds)")

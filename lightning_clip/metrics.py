@@ -89,8 +89,8 @@ def norm_tag(group: str, name: str, optimizer_idx: int, instance: str | None = N
 
 def windows_file(instance: str | None = None) -> str:
     """The name of the JSON file of skipped data windows (one object per rollback: ``optimizer``, ``global_step``,
-    ``epoch``, ``batch_idx``, ``snapshot_step``, ``skipped``, ``lr_scale``: the scale the rollback left) that the callback
-    named ``instance`` writes beside its event files."""
+    ``epoch``, ``batch_idx``, ``snapshot_step``, ``skipped``, ``lr_scale``: the scale the rollback left) that the
+    callback named ``instance`` writes beside its event files."""
     return f"lightning_clip_skipped_windows{f'_{instance}' if instance else ''}.json"
 
 

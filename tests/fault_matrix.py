@@ -549,9 +549,9 @@ def render(results: dict[str, str], wall: float) -> str:
         "bad step, so the no-op check is also a check that the restore is bit-exact.",
         "",
         '**Cell.** A real `Trainer(accelerator="cpu")` trains Linear(4,8)-Tanh-Linear(8,1) on batches of 4 with '
-        "`GradientClipping(max_norm=1.0, nan_policy=...)` (`snapshot_every=1, divergence_margin=None` under rollback), no logger, no "
-        "checkpointing. A recorder copies the "
-        "optimizer's parameters and its whole `state_dict()` (state and param groups) at every `global_step`. "
+        "`GradientClipping(max_norm=1.0, nan_policy=...)` (`snapshot_every=1, divergence_margin=None` under rollback), "
+        "no logger, no checkpointing. A recorder copies the optimizer's parameters and its whole `state_dict()` "
+        "(state and param groups) at every `global_step`. "
         "A cell passes when:",
         "",
         "- **no-op** (✓): (a) across the bad step every weight and every optimizer-state tensor is bit-identical "

@@ -105,7 +105,9 @@ class Rollback(Remedy):
     )
     skips_steps: ClassVar[bool] = True
     scales_lr: ClassVar[bool] = True
-    keeps_snapshots: ClassVar[int] = 3  # a candidate and two trusted ones (the newest is restored, the older a fallback)
+    keeps_snapshots: ClassVar[int] = (
+        3  # a candidate and two trusted ones (the newest is restored, the older a fallback)
+    )
 
     def __init__(
         self,
@@ -160,14 +162,13 @@ class Rollback(Remedy):
 
     def decide(self, step: StepRecord, read: StepRead) -> Request:
         self._snapshots.follow(read.snapshots, self.watch)
-        diverged = False
         if step.requested:  # a step of the data window: skipped, neither healthy nor bad (a NaN in it too)
             request = Request(skip=True)
         elif read.bad or read.skip:  # NaN/Inf, or a spike
             request = self._bad_step(step, read)
         elif read.overflow:  # a GradScaler-skipped step is neither healthy nor bad
             request = NOTHING
-        elif step.update_statistics and (diverged := self._diverged(read.loss)):  # not a closure's re-evaluation
+        elif step.update_statistics and self._diverged(read.loss):  # not a closure's re-evaluation (LBFGS)
             request = self._bad_step(step, read, diverged=True)
         else:
             request = self._healthy_step(read)
@@ -281,9 +282,7 @@ class Rollback(Remedy):
         lost = sum(w["global_step"] - w.get("snapshot_step", w["global_step"]) for w in end.windows)
         lost += sum(w["skipped"][1] - w["skipped"][0] + 1 for w in end.windows)
         lr = f"lr {end.base_lr:.4g}" if end.base_lr is not None else "the LR"
-        verdict = (
-            f"{lr} was too high: training settled at {end.lr_scale:.4g}x" if end.lr_scale < 1.0 else f"{lr} kept"
-        )
+        verdict = f"{lr} was too high: training settled at {end.lr_scale:.4g}x" if end.lr_scale < 1.0 else f"{lr} kept"
         return Request(
             warn=f"lightning-clip: optimizer {end.optimizer_idx}: {end.rollbacks} rollback(s), {lost} step(s) lost; "
             f"{verdict}."
