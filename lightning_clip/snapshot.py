@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,7 +64,7 @@ class Snapshot:
         self.param_ids: tuple[int, ...] = ()  # the parameters it holds, by identity, in the optimizer's order
         self._params: list[Tensor] = []
         self._state: dict[int, dict[str, Any]] = {}  # by parameter position: its state, tensors copied
-        self._devices: dict[int, dict[str, torch.device]] = {}  # where each state tensor lived
+        self._devices: dict[int, dict[str, Layout]] = {}  # where each state tensor lived (a DTensor: its layout)
         self._stats: list[dict[str, Tensor]] = []
 
     @property
@@ -102,7 +103,7 @@ class Snapshot:
                     k: self._copy(local_tensor(v), before.get(k)) if isinstance(v, Tensor) else copy.deepcopy(v)
                     for k, v in entry.items()
                 }
-                devices[i] = {k: v.device for k, v in entry.items() if isinstance(v, Tensor)}
+                devices[i] = {k: _layout(v) for k, v in entry.items() if isinstance(v, Tensor)}
         self._state, self._devices = state, devices
         self._stats = [{name: b.clone() for name, b in unit.live.items()} for unit in statistics()]
         self.param_ids = tuple(map(id, params))
@@ -140,14 +141,41 @@ def _param_ids(optimizer: Optimizer) -> tuple[int, ...]:
     return tuple(id(p) for group in optimizer.param_groups for p in group["params"])
 
 
-def _restored(saved: Any, current: Any, device: torch.device | None) -> Any:
+@dataclass(frozen=True)
+class Layout:
+    """Where a state tensor lived: its device and, for a DTensor (FSDP2, tensor parallel), its mesh and placements."""
+
+    device: torch.device
+    dtensor: tuple[Any, ...] | None = None  # (device_mesh, placements, shape, stride)
+
+    def rebuild(self, saved: Tensor) -> Tensor:
+        """A fresh tensor (a DTensor again when it was one) holding ``saved``."""
+        local = saved.to(self.device, copy=True)
+        if self.dtensor is None:
+            return local
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = self.dtensor
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def _layout(t: Tensor) -> Layout:
+    mesh = getattr(t, "device_mesh", None)
+    if mesh is None or getattr(t, "_local_tensor", None) is None:
+        return Layout(t.device)
+    return Layout(t.device, (mesh, t.placements, t.shape, t.stride()))  # type: ignore[attr-defined]
+
+
+def _restored(saved: Any, current: Any, layout: Layout | None) -> Any:
     """A saved state value back in the optimizer: copied into the tensor it holds when it can (no allocation)."""
     if not isinstance(saved, Tensor):
         return copy.deepcopy(saved)
-    if isinstance(current, Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
+    # A DTensor's (FSDP2) saved copy is its local shard: compare with that, and put the values back into it, so the
+    # state stays a DTensor (a plain tensor beside DTensor gradients breaks the optimizer's foreach kernels).
+    if isinstance(current, Tensor) and local_tensor(current).shape == saved.shape and current.dtype == saved.dtype:
         local_tensor(current).copy_(saved, non_blocking=True)
         return current
-    return saved.to(device if device is not None else saved.device, copy=True)
+    return layout.rebuild(saved) if layout is not None else saved.clone()
 
 
 class SnapshotStore:

@@ -213,12 +213,19 @@ def lightning_fsdp2(out: str) -> None:
         log_every: int = 1,
         ckpt_path: str | None = None,
         strategy: Any = None,
+        blocks: list[int] | None = None,
         **trainer_kwargs: Any,
     ) -> tuple[Any, dict[str, Any]]:
         logger = Recorder()
         before = Probe(logger, before=True)
         after = Probe(logger, before=False)
         after.before_probe = before
+        loader = DataLoader(data, batch_size=8)
+        if blocks is not None:  # each rank reads its own half of each block of 16 rows, in order: no sampler
+            rank = int(os.environ.get("LOCAL_RANK", "0"))
+            rows = [16 * b + 8 * rank + j for b in blocks for j in range(8)]
+            loader = DataLoader(TensorDataset(*(t[rows] for t in data.tensors)), batch_size=8)
+            trainer_kwargs["use_distributed_sampler"] = False
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=2,
@@ -233,7 +240,7 @@ def lightning_fsdp2(out: str) -> None:
             default_root_dir=out,
             **trainer_kwargs,
         )
-        trainer.fit(model, DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
         final_state = [
             _local(v) for s in trainer.optimizers[0].state.values() for v in s.values() if torch.is_tensor(v)
         ]
@@ -249,6 +256,8 @@ def lightning_fsdp2(out: str) -> None:
             "before": before.rows,
             "after": after.rows,
             "reads": cb.reads,
+            "windows": cb.engine.skipped_windows(),
+            "final_state": _flat64(final_state).tolist(),
         }
         return trainer, {name: result}
 
@@ -299,6 +308,18 @@ def lightning_fsdp2(out: str) -> None:
             plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
         )
         results.update(r)
+        # G: rollback with a NaN on rank 1 at step 3; H: a run that never saw the rolled-back window. Step b reads
+        # block b (rows 16b..16b+15, half on each rank), so H trains on the blocks of the steps G kept, read from G's
+        # own record of what it restored and skipped.
+        rollback = {"max_norm": 0.5, "nan_policy": "rollback", "snapshot_every": 2, "rollback_skip_steps": 1}
+        rollback["rollback_lr_factor"] = 1.0  # H has no rollback: the same LR
+        trainer, r = fit("G", Net(nan_at=((3, 1, 0),)), CountingClipping(**rollback), max_steps=6, blocks=[*range(6)])
+        results.update(r)
+        (window,) = r["G"]["windows"]
+        kept = [*range(window["snapshot_step"]), *range(window["skipped"][1] + 1, 6)]
+        _, r = fit("H", Net(), CountingClipping(**rollback), max_steps=len(kept), blocks=kept)
+        results.update(r)
+        results["H"]["kept"] = kept
     _write(out, "lightning_fsdp2", trainer.global_rank, results)
 
 

@@ -3,7 +3,8 @@
 The workers are in ``tests/sharded_scripts.py``; each rank writes a JSON file of what it saw and the tests below
 assert on it. Two launches run side by side and are shared by the tests (starting processes is what costs):
 
-* ``lightning_fsdp2`` (2 ranks): Lightning ``ModelParallelStrategy`` (FSDP2) fits A-D and DDP fits E-F;
+* ``lightning_fsdp2`` (2 ranks): Lightning ``ModelParallelStrategy`` (FSDP2) fits A-D, DDP fits E-F, and an FSDP2
+  rollback (G) beside a run that never saw its window (H);
 * ``plain`` (2 ranks): tensor parallelism, a Partial gradient, the value rule on shards, FSDP1, through
   ``ClipEngine`` in a plain loop.
 
@@ -176,6 +177,22 @@ def test_resume_from_a_distributed_checkpoint_keeps_the_counters_and_the_lr_scal
         assert b["counters"]["steps"] == 8 and b["counters"]["nonfinite_steps"] == 2
         assert b["lr_scales"] == [0.25]
     assert r0["B"]["counters"] == r1["B"]["counters"]
+
+
+def test_fsdp2_rollback_with_a_nan_on_one_rank_matches_a_run_that_never_saw_the_window(fits):
+    # fit G: FSDP2, AdamW, nan_policy="rollback" (snapshot_every=2, rollback_skip_steps=1, LR kept), NaN loss on
+    # rank 1 at step 3; fit H: the same model on the batches G kept, no fault.
+    r0, r1 = (rank["G"] for rank in fits)
+    assert r0["windows"] == r1["windows"] and len(r0["windows"]) == 1  # both ranks rolled back, at the same step
+    (window,) = r0["windows"]
+    assert window["global_step"] == 3 and window["skipped"] == [3, 4]
+    assert window["snapshot_step"] < 3 and r0["counters"]["rollbacks"] == r1["counters"]["rollbacks"] == 1
+    for rank in fits:
+        g, h = rank["G"], rank["H"]
+        assert h["kept"] == [*range(window["snapshot_step"]), 5] and h["counters"]["rollbacks"] == 0
+        assert g["final_weights"] == h["final_weights"]  # the whole weights, gathered from the shards: bit for bit
+        assert g["final_state"] == h["final_state"]  # this rank's shard of the AdamW state
+        assert g["final_weights"] != g["start_weights"]
 
 
 def test_fsdp2_hook_makes_no_host_read_on_non_logging_steps(fits):
