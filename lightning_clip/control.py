@@ -28,7 +28,7 @@ A remedy only decides (:mod:`lightning_clip.remedies`); :class:`SlotControl` own
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -355,6 +355,13 @@ class SlotControl:
         self.skip_remaining = int(state.get("skip_remaining", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
         self.windows = copy_windows(state.get("windows", []))
+
+
+def steps_lost(windows: Sequence[dict[str, Any]]) -> int:
+    """The optimizer steps the rollbacks of ``windows`` cost: those undone (from each snapshot to its bad step) and
+    those skipped after it (the data window, the bad step included)."""
+    undone = sum(w["global_step"] - w["snapshot_step"] for w in windows if "snapshot_step" in w)
+    return undone + sum(w["skipped"][-1] - w["skipped"][0] + 1 for w in windows if w.get("skipped"))
 
 
 def copy_windows(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -141,7 +141,11 @@ def test_table_shows_rollbacks_undone_steps_and_the_skipped_breakdown(logs: Path
     plain = rows["skip/version_0"]  # no rollback policy: nothing to count
     assert (plain["skipped"], plain["requested"], plain["rollbacks"], plain["undone"]) == ("1", "0", "-", "-")
     listing = table.split("rollbacks (at global step", 1)[1]
-    assert "  rollback/version_0: step 5: snapshot after 4 steps, skipped 5..8\n" in listing
+    # The fit-end line first (1 undone + 4 skipped = 5 steps lost), then each rollback with the LR scale it left.
+    rollback = "  rollback/version_0: 1 rollback(s), 5 steps lost, LR scale 0.5 at the end;\n"
+    assert rollback + "    step 5: snapshot after 4 steps, skipped 5..8, LR scale 0.5\n" in listing
+    # A rollback after the last logging step: the end's LR scale is the last window's, not the logged one (0.5).
+    assert "  late/version_0: 2 rollback(s), 7 steps lost, LR scale 0.25 at the end;\n" in listing
     assert "skip/version_0:" not in listing
 
 

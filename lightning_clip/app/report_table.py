@@ -9,6 +9,7 @@ from typing import Any
 
 from lightning_clip import metrics as M
 from lightning_clip.app.report_data import PathLike, RunReport
+from lightning_clip.control import steps_lost
 
 __all__ = ["format_table", "format_rows"]
 
@@ -174,13 +175,15 @@ def _vanishing_line(r: RunReport) -> str:
 def _rollback_line(r: RunReport) -> str:
     """``  <run>: step 5: after 4 steps, skipped 5..8; ...``, wrapped; the rollbacks the counters do not include
     yet are said so."""
+    unlogged = (r.rollbacks or 0) - (r.logged_rollbacks or 0)
     shown = [_window_entry(w) for w in r.windows[:_MAX_NAMED]]
     more = len(r.windows) - len(shown)
+    if r.windows:
+        shown.insert(0, _summary(r, unlogged))
     if more:
         shown.append(f"... and {more} more (later)")
     if not r.windows:
         shown.append(f"{r.rollbacks} (no {M.windows_file(r.instance)} beside the event files)")
-    unlogged = (r.rollbacks or 0) - (r.logged_rollbacks or 0)
     if unlogged > 0:
         shown.append(
             f"({unlogged} after the last logging step: not in the logged LR scale, skipped and requested counts)"
@@ -188,12 +191,21 @@ def _rollback_line(r: RunReport) -> str:
     return _wrapped(r.name, shown, sep=";")
 
 
+def _summary(r: RunReport, unlogged: int) -> str:
+    """``2 rollbacks, 37 steps lost, LR scale 0.0625 at the end``: what the fit-end line says, from the windows (and
+    the logged LR scale, unless a rollback came after the last logging step)."""
+    scale = r.windows[-1].get("lr_scale") if unlogged > 0 or r.lr_scale is None else r.lr_scale
+    end = "" if scale is None else f", LR scale {scale:.4g} at the end"
+    return f"{len(r.windows)} rollback(s), {steps_lost(r.windows)} steps lost{end}"
+
+
 def _window_entry(window: dict[str, Any]) -> str:
     """``step 5: snapshot after 4 steps, skipped 5..8``: the bad step, the snapshot restored, the steps skipped."""
     skipped = window.get("skipped")
     steps = f"{skipped[0]}..{skipped[-1]}" if isinstance(skipped, list) and skipped else "?"
     at, snapshot = window.get("global_step", "?"), window.get("snapshot_step", "?")
-    return f"step {at}: snapshot after {snapshot} steps, skipped {steps}"
+    scale = f", LR scale {window['lr_scale']:.4g}" if isinstance(window.get("lr_scale"), (int, float)) else ""
+    return f"step {at}: snapshot after {snapshot} steps, skipped {steps}{scale}"
 
 
 def _wrapped(label: str, entries: Sequence[str], sep: str = ",") -> str:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lightning_clip.control import steps_lost
 from lightning_clip.diagnosis import describe, describe_spike
 from lightning_clip.divergence import DivergenceWatch
 from lightning_clip.remedies.base import (
@@ -279,8 +280,7 @@ class Rollback(Remedy):
         """One line on what the rollbacks found (none: nothing)."""
         if not end.rollbacks:
             return NOTHING
-        lost = sum(w["global_step"] - w.get("snapshot_step", w["global_step"]) for w in end.windows)
-        lost += sum(w["skipped"][1] - w["skipped"][0] + 1 for w in end.windows)
+        lost = steps_lost(end.windows)
         lr = f"lr {end.base_lr:.4g}" if end.base_lr is not None else "the LR"
         verdict = f"{lr} was too high: training settled at {end.lr_scale:.4g}x" if end.lr_scale < 1.0 else f"{lr} kept"
         return Request(
