@@ -42,6 +42,16 @@ NOISE_SMOOTHING = 0.98  # the noise estimate follows the last ~50 steps
 WINSOR = 3.0  # residuals beyond 3 sigma count as 3 sigma in the noise estimate
 
 
+def _ema_spread(smoothing: float, n: int) -> float:
+    """The standard deviation of a bias-corrected EMA of ``n`` independent values, in units of theirs:
+    sqrt(sum of squared weights) / sum of weights."""
+    if n <= 0:
+        return 1.0
+    weights = (1.0 - smoothing**n) / (1.0 - smoothing)
+    squares = (1.0 - smoothing ** (2 * n)) / (1.0 - smoothing * smoothing)
+    return math.sqrt(squares) / weights
+
+
 class DivergenceWatch:
     """Flags a loss that has risen above its best for good (see the module docstring).
 
@@ -67,6 +77,8 @@ class DivergenceWatch:
         self.noise_n = 0
         self.noise_ema = 0.0  # a biased EMA of the winsorized absolute residuals
         self.best = math.inf
+        self.best_n = 0  # losses in the level when the best was set (its own uncertainty)
+        self.best_sigma = math.inf  # the noise when the best was set: a divergence's own chaos cannot widen the line
         self.rising_steps = 0
         self.recent: deque[float] = deque(maxlen=self.window)
 
@@ -89,11 +101,14 @@ class DivergenceWatch:
 
     @property
     def threshold(self) -> float:
-        """The line above which a step is rising: ``best + max(margin |best|, noise_k * sigma / sqrt(window))``
-        (the standard deviation of a median of that many losses is about 1.25 sigma / sqrt(window))."""
+        """The line above which a step is rising: ``best + max(margin |best|, noise_k * noise)``, where ``noise`` is
+        the standard deviation of the difference between the median of the recent losses (about 1.25 sigma /
+        sqrt(their number)) and the best level (the EMA's spread when the best was set: wide in the first steps)."""
         if not math.isfinite(self.best):
             return math.inf
-        noise = 1.25 * self.sigma() / math.sqrt(max(len(self.recent), 1))
+        sigma = min(self.sigma(), self.best_sigma)
+        median = 1.25 * sigma / math.sqrt(max(len(self.recent), 1))
+        noise = math.hypot(median, sigma * _ema_spread(self.smoothing, self.best_n))
         return self.best + max(self.margin * abs(self.best), self.noise_k * noise)
 
     @property
@@ -113,11 +128,17 @@ class DivergenceWatch:
         if self.n:
             level, line = self.smoothed, self.threshold
             residual = abs(loss - level)
-            # Winsorize: one odd batch moves neither the level nor the noise much. Before the noise is known, a
-            # residual counts up to the relative margin only, so an explosion in the first steps cannot pass for noise.
-            limit = max(WINSOR * self.sigma(), self.margin * abs(level))
-            if loss > line:  # a rising loss is evidence more than noise: it counts up to the line only
-                limit = min(limit, max(line - level, 0.0))
+            # Winsorize: one odd batch moves neither the level nor the noise much. A loss above the level counts up to
+            # the relative margin at least (so an explosion in the first steps cannot pass for noise), and up to the
+            # line when it is above it (a rising loss is evidence more than noise); one below the level counts in full
+            # until the noise is known (a falling loss is what healthy noise looks like then).
+            known = self.noise_n >= 3
+            if loss < level:
+                limit = WINSOR * self.sigma() if known else math.inf
+            else:
+                limit = max(WINSOR * self.sigma(), self.margin * abs(level))
+                if loss > line:
+                    limit = min(limit, max(line - level, 0.0))
             residual = min(residual, limit)
             clipped = min(max(loss, level - limit), level + limit)
             self.noise_ema = NOISE_SMOOTHING * self.noise_ema + (1.0 - NOISE_SMOOTHING) * residual
@@ -130,7 +151,8 @@ class DivergenceWatch:
             self.rising_steps += 1
         else:
             self.rising_steps = 0
-            self.best = min(self.best, self.smoothed)
+            if self.smoothed < self.best:
+                self.best, self.best_n, self.best_sigma = self.smoothed, self.n, self.sigma()
         return self.rising_steps >= self.patience
 
     # ------------------------------------------------------------------ state
@@ -141,6 +163,8 @@ class DivergenceWatch:
             "noise_n": self.noise_n,
             "noise_ema": self.noise_ema,
             "best": self.best,
+            "best_n": self.best_n,
+            "best_sigma": self.best_sigma,
             "rising_steps": self.rising_steps,
             "recent": list(self.recent),
         }
@@ -152,4 +176,6 @@ class DivergenceWatch:
         self.n, self.ema = int(state["n"]), float(state["ema"])
         self.noise_n, self.noise_ema = int(state["noise_n"]), float(state["noise_ema"])
         self.best, self.rising_steps = float(state["best"]), int(state["rising_steps"])
+        self.best_n = int(state.get("best_n", self.n))
+        self.best_sigma = float(state.get("best_sigma", math.inf))
         self.recent = deque((float(x) for x in state["recent"]), maxlen=self.window)

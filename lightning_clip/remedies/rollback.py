@@ -23,6 +23,7 @@ from lightning_clip.remedies.base import (
     RunEnd,
     StepRead,
     StepRecord,
+    Stop,
     diagnose,
     lr_factor_to,
     optional_int,
@@ -236,26 +237,18 @@ class Rollback(Remedy):
         return self._roll_back(step, read, diverged, newest_ok)
 
     def _roll_back(self, step: StepRecord, read: StepRead, diverged: bool, newest_ok: bool) -> Request:
+        cause = self._cause(step, read, diverged)
         choice = self._snapshots.choose(read.snapshots, self.rollbacks_per_snapshot, newest_ok)
         if choice is None:
-            return self._exhausted(step, read)
+            return self._exhausted(step, read, diverged, cause)
         label, cuts = choice
         self._bad_run = 0
         self.healthy_steps = 0
-        self._clean = True  # the state is the snapshot's again
+        self._clean = False  # the period the restore cuts short confirms nothing: a full healthy one must follow
         # A divergence is the LR's doing (a NaN may be one dirty batch): it cuts twice as hard.
         target = read.lr_scale * self.rollback_lr_factor ** (cuts * (2 if diverged else 1))
         factor = lr_factor_to(read.lr_scale, target, self.min_lr_scale)
-        self.watch.load_state_dict(self._snapshots.watch_state(label))
-        if diverged:
-            cause = (
-                f"divergence: the loss {read.loss:.4g} rose above {self.watch.threshold:.4g} (the best smoothed "
-                f"loss {self.watch.best:.4g} + margin)"
-            )
-        elif read.bad:
-            cause = "NaN/Inf"
-        else:
-            cause = "; ".join(describe_spike(*spike) for spike in step.spikes())
+        self.watch.load_state_dict(self._snapshots.watch_state(label))  # the watch as it was at the snapshot
         why = "" if cuts else " (the newer snapshot went bad again at once: the LR is kept)"
         warn = (
             f"Rolled back at global step {step.global_step} (epoch {step.epoch}, batch {step.batch_idx}, optimizer "
@@ -267,14 +260,26 @@ class Rollback(Remedy):
         restore = read.snapshots.index(label)
         return Request(restore=restore, skip=True, skip_steps=self.rollback_skip_steps, lr_factor=factor, warn=warn)
 
-    def _exhausted(self, step: StepRecord, read: StepRead) -> Request:
-        info = diagnose(step, read, "raised NonFiniteGradientError", read.lr_scale, stopping=True, consecutive=1)
-        return stop(
-            info,
+    def _cause(self, step: StepRecord, read: StepRead, diverged: bool) -> str:
+        if diverged:
+            watch = self.watch
+            return f"divergence: the loss {read.loss:.4g} rose above {watch.threshold:.4g} (best {watch.best:.4g})"
+        if read.bad:
+            return "NaN/Inf"
+        return "; ".join(describe_spike(*spike) for spike in step.spikes())
+
+    def _exhausted(self, step: StepRecord, read: StepRead, diverged: bool, cause: str) -> Request:
+        prefix = (
             f"Rolled back {self.rollbacks_per_snapshot} time(s) to the oldest snapshot kept, down to LR scale "
             f"{read.lr_scale:.4g}, and the run went bad again (rollbacks_per_snapshot={self.rollbacks_per_snapshot})"
-            ": the LR alone does not explain it. Check the data and the model (normalization, initialization).\n",
+            ": the LR alone does not explain it. Check the data and the model (normalization, initialization).\n"
         )
+        if not diverged:  # the NaN/spike diagnosis, with its parameters and inputs
+            info = diagnose(step, read, "raised NonFiniteGradientError", read.lr_scale, stopping=True, consecutive=1)
+            return stop(info, prefix)
+        where = f"global step {step.global_step} (epoch {step.epoch}, batch {step.batch_idx}, optimizer "
+        message = f"{prefix}Diverged at {where}{step.optimizer_idx}): {cause}."
+        return Request(stop=Stop(message, step.global_step, (), self._unhealthy))
 
     def finish(self, end: RunEnd) -> Request:
         """One line on what the rollbacks found (none: nothing)."""
