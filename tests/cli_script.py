@@ -84,7 +84,13 @@ def main() -> None:
     from lightning_clip import GradientClipping
 
     ran = [
-        dict(cls=type(cb).__name__, steps=cb.counters["steps"], lr_scales=cb.lr_scales, counters=cb.counters)
+        dict(
+            cls=type(cb).__name__,
+            steps=cb.counters["steps"],
+            lr_scales=cb.lr_scales,
+            counters=cb.counters,
+            divergence_margin=getattr(cb.engine.remedy, "divergence_margin", None),
+        )
         for cb in cli.trainer.callbacks
         if isinstance(cb, GradientClipping)
     ]

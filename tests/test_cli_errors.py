@@ -38,6 +38,8 @@ GOOD = "{mode: norm, max_norm: 1.0, nan_policy: halve_lr}"
 ROLLBACK, HALVE_LR = "lightning_clip.remedies.Rollback", "lightning_clip.remedies.HalveLR"
 # A remedy object in YAML: roll back to the snapshot after step 2 at the NaN step, skip one more step.
 GOOD_REMEDY = f"{{nan_policy: {{class_path: {ROLLBACK}, init_args: {{snapshot_every: 1, rollback_skip_steps: 1}}}}}}"
+# The flat arguments, with the divergence watch turned off by YAML's null.
+GOOD_FLAT_ROLLBACK = "{nan_policy: rollback, snapshot_every: 1, rollback_skip_steps: 1, divergence_margin: null}"
 MODES = ("'norm'", "'value'", "'none'")
 
 
@@ -84,6 +86,11 @@ BAD = {
         "nan_policy.init_args.lr_factor",
         [own_check(HalveLR, lr_factor=2.0)],
     ),
+    "divergence_margin_zero": (
+        "{nan_policy: rollback, divergence_margin: 0}",
+        "divergence_margin",
+        [own_check(Rollback, divergence_margin=0.0)],
+    ),
     # Two class-typed arguments: the one at fault is named, not the first one.
     "remedy_beside_valid_rule": (
         f"{{rule: {{class_path: lightning_clip.rules.NormClip}}, "
@@ -113,6 +120,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, s
     configs = {(ns, name): _config(ns, BAD[name][0]) for ns, name in CASES}
     configs.update({(ns, "valid"): _config(ns, GOOD) for ns in NAMESPACES})
     configs.update({(ns, "valid_remedy"): _config(ns, GOOD_REMEDY) for ns in NAMESPACES})
+    configs["pytorch_lightning", "valid_flat_rollback"] = _config("pytorch_lightning", GOOD_FLAT_ROLLBACK)
     # A mistake outside the callback: jsonargparse's own report must come through unchanged.
     configs["pytorch_lightning", "unrelated"] = _config("pytorch_lightning", GOOD).replace(
         "nan_at_step: 2", "nan_at_step: 2\n  lr: abc"
@@ -163,6 +171,14 @@ def test_valid_remedy_object_trains(runs: dict[tuple[str, str], Run], namespace:
     (clip,) = run.clipping()
     assert clip["steps"] == 4 and clip["lr_scales"] == [0.5], clip
     assert clip["counters"]["rollbacks"] == 1 and clip["counters"]["requested_skips"] == 1, clip
+
+
+def test_divergence_margin_null_in_yaml_turns_the_watch_off(runs: dict[tuple[str, str], Run]) -> None:
+    run = runs["pytorch_lightning", "valid_flat_rollback"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    (clip,) = run.clipping()
+    assert clip["counters"]["rollbacks"] == 1 and clip["lr_scales"] == [0.5], clip
+    assert clip["divergence_margin"] is None, clip  # None reached the remedy: not the default 0.05
 
 
 def test_other_mistakes_keep_jsonargparse_report(runs: dict[tuple[str, str], Run]) -> None:

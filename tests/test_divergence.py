@@ -267,7 +267,7 @@ def fit_regression(tmp_path, lr: float, callback: GradientClipping, log_every: i
 
 def test_fit_end_says_what_the_rollbacks_found_and_tensorboard_marks_them(tmp_path):
     cb = GradientClipping(mode="none", nan_policy="rollback", snapshot_every=10, log_norms="total")
-    trainer, messages, log_dir = fit_regression(tmp_path, 0.2, cb)
+    _, messages, log_dir = fit_regression(tmp_path, 0.2, cb)
     windows = cb.engine.skipped_windows()
     assert windows and cb.counters["rollbacks"] == len(windows)
     scale = cb.lr_scales[0]
