@@ -245,27 +245,30 @@ def text_entropies() -> dict[str, float]:
     }
 
 
-def _rnn_data(seed: int, steps: int) -> tuple[Any, Tensor]:
-    """``steps`` batches of random windows of the train text (the seed picks them), and the held-out windows."""
-    train, val, _ = markov_text()
+def window_batches(text: Tensor, seed: int, steps: int, batch: int, length: int) -> DataLoader:
+    """``steps`` batches of ``batch`` random windows of ``length`` tokens of ``text`` (the seed picks them)."""
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(train) - SEQ_LEN, (steps * BATCH,), generator=g)
-    windows = train[starts[:, None] + torch.arange(SEQ_LEN + 1)]
-    loader = DataLoader(TensorDataset(windows), batch_size=BATCH, shuffle=False)
-    held_out = val[: len(val) // (SEQ_LEN + 1) * (SEQ_LEN + 1)].view(-1, SEQ_LEN + 1)
-    return loader, held_out
+    starts = torch.randint(0, len(text) - length + 1, (steps * batch,), generator=g)
+    return DataLoader(TensorDataset(text[starts[:, None] + torch.arange(length)]), batch_size=batch, shuffle=False)
 
 
-def val_cross_entropy(model: nn.Module, windows: Tensor) -> float:
-    """Mean cross-entropy over the held-out windows (NaN when it is not finite)."""
+def held_out_loss(model: nn.Module, windows: Tensor, loss: Callable[[nn.Module, Tensor], Tensor]) -> float:
+    """``loss`` over the held-out windows in eval mode (NaN when it is not finite)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            value = float(next_token_loss(model, windows))
+            value = float(loss(model, windows))
     finally:
         model.train(was_training)
     return value if math.isfinite(value) else math.nan
+
+
+def _rnn_data(seed: int, steps: int) -> tuple[Any, Tensor]:
+    """``steps`` batches of random windows of the train text (the seed picks them), and the held-out windows."""
+    train, val, _ = markov_text()
+    held_out = val[: len(val) // (SEQ_LEN + 1) * (SEQ_LEN + 1)].view(-1, SEQ_LEN + 1)
+    return window_batches(train, seed, steps, BATCH, SEQ_LEN + 1), held_out
 
 
 # ---------------------------------------------------------------------------------------------- the transformer's text
@@ -342,24 +345,9 @@ def next_char_loss(model: nn.Module, windows: Tensor) -> Tensor:
 def _lm_data(seed: int, steps: int) -> tuple[Any, Tensor]:
     """``steps`` batches of random windows of the train text (the seed picks them), and fixed held-out windows."""
     train, val, _ = python_docs_text()
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(train) - LM_CONTEXT - 1, (steps * LM_BATCH,), generator=g)
-    windows = train[starts[:, None] + torch.arange(LM_CONTEXT + 1)]
-    loader = DataLoader(TensorDataset(windows), batch_size=LM_BATCH, shuffle=False)
     stride = (len(val) - LM_CONTEXT - 1) // LM_VAL_WINDOWS
     held_out = val[torch.arange(LM_VAL_WINDOWS)[:, None] * stride + torch.arange(LM_CONTEXT + 1)]
-    return loader, held_out
-
-
-def val_char_cross_entropy(model: nn.Module, windows: Tensor) -> float:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            value = float(next_char_loss(model, windows))
-    finally:
-        model.train(was_training)
-    return value if math.isfinite(value) else math.nan
+    return window_batches(train, seed, steps, LM_BATCH, LM_CONTEXT + 1), held_out
 
 
 # ---------------------------------------------------------------------------------------------- the models
@@ -395,9 +383,9 @@ def loaders(model: str, seed: int, steps: int) -> tuple[Any, Any]:
 
 
 def score(model: str, module: nn.Module, val: Any) -> float:
-    if model == "lm":
-        return val_char_cross_entropy(module, val)
-    return mean_squared_error(module, val) if model == "mlp" else val_cross_entropy(module, val)
+    if model == "mlp":
+        return mean_squared_error(module, val)
+    return held_out_loss(module, val, next_char_loss if model == "lm" else next_token_loss)
 
 
 def initial_score(seed: int, model: str = "mlp") -> float:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from faults import trainer as make_trainer
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
@@ -248,17 +249,7 @@ class Regression(pl.LightningModule):
 def fit_regression(tmp_path, lr: float, callback: GradientClipping, log_every: int = 50, steps: int = 120):
     x, y = regression(0)
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=logger,
-        log_every_n_steps=log_every,
-        callbacks=[callback],
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = make_trainer(tmp_path, [callback], max_steps=steps, logger=logger, log_every_n_steps=log_every)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(Regression(lr), DataLoader(TensorDataset(x, y), batch_size=32))
