@@ -6,7 +6,9 @@ SGD + momentum and with AdamW (whose state is twice the weights):
 * ``Snapshot.take`` and ``Snapshot.restore`` of the weights, the optimizer state and (percentile rule) statistics:
   median milliseconds over --repeats calls, and the bytes a snapshot holds (two are kept);
 * the per-step cost of the hook under ``nan_policy="skip"``, ``"halve_lr"`` and ``"rollback"`` (no snapshot due),
-  against torch ``clip_grad_norm_`` in the same process, interleaved as in ``bench_hook.py``;
+  against torch ``clip_grad_norm_`` in the same process, interleaved as in ``bench_hook.py``; and under
+  ``rollback`` with the step's loss observed (``on_before_backward``, as in training), the divergence watch on and
+  off (``divergence_margin=None``);
 * the snapshot's cost averaged over ``snapshot_every`` steps (the default 50, and 10).
 
 Usage::
@@ -19,12 +21,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import statistics
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,6 +65,16 @@ def snapshot_costs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dev
     }
 
 
+def hook_step(
+    cb: GradientClipping, trainer: Any, model: torch.nn.Module, losses: Iterator[torch.Tensor] | None
+) -> None:
+    """One call of the hook, after observing the step's loss when ``losses`` is given (as ``on_before_backward`` does
+    in training)."""
+    if losses is not None:
+        cb.on_before_backward(trainer, model, next(losses))
+    cb.on_before_optimizer_step(trainer, model, trainer.optimizers[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=50)
@@ -86,6 +101,12 @@ def main() -> None:
         "skip": GradientClipping(nan_policy="skip", log_norms="none"),
         "halve_lr": GradientClipping(nan_policy="halve_lr", log_norms="none"),
         "rollback": GradientClipping(nan_policy="rollback", log_norms="none"),
+        # A healthy step of a real run observes its loss: the divergence watch reads it (issue 21), against the
+        # same step with the watch off (the loss then stays on the device).
+        "rollback, loss observed, divergence on": GradientClipping(nan_policy="rollback", log_norms="none"),
+        "rollback, loss observed, divergence off": GradientClipping(
+            nan_policy="rollback", log_norms="none", divergence_margin=None
+        ),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -97,11 +118,13 @@ def main() -> None:
     variants: dict[str, Callable[[], None]] = {
         "torch clip_grad_norm_(foreach)": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
     }
+    for key, cb in setups.items():  # the attach() fit's loss is the model's; the synthetic one below starts afresh
+        if "loss" in key:
+            cb.engine.remedy_of(0).watch.reset()
+    losses = itertools.cycle([torch.tensor(2.0 + 0.01 * (i % 7), device=device) for i in range(64)])  # healthy
     for key, cb in setups.items():
-        trainer = trainers[key]
-        variants[f"hook, nan_policy={key}"] = lambda cb=cb, trainer=trainer: cb.on_before_optimizer_step(
-            trainer, model, trainer.optimizers[0]
-        )
+        label = f"hook, {key}" if "," in key else f"hook, nan_policy={key}"
+        variants[label] = functools.partial(hook_step, cb, trainers[key], model, losses if "loss" in key else None)
     for fn in variants.values():
         fn()
     samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -120,7 +143,7 @@ def main() -> None:
         print(f"  {name:50s} {r['take_ms']:8.3f} {r['restore_ms']:11.3f} {r['snapshot_mb']:7.1f}")
         for every in (50, 10):
             print(f"    averaged over snapshot_every={every}: {r['take_ms'] / every:.3f} ms/step")
-    print(f"  (weights alone: {rows['SGD momentum']['weights_mb']:.1f} MB; two snapshots are kept)")
+    print(f"  (weights alone: {rows['SGD momentum']['weights_mb']:.1f} MB; up to three snapshots are kept)")
     print(f"{'per step (no snapshot due)':52s} {'ms/step':>8s} {'ratio':>11s}")
     hook_rows = {}
     for k, values in samples.items():

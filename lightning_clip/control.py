@@ -124,6 +124,8 @@ class SlotControl:
         self.lr_scale = 1.0  # the LR multiplier of this optimizer's next updates (checkpointed)
         self.skip_remaining = 0  # steps a remedy asked to skip, still to come (checkpointed)
         self.rollbacks = 0  # snapshots restored (checkpointed)
+        self.applied = 0  # updates in the current state's lineage (a restore sets it back: what it undid)
+        self._applying = False  # this step's update is counted in ``applied`` (a later bad evaluation takes it back)
         self.windows: list[dict[str, Any]] = []  # the data windows skipped on request (checkpointed)
         self.store: SnapshotStore | None = None
         self.statistics: Statistics = no_statistics
@@ -209,7 +211,7 @@ class SlotControl:
             self._start.take(optimizer, self.step_calls)
         if self._initial_due and self.store is not None:  # labelled by the engine once the global step is known
             self._initial_due, self._label_initial = False, True
-            self.store.take(optimizer, -1, self.statistics)
+            self.store.take(optimizer, -1, self.statistics, self.applied)
         if self._lr is not None:
             self._lr._pre_step(optimizer, (), {})
 
@@ -225,7 +227,7 @@ class SlotControl:
             after()
         if self._snapshot_label is not None and self.store is not None:
             label, self._snapshot_label = self._snapshot_label, None
-            self.store.take(optimizer, label, self.statistics)
+            self.store.take(optimizer, label, self.statistics, self.applied)
         if self._restore_start and self._start is not None and self._start.taken:
             self._restore_start = False
             self._start.restore(optimizer)
@@ -272,7 +274,7 @@ class SlotControl:
             self.store.relabel_newest(step.global_step)
         if self._initial_due or not self.store.holds(self.optimizer):
             self._initial_due = False
-            self.store.take(self.optimizer, step.global_step, self.statistics)
+            self.store.take(self.optimizer, step.global_step, self.statistics, self.applied)
 
     def skip_on_device(self, step: StepRecord, on: bool) -> None:
         """Skip ``step.skip`` steps on the device (fused optimizers, no host read) when ``on``; else make sure an
@@ -300,6 +302,13 @@ class SlotControl:
             self._state_guard = skip_step(step)
         if (skipped or request.skip) and self.guard:
             self._restore_start = self.in_step  # LBFGS: undo the moves of the evaluations before this one
+        applying = not (skipped or request.skip) and request.restore is None
+        if not step.reevaluation:
+            self.applied += int(applying)
+            self._applying = applying
+        elif self._applying and not applying:  # a later evaluation of a closure step is bad: the step is skipped
+            self.applied -= 1
+            self._applying = False
         if request.lr_factor != 1.0:
             self.lr_scale *= request.lr_factor
         if request.restore is not None:
@@ -320,6 +329,8 @@ class SlotControl:
         snap = self.store.restore(self.optimizer, self.statistics, age)
         self.rollbacks += 1
         self._open_window(step, snap.step)
+        self.windows[-1]["undone"] = self.applied - snap.applied  # the updates the restore threw away
+        self.applied, self._applying = snap.applied, False
         if self.in_step and self._start is not None:  # a guarded closure step ends in the restored state
             self._start.take(self.optimizer, self.step_calls)
 
@@ -357,11 +368,17 @@ class SlotControl:
         self.windows = copy_windows(state.get("windows", []))
 
 
+def undone_steps(windows: Sequence[dict[str, Any]]) -> int:
+    """The applied updates the rollbacks of ``windows`` threw away: each window's ``undone`` (counted when restored;
+    two rollbacks to one snapshot do not count the steps before the first twice), else, in windows written before
+    it was recorded, the steps from the snapshot to the bad step."""
+    return sum(int(w.get("undone", w["global_step"] - w["snapshot_step"])) for w in windows if "snapshot_step" in w)
+
+
 def steps_lost(windows: Sequence[dict[str, Any]]) -> int:
-    """The optimizer steps the rollbacks of ``windows`` cost: those undone (from each snapshot to its bad step) and
-    those skipped after it (the data window, the bad step included)."""
-    undone = sum(w["global_step"] - w["snapshot_step"] for w in windows if "snapshot_step" in w)
-    return undone + sum(w["skipped"][-1] - w["skipped"][0] + 1 for w in windows if w.get("skipped"))
+    """The optimizer steps the rollbacks of ``windows`` cost: those undone and those skipped after each bad step
+    (the data window, the bad step included)."""
+    return undone_steps(windows) + sum(w["skipped"][-1] - w["skipped"][0] + 1 for w in windows if w.get("skipped"))
 
 
 def copy_windows(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:

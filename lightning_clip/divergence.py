@@ -40,6 +40,7 @@ __all__ = ["DivergenceWatch"]
 
 NOISE_SMOOTHING = 0.98  # the noise estimate follows the last ~50 steps
 WINSOR = 3.0  # residuals beyond 3 sigma count as 3 sigma in the noise estimate
+EARLY_NOISE = 0.5  # while the noise estimate forms (its first `window` residuals), the line uses at most |best| / 2
 
 
 def _ema_spread(smoothing: float, n: int) -> float:
@@ -78,7 +79,8 @@ class DivergenceWatch:
         self.noise_ema = 0.0  # a biased EMA of the winsorized absolute residuals
         self.best = math.inf
         self.best_n = 0  # losses in the level when the best was set (its own uncertainty)
-        self.best_sigma = math.inf  # the noise when the best was set: a divergence's own chaos cannot widen the line
+        # The noise when the best was set (inf: not known yet), so that a divergence's own chaos cannot widen the line.
+        self.best_sigma = math.inf
         self.rising_steps = 0
         self.recent: deque[float] = deque(maxlen=self.window)
 
@@ -106,7 +108,10 @@ class DivergenceWatch:
         sqrt(their number)) and the best level (the EMA's spread when the best was set: wide in the first steps)."""
         if not math.isfinite(self.best):
             return math.inf
-        sigma = min(self.sigma(), self.best_sigma)
+        sigma = self.sigma()
+        if self.noise_n < self.window or math.isinf(self.best_sigma):  # the estimate is still forming
+            sigma = min(sigma, EARLY_NOISE * abs(self.best))
+        sigma = min(sigma, self.best_sigma)
         median = 1.25 * sigma / math.sqrt(max(len(self.recent), 1))
         noise = math.hypot(median, sigma * _ema_spread(self.smoothing, self.best_n))
         return self.best + max(self.margin * abs(self.best), self.noise_k * noise)
@@ -152,7 +157,10 @@ class DivergenceWatch:
         else:
             self.rising_steps = 0
             if self.smoothed < self.best:
-                self.best, self.best_n, self.best_sigma = self.smoothed, self.n, self.sigma()
+                self.best, self.best_n = self.smoothed, self.n
+                self.best_sigma = self.sigma() if self.noise_n >= self.window else math.inf
+        if math.isinf(self.best_sigma) and self.noise_n >= self.window:  # the noise is known now: the best's too
+            self.best_sigma = min(self.sigma(), EARLY_NOISE * abs(self.best))
         return self.rising_steps >= self.patience
 
     # ------------------------------------------------------------------ state

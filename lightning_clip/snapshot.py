@@ -61,6 +61,7 @@ class Snapshot:
     def __init__(self, on_device: bool = False) -> None:
         self.on_device = on_device
         self.step = -1
+        self.applied = 0  # its owner's count of the updates in the state it holds (what a restore undoes)
         self.param_ids: tuple[int, ...] = ()  # the parameters it holds, by identity, in the optimizer's order
         self._params: list[Tensor] = []
         self._state: dict[int, dict[str, Any]] = {}  # by parameter position: its state, tensors copied
@@ -203,11 +204,12 @@ class SnapshotStore:
     def __len__(self) -> int:
         return len(self._snapshots)
 
-    def take(self, optimizer: Optimizer, label: int, statistics: Statistics = no_statistics) -> None:
-        """A snapshot of the state now, labelled ``label`` (no host read)."""
+    def take(self, optimizer: Optimizer, label: int, statistics: Statistics = no_statistics, applied: int = 0) -> None:
+        """A snapshot of the state now, labelled ``label`` (no host read); ``applied``: the updates in that state."""
         full = len(self._snapshots) >= self.kept
         snap = self._snapshots.pop(0) if full else Snapshot(self.on_device)
         snap.take(optimizer, label, statistics)
+        snap.applied = applied
         self._snapshots.append(snap)
 
     def restore(self, optimizer: Optimizer, statistics: Statistics = no_statistics, age: int = 0) -> Snapshot:

@@ -160,7 +160,7 @@ def test_windows_are_written_beside_the_logs_and_kept_in_the_checkpoint(tmp_path
     written = json.loads(cb.windows_path(t).read_text())
     assert written == [
         {"optimizer": 0, "global_step": 5, "epoch": 0, "batch_idx": 5, "snapshot_step": 4, "skipped": [5, 6]}
-        | {"lr_scale": 0.5}  # the LR scale the rollback left
+        | {"undone": 1, "lr_scale": 0.5}  # the update it threw away (step 4), and the LR scale it left
     ]
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][cb.state_key]
     entry = state["optimizers"][0]["control"]  # the engine's section: it restores and keeps the windows

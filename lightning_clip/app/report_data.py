@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # imported for real in load_runs(): only the report command n
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_clip import metrics as M
+from lightning_clip.control import undone_steps
 
 __all__ = ["ReportError", "RunReport", "LayerHealth", "PathLike", "find_run_dirs", "load_runs", "percentile"]
 
@@ -304,7 +305,7 @@ def _rollbacks(
     if not single_optimizer or rollbacks > len(windows):
         return rollbacks, None
     try:
-        return rollbacks, sum(int(w["global_step"]) - int(w["snapshot_step"]) for w in windows)
+        return rollbacks, undone_steps(windows)
     except (KeyError, TypeError, ValueError):
         return rollbacks, None
 

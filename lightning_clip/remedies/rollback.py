@@ -362,7 +362,7 @@ class Trust:
         trusted = [label for label in labels if label in self.trusted or (newest_ok and label == self.pending)]
         trusted = trusted or list(labels[-1:])
         cut = True
-        if self.restored is not None and self.restored in trusted and len(trusted) > 1:
+        if self.restored in self.trusted and self.restored in trusted and len(trusted) > 1:
             self.trusted.remove(self.restored)  # it went bad again before a clean period: its state is suspect
             trusted.remove(self.restored)
             cut = False
