@@ -110,6 +110,7 @@ def lightning_fsdp2(out: str) -> None:
             nan_at: tuple[tuple[int, int, int], ...] = (),
             manual: bool = False,
             shard: bool = True,
+            drift: tuple[int, int, int] | None = None,
         ) -> None:
             super().__init__()
             torch.manual_seed(0)
@@ -118,6 +119,7 @@ def lightning_fsdp2(out: str) -> None:
             self.nan_at = set(nan_at)  # (global step, rank, micro-batch index within the accumulation window)
             self.automatic_optimization = not manual
             self.shard = shard
+            self.drift = drift  # (from, to global step, on rank): that rank's loss grows x3 a step, finite
 
         def configure_model(self) -> None:
             if not self.shard:  # DDP
@@ -134,6 +136,9 @@ def lightning_fsdp2(out: str) -> None:
             accumulate = self.trainer.accumulate_grad_batches
             if (self.global_step, self.global_rank, batch_idx % accumulate) in self.nan_at:
                 loss = loss * float("nan")
+            first, last, rank = self.drift or (0, -1, -1)
+            if self.global_rank == rank and first <= self.global_step <= last:
+                loss = loss * 3.0 ** (self.global_step - first + 1)
             return loss
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
@@ -320,6 +325,11 @@ def lightning_fsdp2(out: str) -> None:
         _, r = fit("H", Net(), CountingClipping(**rollback), max_steps=len(kept), blocks=kept)
         results.update(r)
         results["H"]["kept"] = kept
+        # I: DDP, a loss that diverges on rank 1 only (finite, steps 6-16): the ranks average the loss before the
+        # divergence watch reads it, so both roll back at the same step and the replicas stay equal.
+        cb = CountingClipping(max_norm=0.5, nan_policy="rollback", snapshot_every=2)
+        _, r = fit("I", Net("sgd_momentum", drift=(6, 16, 1), shard=False), cb, max_steps=24, strategy="ddp")
+        results.update(r)
     _write(out, "lightning_fsdp2", trainer.global_rank, results)
 
 

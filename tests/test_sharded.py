@@ -4,7 +4,7 @@ The workers are in ``tests/sharded_scripts.py``; each rank writes a JSON file of
 assert on it. Two launches run side by side and are shared by the tests (starting processes is what costs):
 
 * ``lightning_fsdp2`` (2 ranks): Lightning ``ModelParallelStrategy`` (FSDP2) fits A-D, DDP fits E-F, and an FSDP2
-  rollback (G) beside a run that never saw its window (H);
+  rollback (G) beside a run that never saw its window (H), and a DDP divergence on one rank (I);
 * ``plain`` (2 ranks): tensor parallelism, a Partial gradient, the value rule on shards, FSDP1, through
   ``ClipEngine`` in a plain loop.
 
@@ -193,6 +193,16 @@ def test_fsdp2_rollback_with_a_nan_on_one_rank_matches_a_run_that_never_saw_the_
         assert g["final_weights"] == h["final_weights"]  # the whole weights, gathered from the shards: bit for bit
         assert g["final_state"] == h["final_state"]  # this rank's shard of the AdamW state
         assert g["final_weights"] != g["start_weights"]
+
+
+def test_ddp_a_divergence_on_one_rank_rolls_back_every_rank_at_the_same_step(fits):
+    # fit I: DDP, SGD momentum, nan_policy="rollback"; at steps 6-16 rank 1's loss grows x3 a step (finite), rank
+    # 0's stays healthy. The divergence watch reads the loss averaged over the ranks.
+    r0, r1 = (rank["I"] for rank in fits)
+    assert r0["counters"]["nonfinite_steps"] == 0 and r0["counters"]["rollbacks"] >= 1
+    assert r0["windows"] == r1["windows"] and r0["counters"] == r1["counters"]
+    assert all(w["global_step"] > 6 for w in r0["windows"])  # not before the drift
+    assert r0["lr_scales"] == r1["lr_scales"] and r0["final_weights"] == r1["final_weights"]
 
 
 def test_fsdp2_hook_makes_no_host_read_on_non_logging_steps(fits):
