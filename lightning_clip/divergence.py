@@ -40,7 +40,8 @@ __all__ = ["DivergenceWatch"]
 
 NOISE_SMOOTHING = 0.98  # the noise estimate follows the last ~50 steps
 WINSOR = 3.0  # residuals beyond 3 sigma count as 3 sigma in the noise estimate
-EARLY_NOISE = 0.5  # while the noise estimate forms (its first `window` residuals), the line uses at most |best| / 2
+EARLY_NOISE = 0.5  # until the noise at the best is known, the line uses at most |best| / 2
+KNOWN = 3  # residuals after which the noise estimate is taken as known
 
 
 def _ema_spread(smoothing: float, n: int) -> float:
@@ -108,10 +109,9 @@ class DivergenceWatch:
         sqrt(their number)) and the best level (the EMA's spread when the best was set: wide in the first steps)."""
         if not math.isfinite(self.best):
             return math.inf
-        sigma = self.sigma()
-        if self.noise_n < self.window or math.isinf(self.best_sigma):  # the estimate is still forming
+        sigma = min(self.sigma(), self.best_sigma)
+        if math.isinf(self.best_sigma):  # the noise at the best is not known yet
             sigma = min(sigma, EARLY_NOISE * abs(self.best))
-        sigma = min(sigma, self.best_sigma)
         median = 1.25 * sigma / math.sqrt(max(len(self.recent), 1))
         noise = math.hypot(median, sigma * _ema_spread(self.smoothing, self.best_n))
         return self.best + max(self.margin * abs(self.best), self.noise_k * noise)
@@ -137,7 +137,7 @@ class DivergenceWatch:
             # the relative margin at least (so an explosion in the first steps cannot pass for noise), and up to the
             # line when it is above it (a rising loss is evidence more than noise); one below the level counts in full
             # until the noise is known (a falling loss is what healthy noise looks like then).
-            known = self.noise_n >= 3
+            known = self.noise_n >= KNOWN
             if loss < level:
                 limit = WINSOR * self.sigma() if known else math.inf
             else:
@@ -158,9 +158,9 @@ class DivergenceWatch:
             self.rising_steps = 0
             if self.smoothed < self.best:
                 self.best, self.best_n = self.smoothed, self.n
-                self.best_sigma = self.sigma() if self.noise_n >= self.window else math.inf
-        if math.isinf(self.best_sigma) and self.noise_n >= self.window:  # the noise is known now: the best's too
-            self.best_sigma = min(self.sigma(), EARLY_NOISE * abs(self.best))
+                self.best_sigma = self.sigma() if self.noise_n >= KNOWN else math.inf
+        if math.isinf(self.best_sigma) and self.noise_n >= KNOWN:  # the noise is known now: the best's too
+            self.best_sigma = self.sigma()
         return self.rising_steps >= self.patience
 
     # ------------------------------------------------------------------ state
