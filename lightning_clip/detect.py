@@ -109,7 +109,9 @@ class BadStepDetector:
         if not self.check_loss or not isinstance(loss, Tensor):
             return
         value = loss.detach()
-        kept = value.float().mean() if self.keep_losses else None
+        kept = None
+        if self.keep_losses:  # a 0-dim float loss is kept as it is (no kernel); anything else, its mean
+            kept = value if value.ndim == 0 and value.dtype == torch.float32 else value.float().mean()
         self._losses.append((~torch.isfinite(value).all(), owners, kept))
 
     def flag(self, device: torch.device, agree: bool = False, params: set[int] | None = None) -> Tensor:
@@ -139,6 +141,8 @@ class BadStepDetector:
         """The mean loss of the last :meth:`flag` (its micro-batches), on ``device``; None if none was kept."""
         if not self._step_values:
             return None
+        if len(self._step_values) == 1:  # one micro-batch: its loss, no kernel
+            return self._step_values[0].to(device)
         return torch.stack([v.to(device) for v in self._step_values]).mean()
 
     def loss_nonfinite(self) -> bool:
