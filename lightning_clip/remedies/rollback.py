@@ -263,7 +263,8 @@ class Rollback(Remedy):
     def _cause(self, step: StepRecord, read: StepRead, diverged: bool) -> str:
         if diverged:
             watch = self.watch
-            return f"divergence: the loss {read.loss:.4g} rose above {watch.threshold:.4g} (best {watch.best:.4g})"
+            median = f"the loss, median of the last {len(watch.recent)} steps, {watch.current:.4g}"
+            return f"divergence: {median} rose above {watch.threshold:.4g} (best {watch.best:.4g})"
         if read.bad:
             return "NaN/Inf"
         return "; ".join(describe_spike(*spike) for spike in step.spikes())
