@@ -28,7 +28,7 @@ A remedy only decides (:mod:`lightning_clip.remedies`); :class:`SlotControl` own
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -366,19 +366,6 @@ class SlotControl:
         self.skip_remaining = int(state.get("skip_remaining", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
         self.windows = copy_windows(state.get("windows", []))
-
-
-def undone_steps(windows: Sequence[dict[str, Any]]) -> int:
-    """The applied updates the rollbacks of ``windows`` threw away: each window's ``undone`` (counted when restored;
-    two rollbacks to one snapshot do not count the steps before the first twice), else, in windows written before
-    it was recorded, the steps from the snapshot to the bad step."""
-    return sum(int(w.get("undone", w["global_step"] - w["snapshot_step"])) for w in windows if "snapshot_step" in w)
-
-
-def steps_lost(windows: Sequence[dict[str, Any]]) -> int:
-    """The optimizer steps the rollbacks of ``windows`` cost: those undone and those skipped after each bad step
-    (the data window, the bad step included)."""
-    return undone_steps(windows) + sum(w["skipped"][-1] - w["skipped"][0] + 1 for w in windows if w.get("skipped"))
 
 
 def copy_windows(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:

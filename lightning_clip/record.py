@@ -55,6 +55,8 @@ __all__ = [
     "StepRead",
     "StepRecord",
     "Stop",
+    "steps_lost",
+    "undone_steps",
 ]
 
 
@@ -330,6 +332,19 @@ class RunEnd:
     windows: Sequence[dict[str, Any]] = ()  # the data windows skipped (control.copy_windows)
     lr_scale: float = 1.0  # the LR scale training ended on
     base_lr: float | None = None  # the first param group's LR before any scale (its scheduler's, or as set)
+
+
+def undone_steps(windows: Sequence[dict[str, Any]]) -> int:
+    """The applied updates the rollbacks of ``windows`` threw away: each window's ``undone`` (counted when restored;
+    two rollbacks to one snapshot do not count the steps before the first twice), else, in windows written before
+    it was recorded, the steps from the snapshot to the bad step."""
+    return sum(int(w.get("undone", w["global_step"] - w["snapshot_step"])) for w in windows if "snapshot_step" in w)
+
+
+def steps_lost(windows: Sequence[dict[str, Any]]) -> int:
+    """The optimizer steps the rollbacks of ``windows`` cost: those undone and those skipped after each bad step
+    (the data window, the bad step included)."""
+    return undone_steps(windows) + sum(w["skipped"][-1] - w["skipped"][0] + 1 for w in windows if w.get("skipped"))
 
 
 class HostRead:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # imported for real in load_runs(): only the report command n
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_clip import metrics as M
-from lightning_clip.control import undone_steps
+from lightning_clip.record import undone_steps
 
 __all__ = ["ReportError", "RunReport", "LayerHealth", "PathLike", "find_run_dirs", "load_runs", "percentile"]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from lightning_clip import metrics as M
 from lightning_clip.app.report_data import PathLike, RunReport
-from lightning_clip.control import steps_lost
+from lightning_clip.record import steps_lost
 
 __all__ = ["format_table", "format_rows"]
 

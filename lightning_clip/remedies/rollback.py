@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from lightning_clip.control import steps_lost
 from lightning_clip.diagnosis import describe, describe_spike
 from lightning_clip.divergence import DivergenceWatch
+from lightning_clip.record import steps_lost
 from lightning_clip.remedies.base import (
     NOTHING,
     Remedy,
