@@ -286,7 +286,8 @@ class GradientClipping(CallbackBase):
         self._follow_optimizers(trainer, pl_module)  # re-created inside training_step: late, but not lost
         log = bool(trainer.loggers) and self.log_norms != "none" and _should_log(trainer)
         strategy = trainer.strategy
-        rollbacks = self.engine.rollbacks_total
+        marks = bool(trainer.loggers) and self.log_norms != "none"
+        windows = len(self.engine.skipped_windows()) if marks else 0  # a few records: a rollback adds one
         metrics = self.engine.step(
             optimizer,
             log=log,
@@ -298,7 +299,7 @@ class GradientClipping(CallbackBase):
             global_step=trainer.global_step,
             epoch=trainer.current_epoch,
         )
-        if self.engine.rollbacks_total > rollbacks and trainer.loggers and self.log_norms != "none":
+        if marks and len(self.engine.skipped_windows()) > windows:
             metrics = {**metrics, **self._rollback_markers(trainer.global_step)}  # logging step or not
         if metrics:
             step = trainer.fit_loop.epoch_loop._batches_that_stepped

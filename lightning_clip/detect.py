@@ -83,6 +83,7 @@ class BadStepDetector:
         self.check_inputs = check_inputs
         self.check_loss = check_loss
         self.keep_losses = keep_losses  # keep the loss values too (loss_spikes): step_loss() is their mean
+        self.mean_losses = False  # and average step_loss() over the ranks (a remedy decides on it: every rank alike)
         # (0-dim bool, ids of the parameters the loss reaches or None, the loss or None) per backward not yet
         # consumed by a step
         self._losses: list[tuple[Tensor, set[int] | None, Tensor | None]] = []
@@ -137,13 +138,20 @@ class BadStepDetector:
         bad = torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=device)
         return agree_any(bad) if agree else bad
 
-    def step_loss(self, device: torch.device) -> Tensor | None:
-        """The mean loss of the last :meth:`flag` (its micro-batches), on ``device``; None if none was kept."""
-        if not self._step_values:
-            return None
+    def keep(self, spikes: bool, remedy: bool) -> None:
+        """Keep the loss values for a loss-spike detector (``spikes``) or a remedy that reads them (``remedy``: they
+        are then averaged over the ranks, so every rank's remedy decides on the same value)."""
+        self.keep_losses, self.mean_losses = spikes or remedy, remedy
+
+    def step_loss(self, device: torch.device, agree: bool = False) -> Tensor | None:
+        """The mean loss of the last :meth:`flag` (its micro-batches), on ``device``; None if none was kept. With
+        ``agree`` and :attr:`mean_losses`, averaged over the ranks (every rank must join, one without a loss too)."""
+        loss = None
         if len(self._step_values) == 1:  # one micro-batch: its loss, no kernel
-            return self._step_values[0].to(device)
-        return torch.stack([v.to(device) for v in self._step_values]).mean()
+            loss = self._step_values[0].to(device)
+        elif self._step_values:
+            loss = torch.stack([v.to(device) for v in self._step_values]).mean()
+        return agree_mean(loss, device) if agree and self.mean_losses else loss
 
     def loss_nonfinite(self) -> bool:
         """Was a loss of the last :meth:`flag` NaN/Inf? Host read: the bad path only."""

@@ -57,7 +57,6 @@ def join_without_gradients(
     distributed: bool,
     detector: BadStepDetector,
     norm_type: float,
-    mean_loss: bool = False,
 ) -> None:
     """Every parameter frozen or unused: nothing to clip. The rank still joins the collectives the others make
     (norm, loss/input flag, the mean loss when the remedy reads it, clipped flag), in the same order, or they would
@@ -69,7 +68,7 @@ def join_without_gradients(
         # Consume this optimizer's losses (those owed to another stay for its step), so a NaN loss of a step
         # without gradients does not spoil this optimizer's next step; ranks agree when distributed.
         detector.flag(device, agree=distributed, params=param_ids(optimizer))
-        if distributed and mean_loss:
+        if distributed and detector.mean_losses:
             agree_mean(None, device)
     if all_reduce is not None:
         agree_any(torch.zeros((), dtype=torch.bool, device=device))

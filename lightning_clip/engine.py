@@ -61,7 +61,7 @@ from lightning_clip import functional as F
 from lightning_clip import metrics as M
 from lightning_clip.control import copy_windows, fused_skip_is_safe
 from lightning_clip.counters import COUNTERS
-from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, agree_mean, leaf_parameters
+from lightning_clip.detect import BadStepDetector, SpikeDetector, agree_any, leaf_parameters
 from lightning_clip.distributed import flat_shard_all_reduce, join_without_gradients, param_ids, total_norm_reducer
 from lightning_clip.errors import NonFiniteGradientError
 from lightning_clip.health import VanishingEvent, VanishingMonitor
@@ -156,7 +156,7 @@ class ClipEngine:
         self.loss_spike = loss_spike
         self.reporter = Reporter(name=name, vanishing=vanishing)  # logging steps: per-layer norms, health, spikes
         self.detector = BadStepDetector(check_inputs, check_loss=self.remedy.checks_loss)
-        self._keep_losses()
+        self.detector.keep(loss_spike is not None, self.remedy.reads_loss)
         self._slots: list[Slot] = []
         self._names: dict[int, str] = {}
         self.configure(
@@ -195,11 +195,7 @@ class ClipEngine:
             _copy_options(rule, [self.rule, *(slot.units.rule for slot in self._slots)])
         if remedy is not None:
             _copy_options(remedy, [self.remedy, *(slot.units.remedy for slot in self._slots)])
-            self._keep_losses()
-
-    def _keep_losses(self) -> None:
-        """Keep each step's loss values when a loss-spike detector or the remedy (divergence) reads them."""
-        self.detector.keep_losses = self.loss_spike is not None or self.remedy.reads_loss
+            self.detector.keep(self.loss_spike is not None, self.remedy.reads_loss)
 
     # ------------------------------------------------------------------ set-up and tear-down
     def attach(
@@ -320,9 +316,7 @@ class ClipEngine:
             all_reduce = flat_shard_all_reduce(optimizer, sharded, distributed)
             step = self._layout(i, slot, optimizer, all_reduce)
             if step is None:  # no gradient here: join the collectives the other ranks make, in the same order
-                join_without_gradients(
-                    optimizer, all_reduce, distributed, self.detector, self.norm_type, self.remedy.reads_loss
-                )
+                join_without_gradients(optimizer, all_reduce, distributed, self.detector, self.norm_type)
                 return {}
             step.log, step.scaler, step.read_every, step.epoch = log, scaler, read_every, epoch
             step.global_step = slot.units.counters.steps if global_step is None else global_step
@@ -368,9 +362,7 @@ class ClipEngine:
         """Stage 3: the loss and input evidence (agreed across ranks), then the bad-step flag."""
         if self.detector.active:
             step.data_bad = self.detector.flag(step.device, agree=distributed, params={id(p) for p in step.params})
-            step.loss = self.detector.step_loss(step.device)
-            if distributed and self.remedy.reads_loss:  # every rank's remedy decides on the same value
-                step.loss = agree_mean(step.loss, step.device)
+            step.loss = self.detector.step_loss(step.device, agree=distributed)
         step.distributed = distributed
         if step.finite_measured:
             self._judge(step)
@@ -532,11 +524,6 @@ class ClipEngine:
         """Every vanishing-gradient warning so far, as a record (step, optimizer, layers and ratios), in order.
         Not part of the checkpoint: after a resume, the events since the resume."""
         return list(self.reporter.vanishing_events)
-
-    @property
-    def rollbacks_total(self) -> int:
-        """Snapshots restored so far, over all optimizers (a host count: free)."""
-        return sum(slot.control.rollbacks for slot in self._slots)
 
     def snapshot_nbytes(self, optimizer_idx: int = 0) -> int:
         """Memory held by one optimizer's snapshots now (rollback; 0 once training ended)."""
