@@ -292,7 +292,25 @@ def test_9_the_rollback_warning_quoted_in_the_docs_is_the_one_printed(tmp_path):
     (warning,) = [m for m in messages if m.startswith("Rolled back")]
     docs = Path(__file__).parents[1] / "docs"
     quoted = [line for f in docs.glob("*.md") for line in f.read_text().splitlines() if line.startswith("Rolled back")]
-    assert quoted and all(_template(line) == _template(warning) for line in quoted)
+    # A divergence's warning (issue 21) names its cause instead of NaN/Inf: printed by a plain loop whose loss climbs.
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    engine = ClipEngine(remedy=Rollback(snapshot_every=5))
+    engine.attach([opt], model.named_parameters())
+    printed: list[str] = []
+    engine.warn = printed.append
+    for step in range(40):
+        loss = model(torch.ones(1, 2)).sum() * 1e-6 + (1.0 if step < 20 else 1.0 + 0.2 * (step - 19))
+        engine.observe_batch((), batch_idx=step)
+        engine.observe_loss(loss)
+        loss.backward()
+        engine.step(opt, global_step=step)
+        opt.step()
+        opt.zero_grad()
+    divergence = next(m for m in printed if "divergence:" in m)
+    templates = {_template(warning), _template(divergence)}
+    assert quoted and all(_template(line) in templates for line in quoted)
+    assert {_template(line) for line in quoted} == templates  # both kinds are quoted
 
 
 def _template(message: str) -> str:

@@ -73,7 +73,7 @@ def format_table(reports: Sequence[RunReport], logdir: PathLike | None = None) -
         (['skipped', 'requested', 'rollbacks', 'undone', 'LR', 'scale', 'vanishing'], ['4', '3', '1', '1', '0.5', '0'])
         >>> print(*table[-2:], sep="\\n")
         rollbacks (at global step: the snapshot restored, the global steps skipped):
-          a: step 5: snapshot after 4 steps, skipped 5..8
+          a: 1 rollback(s), 5 steps lost, LR scale 0.5 at the end; step 5: snapshot after 4 steps, skipped 5..8
     """
     columns = _columns(reports)
     header = [title for title, _ in columns]
