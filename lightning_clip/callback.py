@@ -286,7 +286,8 @@ class GradientClipping(CallbackBase):
         self._follow_optimizers(trainer, pl_module)  # re-created inside training_step: late, but not lost
         log = bool(trainer.loggers) and self.log_norms != "none" and _should_log(trainer)
         strategy = trainer.strategy
-        marks = bool(trainer.loggers) and self.log_norms != "none"
+        # Rollback markers: only a remedy that restores adds windows (others would pay two copies a step for nothing).
+        marks = bool(trainer.loggers) and self.log_norms != "none" and bool(self.engine.remedy.keeps_snapshots)
         windows = len(self.engine.skipped_windows()) if marks else 0  # a few records: a rollback adds one
         metrics = self.engine.step(
             optimizer,
